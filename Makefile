@@ -24,7 +24,7 @@ test: $(STAMP)
 
 # Peers for benchmarks/, installed without their dependencies so torch stays the CPU build.
 bench-deps: $(STAMP)
-	$(BIN)/python -m pip install -q --no-deps torch-rechub==0.9.0
+	$(BIN)/python -m pip install -q --no-deps torch-rechub==0.9.0 LibMTL==1.1.5
 	$(BIN)/python -m pip install -q pandas
 
 clean:

@@ -7,6 +7,12 @@ whole Census train split and takes hours on 2 cores::
     .venv/bin/python benchmarks/zoo_census.py --write             # also update BENCHMARKS.md
     .venv/bin/python benchmarks/zoo_census.py --models adatt --seeds 0 --epochs 1   # a quick check
 
+Training and latency can be split, so that two single-thread training jobs share the 2 cores
+and latency is still timed on quiet cores::
+
+    .venv/bin/python benchmarks/zoo_census.py --threads 1 --no-latency --json runs.json
+    .venv/bin/python benchmarks/zoo_census.py --from-json runs.json --write   # latency only, then the table
+
 Protocol, the same for every model:
 
 - data: the embedded Census data set (income > 50K and never married, as in the MMoE
@@ -20,8 +26,8 @@ Protocol, the same for every model:
   mean and the sample standard deviation (n - 1) of the test AUC over the seeds;
 - latency: ``model(batch)`` (embedding lookup included) in eval mode under
   ``torch.inference_mode`` for one batch of 512 test rows, on 2 threads, after
-  ``--warmup`` calls; the median of ``--latency-runs`` timed calls, measured on the
-  seed-0 model once it is trained.
+  ``--warmup`` calls; the median of ``--latency-runs`` timed calls, on a model built with
+  seed 0 (trained or not: the work of a forward pass does not depend on the weights).
 
 The machine is shared: the section records the load average before and after, so a
 reader can tell whether timings were taken on busy cores.
@@ -41,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from mtrec.balancing.fixed import Fixed
+from mtrec.balancing import BALANCERS
 from mtrec.data.store import Store, load_store
 from mtrec.datasets import dataset_schema_path
 from mtrec.models import build_model
@@ -102,17 +108,21 @@ def forward_latency_ms(model: MultiTaskModel, store: Store, warmup: int, runs: i
     return statistics.median(times)
 
 
-def run_one(name: str, seed: int, store: Store, config: TrainConfig) -> tuple[dict, MultiTaskModel]:
+def run_one(
+    name: str, seed: int, store: Store, config: TrainConfig, balancer: str = "fixed", balancer_options: dict | None = None
+) -> tuple[dict, MultiTaskModel]:
     """Train ``name`` with ``seed`` (best validation epoch kept) and evaluate it on test."""
     seed_everything(seed)
     model = build_model(name, store.layout)
-    trainer = Trainer(model, Fixed(model.task_names), config.model_copy(update={"seed": seed}))
+    strategy = BALANCERS.get(balancer)(model.task_names, **(balancer_options or {}))
+    trainer = Trainer(model, strategy, config.model_copy(update={"seed": seed}))
     start = time.perf_counter()
     fit = trainer.fit(store.split("train"), store.split("valid"))
     seconds = time.perf_counter() - start
     test = trainer.evaluate(store.split("test"))
     record = {
         "model": name,
+        "balancer": balancer,
         "seed": seed,
         "best_epoch": fit.best_epoch,
         "epochs_run": len(fit.history),
@@ -141,8 +151,10 @@ def render(result: dict) -> str:
         + "; each run keeps its best "
         f"validation epoch (mean validation AUC, patience {result['patience']}, at most {result['epochs']} epochs, "
         f"batch {result['batch_size']}, Adam lr {result['lr']}, unit task weights, every model at its registered "
-        f"defaults). Latency: median of {result['latency_runs']} eval forward passes of {LATENCY_BATCH} rows "
-        f"(embedding included) after {result['warmup']} warm-up calls, on the trained seed-{seeds[0]} model.",
+        f"defaults; training on {result.get('train_threads', THREADS)} torch thread(s) per run). Latency: median of "
+        f"{result['latency_runs']} eval forward passes of {LATENCY_BATCH} rows (embedding included) after "
+        f"{result['warmup']} warm-up calls, on {THREADS} threads, measured after training "
+        f"(load average then: {result.get('load_latency', result['load_after'])}).",
         "",
         "| model | params | income AUC | never_married AUC | mean AUC | best epochs | forward 512 rows (ms) |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -160,13 +172,52 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = REPO / "BENCHMARKS.md") -> None:
-    """Replace only the body of this section (the file is re-read right before writing)."""
+def write_section(text: str, path: Path = REPO / "BENCHMARKS.md", section: str = SECTION) -> None:
+    """Replace only the body of ``section`` (the file is re-read right before writing)."""
     content = path.read_text()
-    start = content.index(SECTION) + len(SECTION)
+    start = content.index(section) + len(section)
     nxt = re.search(r"^## ", content[start:], flags=re.MULTILINE)
     end = start + nxt.start() if nxt else len(content)
     path.write_text(content[:start] + "\n\n" + text.rstrip() + "\n\n" + content[end:].lstrip("\n"))
+
+
+def train_all(models: list[str], seeds: list[int], store: Store, args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """Train every model with every seed; the records and the settings, as one JSON-able dict."""
+    torch.set_num_threads(args.threads)
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience, progress=False
+    )
+    load_before = load_average()
+    runs = []
+    for name in models:
+        for seed in seeds:
+            record, _ = run_one(name, seed, store, config)
+            runs.append(record)
+            auc = record["test_auc"]
+            print(
+                f"{name:20s} seed {seed}: income {auc['income']:.4f}  never_married {auc['never_married']:.4f}  "
+                f"best epoch {record['best_epoch']}/{record['epochs_run']}  {record['train_seconds']:.0f} s  "
+                f"(load {load_average()})",
+                flush=True,
+            )
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join([".venv/bin/python", "benchmarks/zoo_census.py", *(argv if argv is not None else sys.argv[1:])]),
+        "cpu": cpu_model(),
+        "nproc": os.cpu_count(),
+        "torch": torch.__version__,
+        "train_threads": args.threads,
+        "load_before": load_before,
+        "load_after": load_average(),
+        "models": models,
+        "seeds": seeds,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "patience": args.patience,
+        "runs": runs,
+        "latency_ms": {},
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,52 +230,46 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patience", type=int, default=TrainConfig.model_fields["patience"].default)
     parser.add_argument("--warmup", type=int, default=10, help="untimed forward passes before timing")
     parser.add_argument("--latency-runs", type=int, default=50, help="timed forward passes (median reported)")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads while training")
+    parser.add_argument("--no-latency", action="store_true", help="train only; time the forward passes later")
+    parser.add_argument(
+        "--from-json", type=Path, nargs="+", default=None, help="skip training: read (and merge) the runs of these files"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write every run's record to this file")
     parser.add_argument("--write", action="store_true", help="update this section of BENCHMARKS.md")
     args = parser.parse_args(argv)
+    if args.write and args.no_latency:
+        parser.error("--write needs the latency column: drop --no-latency, or use --from-json later")
 
-    torch.set_num_threads(THREADS)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience, progress=False
-    )
-    load_before = load_average()
     store = load_store(load_schema(dataset_schema_path("census")))
-    runs, latency = [], {}
-    for name in models:
-        for seed in seeds:
-            record, model = run_one(name, seed, store, config)
-            runs.append(record)
-            auc = record["test_auc"]
-            print(
-                f"{name:20s} seed {seed}: income {auc['income']:.4f}  never_married {auc['never_married']:.4f}  "
-                f"best epoch {record['best_epoch']}/{record['epochs_run']}  {record['train_seconds']:.0f} s  "
-                f"(load {load_average()})",
-                flush=True,
+    if args.from_json is not None:
+        parts = [json.loads(path.read_text()) for path in args.from_json]
+        result = parts[0]
+        for part in parts[1:]:  # e.g. two single-thread jobs that each trained half of the models
+            result["models"] += [m for m in part["models"] if m not in result["models"]]
+            result["runs"] += part["runs"]
+            result["load_after"] += f"; {part['load_after']}"
+            result["command"] += f"` and `{part['command']}"
+        result["models"] = [m for m in MODELS if m in result["models"]] + [m for m in result["models"] if m not in MODELS]
+    else:
+        result = train_all(models, seeds, store, args, argv)
+        if args.json is not None:  # saved before timing, so a slow latency pass loses nothing
+            args.json.write_text(json.dumps(result, indent=2))
+    if not args.no_latency:
+        torch.set_num_threads(THREADS)
+        result["load_latency"] = load_average()
+        for name in result["models"]:
+            seed_everything(result["seeds"][0])
+            result["latency_ms"][name] = forward_latency_ms(
+                build_model(name, store.layout), store, args.warmup, args.latency_runs
             )
-            if seed == seeds[0]:
-                latency[name] = forward_latency_ms(model, store, args.warmup, args.latency_runs)
-                print(f"{name:20s} forward {LATENCY_BATCH} rows: {latency[name]:.2f} ms", flush=True)
-    result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join([".venv/bin/python", "benchmarks/zoo_census.py", *(argv if argv is not None else sys.argv[1:])]),
-        "cpu": cpu_model(),
-        "nproc": os.cpu_count(),
-        "torch": torch.__version__,
-        "load_before": load_before,
-        "load_after": load_average(),
-        "models": models,
-        "seeds": seeds,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "patience": args.patience,
-        "warmup": args.warmup,
-        "latency_runs": args.latency_runs,
-        "runs": runs,
-        "latency_ms": latency,
-    }
+            print(f"{name:20s} forward {LATENCY_BATCH} rows: {result['latency_ms'][name]:.2f} ms", flush=True)
+        result["warmup"], result["latency_runs"] = args.warmup, args.latency_runs
+        result["load_latency"] += f" (before) / {load_average()} (after)"
+    if args.no_latency:
+        return
     table = render(result)
     print()
     print(table)

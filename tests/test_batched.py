@@ -133,18 +133,33 @@ def test_folded_linear_equals_plain_product(rows: int, census_store) -> None:
         assert_close_to_scale(e1[k], e0[k])
 
 
-def test_mixture_with_embedded_input_equals_plain(census_store) -> None:
-    """MMoE's first layer through the folded tables: same mixture, gates and gradients."""
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("mmoe", {"num_experts": 4, "expert_hidden": [16, 8]}),
+        # PLE's first level: task-specific and shared experts, masked gates plus the shared gate
+        ("ple", {"num_levels": 2, "specific_experts": [1, 2], "shared_experts": 2, "expert_hidden": [16, 8]}),
+    ],
+)
+def test_mixture_with_embedded_input_equals_plain(name: str, options: dict, census_store) -> None:
+    """The first mixture layer through the folded tables: same mixture, gates and gradients."""
     torch.manual_seed(0)
-    model = build_model("mmoe", census_store.layout, {"num_experts": 4, "expert_hidden": [16, 8]})
+    model = build_model(name, census_store.layout, options)
+    mixture = model.mixture if name == "mmoe" else model.levels[0]
     batch = census_store.split("train").slice(0, 256)
+    folded_calls = []
+    plain_linear = model.embedding.linear
+    model.embedding.linear = lambda *args: folded_calls.append(1) or plain_linear(*args)  # counts, then runs it
     results = []
     for embedded in (None, Embedded(model.embedding, batch)):
         model.zero_grad(set_to_none=True)
         x = model.embedding(batch).squeeze(1)
-        mixed, weights = model.mixture(x, embedded)
+        mixed, weights = mixture(x, embedded)
         (mixed.square().sum() + weights[0, :, 0].sum()).backward()
         results.append((mixed.detach(), weights.detach(), grads(model)))
+    assert len(folded_calls) == 1  # the embedded pass really went through the folded tables
+    model(batch)
+    assert len(folded_calls) == 2  # and so does the model's own forward pass
     (m0, w0, g0), (m1, w1, g1) = results
     assert_close_to_scale(m1, m0)
     assert_close_to_scale(w1, w0)

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 import yaml
@@ -313,6 +314,14 @@ def test_ali_ccp_schema_trains_esmm_from_the_command_line(tmp_path: Path) -> Non
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"click", "purchase", "purchase@all"} <= set(metrics["test"])
     assert metrics["test"]["click"]["uauc"] is not None  # 101 is the user column
+    # predict: pCTR, pCVR (inside the click space) and pCTCVR = pCTR * pCVR for every row
+    scored = tmp_path / "scores.csv"
+    sample = REPO / "configs" / "samples" / "ali-ccp" / "ali_ccp_test_sample.csv"
+    result = run_cli("predict", "--run", str(out), "--input", str(sample), "--output", str(scored), cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    scores = pl.read_csv(scored)
+    assert scores.columns == ["click", "purchase", "purchase@all"] and scores.height == 50
+    assert np.allclose(scores["purchase@all"], scores["click"] * scores["purchase"], rtol=1e-5)
 
 
 def test_ali_ccp_and_aliexpress_schemas_encode_their_samples(ali_ccp: Store, tmp_path: Path, monkeypatch) -> None:

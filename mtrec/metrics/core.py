@@ -92,16 +92,29 @@ def evaluate_predictions(
         else:
             out[task.name] = regression_metrics(y[inside], p[inside])
         if task.space is not None and task.type == "binary":
-            joint_y, joint_p = y * labels[:, parent], p * scores[:, parent]
-            seen = {t, parent}
-            up = layout.tasks[parent].space  # longer funnels: every ancestor's probability, not just the parent's
-            while up is not None and names.index(up) not in seen:
-                a = names.index(up)
-                seen.add(a)
-                joint_y, joint_p = joint_y * labels[:, a], joint_p * scores[:, a]
-                up = layout.tasks[a].space
-            out[f"{task.name}@all"] = binary_metrics(joint_y, joint_p)
+            chain = [t, *ancestors(layout, t)]
+            out[f"{task.name}@all"] = binary_metrics(labels[:, chain].prod(axis=1), scores[:, chain].prod(axis=1))
     return out
+
+
+def ancestors(layout: FeatureLayout, t: int) -> list[int]:
+    """Indices of the tasks whose spaces contain task ``t``: its space's task, that task's space's, ..."""
+    names, chain = layout.task_names, []
+    up = layout.tasks[t].space
+    while up is not None and names.index(up) not in chain and names.index(up) != t:
+        chain.append(names.index(up))
+        up = layout.tasks[chain[-1]].space
+    return chain
+
+
+def joint_scores(scores: np.ndarray, layout: FeatureLayout) -> dict[str, np.ndarray]:
+    """``{"<task>@all": p}`` for every binary task with a space: its probability on every sample
+    (pCTCVR = pCTR * pCVR; along a longer funnel, the product over every ancestor)."""
+    return {
+        f"{task.name}@all": scores[:, [t, *ancestors(layout, t)]].prod(axis=1)
+        for t, task in enumerate(layout.tasks)
+        if task.space is not None and task.type == "binary"
+    }
 
 
 def mean_auc(metrics: dict[str, dict[str, Optional[float]]], layout: FeatureLayout) -> float:

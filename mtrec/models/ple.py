@@ -16,7 +16,7 @@ from mtrec.errors import MtrecError
 from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
 from mtrec.nn.batched import Towers
 from mtrec.nn.bottoms import BottomInput, BottomOptions, install_experts, member_networks, with_extra
-from mtrec.nn.embedding import FeatureEmbedding
+from mtrec.nn.embedding import Embedded, FeatureEmbedding
 from mtrec.nn.mixture import MixtureLayer
 from torch import nn
 
@@ -55,11 +55,13 @@ class _PLE(MultiTaskModel):
         self.towers = Towers(self.num_tasks, in_dim + self.bottom_input.extra_dim, config.tower_hidden, config.dropout)
 
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
-        x, extra = self.bottom_input(self.embedding(batch), batch, self.embedding)  # [B, 1, D], [B, 1, E] | None
+        emb = self.embedding(batch)  # [B, 1, D]
+        x, extra = self.bottom_input(emb, batch, self.embedding)  # [B, 1, D], [B, 1, E] | None
+        embedded = Embedded(self.embedding, batch) if x is emb else None  # level 0 may fold into the tables
         h = x.squeeze(1)  # [B, D], read by every group at level 0
         gates = {}
         for level, layer in enumerate(self.levels):
-            h, weights = layer(h)  # [T(+1), B, H], [G, B, E]
+            h, weights = layer(h, embedded if level == 0 else None)  # [T(+1), B, H], [G, B, E]
             if return_gates:
                 names = self.task_names + (["shared"] if layer.num_gates > self.num_tasks else [])
                 prefix = f"level{level}/" if len(self.levels) > 1 else ""

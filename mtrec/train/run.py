@@ -32,7 +32,7 @@ from mtrec.data.ingest import Encoders, encode, encode_file, load_splits
 from mtrec.data.store import load_store, table_from_arrays, write_json_atomic
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.errors import MtrecError
-from mtrec.metrics.core import evaluate_predictions
+from mtrec.metrics.core import evaluate_predictions, joint_scores
 from mtrec.models import MODELS, MultiTaskModel, build_model
 from mtrec.schema import Schema, schema_from_dict
 from mtrec.train.trainer import FitResult, TrainConfig, Trainer, seed_everything
@@ -159,14 +159,17 @@ def evaluate_run(run: Path, schema: Optional[Schema] = None) -> dict:
 
 
 def predict_file(run: Path, input_path: Path, output_path: Path) -> int:
-    """Score every row of ``input_path``; write one column per task to ``output_path`` (CSV). Returns rows."""
+    """Score every row of ``input_path``; write one column per task to ``output_path`` (CSV), plus
+    ``<task>@all`` (the entire-space probability, e.g. pCTCVR) for every task with a space. Returns rows."""
     loaded = load_run(run)
     schema = loaded.schema
     if input_path.suffix == ".parquet" and schema.format.type != "parquet":
         schema = schema.model_copy(update={"format": schema.format.model_copy(update={"type": "parquet"})})
     table = table_from_arrays(encode_file(input_path, schema, loaded.encoders, with_labels=False))
     scores = predict_table(loaded.model, table)
-    frame = pl.DataFrame({name: scores[:, t] for t, name in enumerate(loaded.model.task_names)})
+    columns = {name: scores[:, t] for t, name in enumerate(loaded.model.task_names)}
+    columns.update(joint_scores(scores, loaded.model.layout))  # e.g. purchase@all = pCTCVR
+    frame = pl.DataFrame(columns)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=output_path.parent, prefix=f".{output_path.name}.", suffix=".tmp")
     os.close(fd)
