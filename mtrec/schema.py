@@ -109,11 +109,17 @@ class TaskSpec(_Strict):
     strict: bool = True
     weight: float = 1.0
     space: Optional[str] = None  # task whose positives define where this label is observed
+    # this task's per-sample loss weight: a numeric column, on every sample or on positives only
+    # (YouTube's weighted logistic regression: watch time weighs the clicks, negatives weigh 1)
+    sample_weight: Optional[str] = None
+    sample_weight_on: Literal["all", "positives"] = "all"
 
     @model_validator(mode="after")
     def _positive_only_for_binary(self) -> "TaskSpec":
         if self.type == "regression" and (self.positive or self.negative):
             raise ValueError(f"task {self.name}: positive/negative only apply to binary tasks")
+        if self.sample_weight_on == "positives" and (self.type != "binary" or not self.sample_weight):
+            raise ValueError(f"task {self.name}: sample_weight_on: positives needs a binary task with a sample_weight column")
         return self
 
 

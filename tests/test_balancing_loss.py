@@ -22,6 +22,7 @@ from mtrec.errors import MtrecError
 from mtrec.models import build_model
 from mtrec.schema import load_schema
 from mtrec.train.trainer import Trainer, TrainConfig, seed_everything
+from tests.helpers import write_toy
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is as fast
@@ -91,7 +92,8 @@ def test_sample_weight_column_weights_the_losses_and_changes_training(census_sch
     model = build_model("mmoe", weighted.layout)
     batch = train_w.slice(0, 512)
     per = nn.functional.binary_cross_entropy_with_logits(model(batch).logits, batch.labels, reduction="none")
-    expected = (per * batch.weight[:, None]).sum(0) / batch.weight.sum()
+    assert torch.equal(batch.weight[:, 0], batch.weight[:, 1])  # the schema's column weighs every task alike
+    expected = (per * batch.weight).sum(0) / batch.weight.sum(0)
     torch.testing.assert_close(model.losses(model(batch), batch), expected)
 
     params = []
@@ -102,6 +104,32 @@ def test_sample_weight_column_weights_the_losses_and_changes_training(census_sch
         trainer.fit(store.split("train").slice(0, 1024), store.split("valid"))
         params.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     assert not torch.allclose(params[0], params[1])  # same seed, same rows: only the weights differ
+
+
+def test_task_sample_weight_on_positives_is_weighted_logistic_regression(tmp_path: Path) -> None:
+    """YouTube's weighted logistic regression: a click weighs its watch time, a non-click weighs 1,
+    and only the click task is weighted."""
+    path = write_toy(tmp_path, rows=400)
+    data = yaml.safe_load(path.read_text())
+    data["tasks"][0].update(sample_weight="watch", sample_weight_on="positives")
+    path.write_text(yaml.safe_dump(data))
+    store = load_store(load_schema(path))
+    train = store.split("train")
+    click, watch = train.labels[:, 0], train.labels[:, 1]  # the regression label is the watch column itself
+    assert click.min() == 0 and click.max() == 1
+    torch.testing.assert_close(train.weight[:, 0], torch.where(click > 0.5, watch, torch.ones_like(watch)))
+    assert torch.equal(train.weight[:, 1], torch.ones_like(watch))
+    seed_everything(0)
+    model = build_model("shared_bottom", store.layout)
+    out = model(train)
+    bce = nn.functional.binary_cross_entropy_with_logits(out.logits[:, 0], click, reduction="none")
+    expected = (bce * train.weight[:, 0]).sum() / train.weight[:, 0].sum()
+    torch.testing.assert_close(model.losses(out, train)[0], expected)
+
+    data["tasks"][1].update(sample_weight="age", sample_weight_on="positives")  # a regression task has no positives
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(MtrecError, match="tasks.*sample_weight_on: positives needs a binary task"):
+        load_schema(path)
 
 
 # ---- uncertainty weighting ---------------------------------------------------------------------

@@ -57,6 +57,31 @@ def read_frame(path: Path, schema: Schema) -> pl.DataFrame:
     return frame
 
 
+def _sample_weights(frame: pl.DataFrame, schema: Schema, labels: np.ndarray, path: Path) -> Optional[np.ndarray]:
+    """Per-sample, per-task loss weights ``[N, T]`` (the schema's ``sample_weight`` column times each
+    task's own), or None when the schema weighs nothing."""
+    columns = [(schema.sample_weight, "sample_weight", None)] + [
+        (t.sample_weight, f"task {t.name} sample_weight", t) for t in schema.tasks
+    ]
+    if not any(column for column, _, _ in columns):
+        return None
+    weight = np.ones(labels.shape, dtype=np.float32)
+    for column, field, task in columns:
+        if not column:
+            continue
+        w = _as_float(frame, column, path, field)
+        if np.isnan(w).any() or (w < 0).any():
+            raise MtrecError(f"{path}: column '{column}' ({field}) has missing or negative values")
+        if task is None:
+            weight *= w[:, None].astype(np.float32)
+            continue
+        t = schema.tasks.index(task)
+        if task.sample_weight_on == "positives":
+            w = np.where(labels[:, t] > 0.5, w, 1.0)
+        weight[:, t] *= w.astype(np.float32)
+    return weight
+
+
 def required_columns(schema: Schema, with_labels: bool = True) -> dict[str, str]:
     """Source column -> the schema field that needs it (for error messages)."""
     need = {f.source_column: f"feature {f.name}" for f in schema.features}
@@ -65,6 +90,9 @@ def required_columns(schema: Schema, with_labels: bool = True) -> dict[str, str]
             need.setdefault(t.label, f"task {t.name}")
         if schema.sample_weight:
             need.setdefault(schema.sample_weight, "sample_weight")
+        for t in schema.tasks:
+            if t.sample_weight:
+                need.setdefault(t.sample_weight, f"task {t.name} sample_weight")
     if schema.user:
         need.setdefault(schema.user, "user")
     return need
@@ -232,11 +260,9 @@ def encode(
             for t in schema.tasks
         ]
         arrays["labels"] = np.stack(labels, axis=1)
-        if schema.sample_weight:
-            w = _as_float(frame, schema.sample_weight, path, "sample_weight")
-            if np.isnan(w).any() or (w < 0).any():
-                raise MtrecError(f"{path}: column '{schema.sample_weight}' (sample_weight) has missing or negative values")
-            arrays["weight"] = w.astype(np.float32)
+        weight = _sample_weights(frame, schema, arrays["labels"], path)
+        if weight is not None:
+            arrays["weight"] = weight
     else:
         arrays["labels"] = np.zeros((n, len(schema.tasks)), np.float32)
     if schema.user:

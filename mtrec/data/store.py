@@ -23,7 +23,7 @@ from mtrec.data.ingest import Encoders, ingest
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.schema import Schema
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: sample weights are [N, T]
 
 
 def cache_root() -> Path:

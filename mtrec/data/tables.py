@@ -81,7 +81,7 @@ class TensorTable:
     dense: Tensor  # [N, F_dense] float32, standardised
     labels: Tensor  # [N, T] float32 (zeros where a table has no labels)
     sequences: dict[str, Tensor] = field(default_factory=dict)  # name -> [N, L] int64, 0 = padding
-    weight: Optional[Tensor] = None  # [N] float32 per-sample loss weight
+    weight: Optional[Tensor] = None  # [N, T] float32 per-sample, per-task loss weight
     user: Optional[Tensor] = None  # [N] int64 user index, for grouped metrics
 
     def __len__(self) -> int:

@@ -96,7 +96,7 @@ class MultiTaskModel(nn.Module):
         per = self.elementwise_losses(output.logits, batch.labels)  # [B, T]
         mask = self.sample_mask(batch)
         if batch.weight is not None:
-            mask = mask * batch.weight.unsqueeze(1)
+            mask = mask * batch.weight  # [B, T]
         return (per * mask).sum(0) / mask.sum(0).clamp_min(1e-12)
 
     def predict(self, output: ModelOutput) -> Tensor:

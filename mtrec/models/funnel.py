@@ -187,7 +187,7 @@ class FunnelModel(MultiTaskModel):
         """``[T]``: per-task mean of ``per`` ``[B, T]`` under sample weights (and ``mask``)."""
         w = torch.ones_like(per) if mask is None else mask
         if batch.weight is not None:
-            w = w * batch.weight.unsqueeze(1)
+            w = w * batch.weight  # [B, T]
         return (per * w).sum(0) / w.sum(0).clamp_min(1e-12)
 
     def entire_space_losses(self, log_joint: Tensor, output: ModelOutput, batch: TensorTable) -> Tensor:
