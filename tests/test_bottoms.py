@@ -253,8 +253,9 @@ def test_sequence_features_end_to_end(tmp_path: Path, monkeypatch: pytest.Monkey
     predicted = tmp_path / "scores.csv"
     rows = predict_file(out, tmp_path / "data" / "behaviour.csv", predicted)
     scores = pl.read_csv(predicted)
-    assert rows == 600 and scores.columns == ["click", "like", "dwell"]
+    assert rows == 600 and scores.columns == ["click", "like", "dwell", "like@all"]  # like lives on clicks
     assert scores["click"].is_between(0, 1).all()
+    assert (scores["like@all"] <= scores["click"] * (1 + 1e-6)).all()  # P(click and like) <= P(click)
 
 
 def test_bottom_options_are_validated() -> None:
