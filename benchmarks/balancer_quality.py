@@ -104,7 +104,7 @@ def render(runs: list[dict], models: list[str], balancers: list[str], meta: str)
             counts[model][aware] += 1
             lines.append(
                 f"| `{model}` | `{balancer}` | {len(row[TASKS[0]])} | {mean_std(row[TASKS[0]])} | "
-                f"{mean_std(row[TASKS[1]])} | {deltas[0]:+.4f} | {deltas[1]:+.4f} | {raw} | {aware} |"
+                f"{mean_std(row[TASKS[1]])} | {deltas[0]:+.5f} | {deltas[1]:+.5f} | {raw} | {aware} |"
             )
     lines.append("")
     for model, c in counts.items():

@@ -107,6 +107,7 @@ def train(
     patience: int = typer.Option(TrainConfig.model_fields["patience"].default),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
+    tensorboard: bool = typer.Option(True, help="write loss and balancer curves to OUT/tensorboard"),
 ) -> None:
     """Train a model; write metrics.json, model.safetensors, config.json and history.json to --out."""
     from mtrec.train.run import train_run
@@ -123,6 +124,7 @@ def train(
         balancer_name=balancer,
         balancer_options=parse_options(balancer_args, "--balancer-args"),
         task_weights=parse_weights(task_weights),
+        tensorboard=tensorboard,
     )
     typer.echo(_metrics_table(result.metrics))
     typer.echo(f"best epoch {result.fit.best_epoch}; run written to {out}")

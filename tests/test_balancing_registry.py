@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from mtrec.balancing import BALANCERS, GradientBalancer
 from mtrec.cli import app
+from mtrec.train.tensorboard import read_scalars
 from mtrec.models import build_model
 from mtrec.train.trainer import Trainer, TrainConfig, seed_everything
 from tests.helpers import run_cli
@@ -64,7 +65,7 @@ def test_every_balancer_trains_mmoe_for_an_epoch_through_the_cli(name: str, cens
     metrics, and the per-task weights it used (and gradient cosines) in the run's history.json."""
     out = tmp_path / "run"
     result = CliRunner().invoke(app, [
-        "train", "--schema", str(census_schema_path), "--model", "mmoe", "--epochs", "1", "--batch-size", "512",
+        "train", "--schema", str(census_schema_path), "--model", "mmoe", "--epochs", "1", "--batch-size", "256",
         "--model-args", "num_experts=4,expert_hidden=[32,16]", "--threads", "1", "--balancer", name, "--out", str(out),
     ])
     assert result.exit_code == 0, result.output
@@ -77,3 +78,11 @@ def test_every_balancer_trains_mmoe_for_an_epoch_through_the_cli(name: str, cens
     assert all(math.isfinite(record["balancer"][f"weight/{t}"]) for t in tasks)
     if issubclass(BALANCERS.get(name), GradientBalancer):
         assert -1.0 <= record["balancer"]["cos/income~never_married"] <= 1.0
+    # the same curves per step in TensorBoard's event file (~14 steps, written every 10th)
+    curves = read_scalars(out / "tensorboard")
+    for tag in ["train/loss/income", "train/loss/never_married", "balancer/weight/income", "valid/score"]:
+        assert curves.get(tag) and all(math.isfinite(v) for _, v in curves[tag]), (tag, sorted(curves))
+    assert [step for step, _ in curves["train/loss/income"]] == [10]
+    assert curves["valid/score"][0][1] == pytest.approx(record["score"], abs=1e-6)
+    if issubclass(BALANCERS.get(name), GradientBalancer):
+        assert -1.0 <= curves["balancer/cos/income_vs_never_married"][0][1] <= 1.0

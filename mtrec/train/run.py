@@ -33,6 +33,7 @@ from mtrec.data.store import load_store, table_from_arrays, write_json_atomic
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.errors import MtrecError
 from mtrec.metrics.core import evaluate_predictions, joint_scores
+from mtrec.train.tensorboard import TensorBoardLogger
 from mtrec.models import MODELS, MultiTaskModel, build_model
 from mtrec.schema import Schema, schema_from_dict
 from mtrec.train.trainer import FitResult, TrainConfig, Trainer, seed_everything
@@ -68,8 +69,10 @@ def train_run(
     balancer_name: str = "fixed",
     balancer_options: Optional[dict] = None,
     task_weights: Optional[Sequence[float]] = None,
+    tensorboard: bool = True,
 ) -> RunResult:
-    """Train ``model_name`` on ``schema`` and, when ``out`` is given, write the run directory."""
+    """Train ``model_name`` on ``schema`` and, when ``out`` is given, write the run directory
+    (with TensorBoard curves under ``out/tensorboard`` unless ``tensorboard`` is False)."""
     MODELS.get(model_name)  # unknown names fail before any data is read
     balancer_cls = BALANCERS.get(balancer_name)
     store = load_store(schema)
@@ -79,8 +82,13 @@ def train_run(
     seed_everything(train_config.seed)
     model = build_model(model_name, store.layout, model_options)
     balancer = balancer_cls(store.layout.task_names, task_weights=task_weights, **(balancer_options or {}))
-    trainer = Trainer(model, balancer, train_config)
-    fit = trainer.fit(train, valid)
+    loggers = [TensorBoardLogger(out / "tensorboard")] if out is not None and tensorboard else []
+    trainer = Trainer(model, balancer, train_config, callbacks=loggers)
+    try:
+        fit = trainer.fit(train, valid)
+    finally:
+        for logger in loggers:
+            logger.close()
     metrics = {
         "model": model_name,
         "seed": train_config.seed,
