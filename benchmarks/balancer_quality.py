@@ -41,7 +41,7 @@ from mtrec.datasets import dataset_schema_path
 from mtrec.diagnostics.verdict import verdict
 from mtrec.schema import load_schema
 from mtrec.train.trainer import TrainConfig
-from zoo_census import TASKS, cpu_model, load_average, mean_std, run_one, write_section
+from zoo_census import TASKS, cpu_model, load_average, mean_std, run_one, task_aucs, verdict_beyond_noise, write_section
 
 SECTION = "## Census quality per balancer (issue 4)"
 MODELS = ["mmoe", "ple"]
@@ -71,17 +71,8 @@ def claim(workdir: Path, job: tuple[str, str, int]) -> bool:
     return True
 
 
-def stats(runs: list[dict], model: str, balancer: str) -> dict[str, list[float]]:
-    chosen = [r for r in runs if r["model"] == model and r["balancer"] == balancer]
-    return {t: [r["test_auc"][t] for r in chosen] for t in TASKS}
-
-
-def std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def render(runs: list[dict], models: list[str], balancers: list[str], meta: str) -> str:
-    base = stats(runs, *BASELINE)
+    base = task_aucs(runs, *BASELINE)
     lines = [
         meta,
         "",
@@ -93,13 +84,11 @@ def render(runs: list[dict], models: list[str], balancers: list[str], meta: str)
     counts: dict[str, dict[str, int]] = {}
     for model in models:
         for balancer in balancers:
-            row = stats(runs, model, balancer)
+            row = task_aucs(runs, model, balancer)
             if not row[TASKS[0]]:
                 continue
-            deltas = [statistics.mean(row[t]) - statistics.mean(base[t]) for t in TASKS]
-            # a change counts only beyond the larger seed std of the two rows, per task
-            noisy = [d if abs(d) > max(std(row[t]), std(base[t])) else 0.0 for d, t in zip(deltas, TASKS)]
-            raw, aware = verdict(deltas), verdict(noisy)
+            deltas, aware = verdict_beyond_noise(row, base)
+            raw = verdict(deltas)
             counts.setdefault(model, {}).setdefault(aware, 0)
             counts[model][aware] += 1
             lines.append(

@@ -50,6 +50,7 @@ import torch
 from mtrec.balancing import BALANCERS
 from mtrec.data.store import Store, load_store
 from mtrec.datasets import dataset_schema_path
+from mtrec.diagnostics.verdict import verdict
 from mtrec.models import build_model
 from mtrec.models.base import MultiTaskModel
 from mtrec.schema import load_schema
@@ -156,20 +157,42 @@ def render(result: dict) -> str:
         f"{result['warmup']} warm-up calls, on {THREADS} threads, measured after training "
         f"(load average then: {result.get('load_latency', result['load_after'])}).",
         "",
-        "| model | params | income AUC | never_married AUC | mean AUC | best epochs | forward 512 rows (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "Verdict against `single_task` (the same protocol and seeds): a task's change counts only when it is "
+        "larger than the larger seed standard deviation of the two models (`verdict_beyond_noise`).",
+        "",
+        "| model | params | income AUC | never_married AUC | mean AUC | verdict vs single_task | best epochs | forward 512 rows (ms) |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
     ]
+    aucs = {name: task_aucs(result["runs"], name) for name in result["models"]}
     for name in result["models"]:
         runs = [r for r in result["runs"] if r["model"] == name]
-        income = [r["test_auc"]["income"] for r in runs]
-        married = [r["test_auc"]["never_married"] for r in runs]
+        income, married = aucs[name]["income"], aucs[name]["never_married"]
         mean = [(a + b) / 2 for a, b in zip(income, married)]
         epochs = ", ".join(str(r["best_epoch"]) for r in runs)
+        word = "baseline" if name == "single_task" or "single_task" not in aucs else verdict_beyond_noise(aucs[name], aucs["single_task"])[1]
         lines.append(
             f"| `{name}` | {runs[0]['params']:,} | {mean_std(income)} | {mean_std(married)} | {mean_std(mean)} "
-            f"| {epochs} | {result['latency_ms'][name]:.2f} |"
+            f"| {word} | {epochs} | {result['latency_ms'][name]:.2f} |"
         )
     return "\n".join(lines)
+
+
+def task_aucs(runs: list[dict], model: str, balancer: str | None = None) -> dict[str, list[float]]:
+    """``{task: [test AUC of every seed]}`` of one model (and balancer, when given)."""
+    chosen = [r for r in runs if r["model"] == model and (balancer is None or r.get("balancer", "fixed") == balancer)]
+    return {t: [r["test_auc"][t] for r in chosen] for t in TASKS}
+
+
+def verdict_beyond_noise(row: dict[str, list[float]], base: dict[str, list[float]]) -> tuple[list[float], str]:
+    """Per-task differences of the means from ``base``, and the verdict when a difference counts only
+    beyond the larger seed standard deviation of the two (a change inside the seed noise is none)."""
+    deltas = [statistics.mean(row[t]) - statistics.mean(base[t]) for t in TASKS]
+    noise = [max(_std(row[t]), _std(base[t])) for t in TASKS]
+    return deltas, verdict([d if abs(d) > n else 0.0 for d, n in zip(deltas, noise)])
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def write_section(text: str, path: Path = REPO / "BENCHMARKS.md", section: str = SECTION) -> None:
