@@ -41,7 +41,8 @@ from mtrec.datasets import dataset_schema_path
 from mtrec.diagnostics.verdict import verdict
 from mtrec.schema import load_schema
 from mtrec.train.trainer import TrainConfig
-from zoo_census import TASKS, cpu_model, load_average, mean_std, run_one, task_aucs, verdict_beyond_noise, write_section
+from machine import cpu_model, load_average
+from zoo_census import TASKS, mean_std, run_one, task_aucs, verdict_beyond_noise, write_section
 
 SECTION = "## Census quality per balancer (issue 4)"
 MODELS = ["mmoe", "ple"]

@@ -55,6 +55,7 @@ from mtrec.data.tables import TensorTable
 from mtrec.datasets import dataset_schema_path
 from mtrec.models.base import build_model
 from mtrec.schema import load_schema
+from machine import cpu_model, load_average
 from mtrec.train.trainer import TrainConfig, Trainer, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,21 +70,6 @@ THREADS = 2
 
 
 # ---- machine -------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load_average() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
-
-
 def cpu_seconds() -> tuple[float, float]:
     """(busy CPU seconds of the whole machine from /proc/stat, CPU seconds of this process)."""
     own = resource.getrusage(resource.RUSAGE_SELF)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -54,6 +53,7 @@ from mtrec.diagnostics.verdict import verdict
 from mtrec.models import build_model
 from mtrec.models.base import MultiTaskModel
 from mtrec.schema import load_schema
+from machine import cpu_model, load_average
 from mtrec.train.trainer import TrainConfig, Trainer, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,20 +78,6 @@ MODELS = [
 TASKS = ["income", "never_married"]
 THREADS = 2
 LATENCY_BATCH = 512
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load_average() -> str:
-    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 @torch.inference_mode()
