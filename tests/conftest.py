@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import shutil
 from pathlib import Path
+from typing import Union
 
 import pytest
 import torch
@@ -59,14 +60,20 @@ def census_schema(census_schema_path: Path) -> Schema:
     return load_schema(census_schema_path)
 
 
-@pytest.fixture(scope="session")
-def census_store(census_schema: Schema, tmp_path_factory: pytest.TempPathFactory) -> Store:
+def session_store(schema: Union[Schema, Path], tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """The store of ``schema`` (or a schema file) in the session's cache, for session/module fixtures
+    (which cannot use the function-scoped ``monkeypatch`` that isolates each test's cache)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("MTREC_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     try:
-        return load_store(census_schema)
+        return load_store(schema if isinstance(schema, Schema) else load_schema(schema))
     finally:
         mp.undo()
+
+
+@pytest.fixture(scope="session")
+def census_store(census_schema: Schema, tmp_path_factory: pytest.TempPathFactory) -> Store:
+    return session_store(census_schema, tmp_path_factory)
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

@@ -22,7 +22,7 @@ from mtrec.models import build_model
 from mtrec.schema import load_schema
 from mtrec.train.run import train_run
 from mtrec.train.trainer import TrainConfig, Trainer, seed_everything
-from tests.conftest import REPO
+from tests.conftest import REPO, session_store
 from tests.helpers import run_cli, train_steps
 
 FUNNEL = ["esmm", "esm2", "escm2_ips", "escm2_dr", "aitm"]
@@ -79,18 +79,9 @@ def write_funnel(folder: Path, rows: int = 3000, seed: int = 0, stages: int = 2,
     return path
 
 
-def _store(path: Path, tmp_path_factory: pytest.TempPathFactory) -> Store:
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MTREC_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    try:
-        return load_store(load_schema(path))
-    finally:
-        mp.undo()
-
-
 @pytest.fixture(scope="module")
 def ali_ccp(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    return _store(REPO / "configs" / "ali_ccp.yaml", tmp_path_factory)
+    return session_store(REPO / "configs" / "ali_ccp.yaml", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +93,12 @@ def census_funnel(census_schema_path: Path, tmp_path_factory: pytest.TempPathFac
     data["source"] = {k: str(census_schema_path.parent / v) for k, v in data["source"].items()}
     path = tmp_path_factory.mktemp("census_funnel") / "schema.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return _store(path, tmp_path_factory)
+    return session_store(path, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def funnel2(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    return _store(write_funnel(tmp_path_factory.mktemp("funnel2")), tmp_path_factory)
+    return session_store(write_funnel(tmp_path_factory.mktemp("funnel2")), tmp_path_factory)
 
 
 def _fit(model, store: Store, epochs: int = 1, batch_size: int = 512, lr: float = 3e-3) -> Trainer:
@@ -192,8 +183,8 @@ def test_esm2_latent_observed_and_chained_actions(tmp_path_factory: pytest.TempP
     # two tasks: latent action -> purchase's own tower (pD) plus pA and pO
     latent = build_model("esm2", funnel2.layout, SMALL)
     assert latent.towers.out.weight.shape[0] == 2 + 2
-    chain = _store(write_funnel(tmp_path_factory.mktemp("chain3"), stages=3, chained=True), tmp_path_factory)
-    sibling = _store(write_funnel(tmp_path_factory.mktemp("sib3"), stages=3, chained=False), tmp_path_factory)
+    chain = session_store(write_funnel(tmp_path_factory.mktemp("chain3"), stages=3, chained=True), tmp_path_factory)
+    sibling = session_store(write_funnel(tmp_path_factory.mktemp("sib3"), stages=3, chained=False), tmp_path_factory)
     chained = build_model("esm2", chain.layout, SMALL)
     assert chained.towers.out.weight.shape[0] == 3  # click -> cart -> purchase: no extra tower
     observed = build_model("esm2", sibling.layout, SMALL | {"action_task": "cart"})
@@ -230,7 +221,7 @@ def test_esm2_latent_observed_and_chained_actions(tmp_path_factory: pytest.TempP
 def test_aitm_calibrator_reduces_purchase_above_click(tmp_path_factory: pytest.TempPathFactory) -> None:
     # every click converts: the true p(purchase) equals p(click), so any overshoot of the purchase
     # tower is a violation of the funnel order, and an unconstrained model overshoots often
-    store = _store(write_funnel(tmp_path_factory.mktemp("sure"), certain=1.0), tmp_path_factory)
+    store = session_store(write_funnel(tmp_path_factory.mktemp("sure"), certain=1.0), tmp_path_factory)
     shares: dict[float, list[float]] = {0.0: [], 1.0: []}
     for seed in (0, 1, 2):
         for weight in shares:
