@@ -38,7 +38,7 @@ class TensorBoardLogger(Callback):
             return
         for name, value in zip(trainer.model.task_names, losses.tolist()):
             self.writer.add_scalar(f"train/loss/{name}", value, step)
-        for key, value in trainer.balancer.stats().items():
+        for key, value in trainer.step_stats.items():
             self.writer.add_scalar(f"balancer/{key.replace('~', '_vs_')}", float(value), step)
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int, record: dict) -> None:

@@ -87,6 +87,7 @@ class Trainer:
         self.optimizer = _adam(params, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
         self.epoch_stats: dict[str, float] = {}
+        self.step_stats: dict[str, float] = {}
 
     @torch.no_grad()
     def predict(self, table: TensorTable) -> np.ndarray:
@@ -125,7 +126,8 @@ class Trainer:
             self.optimizer.step()
             detached = losses.detach()
             sums += detached
-            for key, value in self.balancer.stats().items():
+            self.step_stats = self.balancer.stats()  # this step's weights (and cosines), read by callbacks
+            for key, value in self.step_stats.items():
                 stat_sums[key] = stat_sums.get(key, 0.0) + float(value)
             batches += 1
             self.step += 1
