@@ -67,9 +67,12 @@ EXTRA_TASKS = [  # four-task variant: two more Census labels, removed from the f
     {"name": "female", "type": "binary", "label": "sex", "positive": ["Female"]},
     {"name": "householder", "type": "binary", "label": "household_summary", "positive": ["Householder"]},
 ]
+GRADIENT_METHODS = ("pcgrad", "gradvac", "mgda", "cagrad", "imtl", "nash_mtl", "aligned_mtl")
 VARIANTS = {  # extra rows: the methods on every shared parameter, embedding tables included, as LibMTL does
     "pcgrad (embeddings=balance)": ("pcgrad", {"embeddings": "balance"}),
     "mgda (embeddings=balance)": ("mgda", {"embeddings": "balance"}),
+    # and each gradient method at the representation level (mmoe: the expert outputs every gate reads)
+    **{f"{m} (level=repr)": (m, {"level": "repr"}) for m in GRADIENT_METHODS},
 }
 DROPPED_FEATURES = {"sex", "household_stat", "household_summary"}  # household_stat details household_summary
 

@@ -93,8 +93,42 @@ def test_shared_get_the_combination_and_the_rest_the_plain_sum(census_store, mod
         assert mgda.stats()["cos/income~never_married"] == pytest.approx(float(cos), abs=1e-4)
 
 
+@pytest.mark.parametrize("model_name", ["mmoe", "ple"])
+def test_representation_level_on_expert_outputs(census_store, model_name: str) -> None:
+    """Mixture models: the representation is the expert outputs every gate reads. The experts get the
+    combination of the task gradients (coefficients: the min-norm point of the gradients at that
+    representation), towers and gates the plain sum, and the tables, reached both through the experts
+    and past them through the gates, the combination on the first path plus the plain sum on the other."""
+    model, out, losses = _batch_losses(census_store, model_name)
+    z = out.shared
+    last = model.mixture if model_name == "mmoe" else model.levels[-1]
+    assert z.shape[0] == last.num_experts  # [E, B, H]: the experts' outputs, not one mixture per task
+    gz = [torch.autograd.grad(losses[t], z, retain_graph=True)[0] for t in range(2)]
+    d = gz[0] - gz[1]  # two tasks: min-norm weight of task 0 in closed form
+    c0 = float(((gz[1] * (gz[1] - gz[0])).sum() / (d * d).sum()).clamp(0, 1))
+    experts = list(last.experts.parameters())
+    per_task = [torch.autograd.grad(losses[t], experts, retain_graph=True) for t in range(2)]
+    plain = list(model.towers.parameters()) + list(last.gates.parameters())
+    summed = torch.autograd.grad(losses.sum(), plain, retain_graph=True)
+    tables = list(model.embedding.parameters())
+    tables_sum = torch.autograd.grad(losses.sum(), tables, retain_graph=True)
+    # the path through z, moved from the plain sum (g0 + g1) to the combination (c0 g0 + (1 - c0) g1)
+    moved = torch.autograd.grad(z, tables, grad_outputs=(c0 - 1) * gz[0] - c0 * gz[1], retain_graph=True)
+    mgda = BALANCERS.get("mgda")(model.task_names, level="repr")
+    mgda.backward(losses, StepContext(0, 1, model, {"output": out}))
+    w = mgda.weights()
+    assert w["income"] == pytest.approx(c0, abs=1e-5) and 0.05 < c0 < 0.95
+    for i, p in enumerate(experts):
+        torch.testing.assert_close(p.grad, c0 * per_task[0][i] + (1 - c0) * per_task[1][i], rtol=1e-4, atol=1e-7)
+    for p, g in zip(plain, summed):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
+    for p, g, m in zip(tables, tables_sum, moved):
+        torch.testing.assert_close(p.grad, g + m, rtol=1e-4, atol=1e-7)
+        assert m.abs().max() > 1e-6  # the path through the experts really was re-weighted
+
+
 def test_representation_level_refuses_per_task_mixtures(census_store) -> None:
-    model, out, losses = _batch_losses(census_store, "mmoe")
+    model, out, losses = _batch_losses(census_store, "cross_stitch")  # its last layer: one network per task
     with pytest.raises(MtrecError, match="level=params"):
         BALANCERS.get("pcgrad")(model.task_names, level="repr").backward(losses, StepContext(0, 1, model, {"output": out}))
 

@@ -136,11 +136,11 @@ class GradientBalancer(Balancer):
             )
         task = self.task_losses(losses)
         if self.level == "repr":
-            self._backward_repr(task, losses, context, shared, specific)
+            self._backward_repr(task, losses, context, aux_loss)  # the regulariser rides the one pass, as is
         else:
             self._backward_params(task, losses, model, shared, specific)
-        if aux_loss is not None and aux_loss.requires_grad:
-            aux_loss.backward()  # the model's regulariser is not a task: added as is
+            if aux_loss is not None and aux_loss.requires_grad:
+                aux_loss.backward()  # the model's regulariser is not a task: added as is
         return self.combine(losses.detach(), context)
 
     def _backward_params(self, task: Tensor, losses: Tensor, model: nn.Module, shared: list, specific: list) -> None:
@@ -178,7 +178,8 @@ class GradientBalancer(Balancer):
                 row[offset : offset + n] = g.reshape(-1)
             offset += n
 
-    def _backward_repr(self, task: Tensor, losses: Tensor, context: StepContext, shared: list, specific: list) -> None:
+    def _backward_repr(self, task: Tensor, losses: Tensor, context: StepContext,
+                       aux_loss: Optional[Tensor]) -> None:
         output = context.extra.get("output")
         z = getattr(output, "shared", None)
         if z is None or not z.requires_grad:
@@ -186,28 +187,36 @@ class GradientBalancer(Balancer):
                 f"balancer '{self.registered_name}' with level=repr needs the model's shared representation "
                 "(ModelOutput.shared); this model exposes none: use level=params"
             )
+        # T passes from the losses down to z only (towers, mixing): cheap
         rows = []
         for t in range(self.num_tasks):
             (gz,) = torch.autograd.grad(task[t], z, retain_graph=True, allow_unused=True)
             rows.append(torch.zeros_like(z).reshape(-1) if gz is None else gz.reshape(-1))
         G = torch.stack(rows)  # [T, numel(z)]
         if not self._checked_repr:
-            M = gram(G)
-            live = np.flatnonzero(np.diag(M) > 0)
-            if len(live) >= 2:  # exact zeros between non-zero gradients: disjoint supports, not chance
-                sub = M[np.ix_(live, live)]
-                if np.all(sub[~np.eye(len(live), dtype=bool)] == 0):
-                    raise MtrecError(
-                        f"balancer '{self.registered_name}' with level=repr: every task reads its own slice of "
-                        "this model's shared representation (one mixture per task), so their gradients never "
-                        "meet; use level=params"
-                    )
-                self._checked_repr = True
-        spec_grads = torch.autograd.grad(task.sum(), specific, retain_graph=True, allow_unused=True) if specific else ()
+            self._check_overlap(gram(G))
         gz = self.aggregate(G, losses)  # [numel(z)]
-        z.backward(gz.view_as(z), retain_graph=True)  # one pass through the shared layers
-        for p, grad in zip(specific, spec_grads):
-            p.grad = grad  # their own task's gradient, whatever flowed below z
+        # One ordinary backward pass from two roots: the summed losses give every parameter its plain-sum
+        # gradient, and z an extra (combined - summed) so that z passes down the combination instead. So
+        # the layers below z get the combined gradient, the towers (above z) their own task's, and the
+        # paths that bypass z (MMoE's gates reading the embedding) the plain sum, as towers do.
+        root = task.sum() if aux_loss is None or not aux_loss.requires_grad else task.sum() + aux_loss
+        torch.autograd.backward([root, z], [torch.ones_like(root), (gz - G.sum(0)).view_as(z)])
+
+    def _check_overlap(self, M: np.ndarray) -> None:
+        """Refuse a representation read in disjoint slices by the tasks (one mixture per task): their
+        gradients never meet, so there is nothing to balance there."""
+        live = np.flatnonzero(np.diag(M) > 0)
+        if len(live) < 2:
+            return  # undecided until two tasks have a gradient
+        sub = M[np.ix_(live, live)]
+        if np.all(sub[~np.eye(len(live), dtype=bool)] == 0):  # exact zeros between non-zero gradients
+            raise MtrecError(
+                f"balancer '{self.registered_name}' with level=repr: every task reads its own slice of "
+                "this model's shared representation (one mixture per task), so their gradients never "
+                "meet; use level=params"
+            )
+        self._checked_repr = True
 
     def _record(self, M: np.ndarray, c: np.ndarray) -> None:
         self._last_c = c

@@ -37,7 +37,8 @@ class GatedLevel(MixtureLayer):
     """A mixture level whose experts and gates read different inputs (upper ML-MMoE levels).
 
     ``route(expert_in, gate_in)``: ``expert_in`` ``[E, B, in]`` (one input per expert) or ``[B, in]``;
-    ``gate_in`` ``[B, gate_dim]``. Returns mixed ``[C, B, H]`` and weights ``[C, B, E]``, one gate per consumer.
+    ``gate_in`` ``[B, gate_dim]``. Returns mixed ``[C, B, H]`` and weights ``[C, B, E]``, one gate per consumer, and the
+    expert outputs ``[E, B, H]``.
     """
 
     def __init__(self, in_dim: int, gate_dim: int, expert_hidden: list[int], experts: int, consumers: int, dropout: float) -> None:
@@ -45,10 +46,10 @@ class GatedLevel(MixtureLayer):
         if gate_dim != in_dim:
             self.gates = BatchedLinear(consumers, gate_dim, experts)
 
-    def route(self, expert_in: Tensor, gate_in: Tensor) -> tuple[Tensor, Tensor]:
+    def route(self, expert_in: Tensor, gate_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h = self.experts(expert_in)  # [E, B, H]
         weights = torch.softmax(self.gates(gate_in), dim=-1)  # [C, B, E]; every gate sees every expert
-        return torch.einsum("cbe,ebh->cbh", weights, h), weights  # [C, B, H]
+        return torch.einsum("cbe,ebh->cbh", weights, h), weights, h  # [C, B, H]
 
 
 @MODELS.register("ml_mmoe", "multi-level MMoE: stacked MMoE levels, each upper expert gating the experts below")
@@ -78,10 +79,10 @@ class MLMMoE(MultiTaskModel):
         gates: dict[str, Tensor] = {}
         many = len(self.levels) > 1
         for level, layer in enumerate(self.levels):
-            h, weights = layer.route(h, x)  # [C, B, H]: per upper expert, then per task at the top
+            h, weights, experts = layer.route(h, x)  # [C, B, H]: per upper expert, then per task at the top
             if return_gates:
                 top = level == len(self.levels) - 1
                 names = self.task_names if top else [f"expert{c}" for c in range(weights.shape[0])]
                 prefix = f"level{level}/" if many else ""
                 gates.update({prefix + name: weights[c] for c, name in enumerate(names)})
-        return ModelOutput(logits=self.towers(h), gates=gates, shared=h)
+        return ModelOutput(logits=self.towers(h), gates=gates, shared=experts)  # the top experts every task mixes

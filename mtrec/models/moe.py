@@ -51,14 +51,15 @@ class _MoE(MultiTaskModel):
         emb = self.embedding(batch)  # [B, 1, D]
         x, extra = self.bottom_input(emb, batch, self.embedding)  # [B, 1, D], [B, 1, E] | None
         embedded = Embedded(self.embedding, batch) if x is emb else None  # lets the first layer fold into the tables
-        mixed, weights = self.mixture(x.squeeze(1), embedded)  # [G, B, H], [G, B, E]
+        mixed, weights, experts = self.mixture.mix(x.squeeze(1), embedded)  # [G, B, H], [G, B, E], [E, B, H]
         mixed = with_extra(mixed, None if extra is None else extra.squeeze(1))  # [G, B, H (+E)]
         logits = self.towers(mixed[0] if self.one_gate else mixed)  # [B, T]
         gates = {}
         if return_gates:
             names = ["all"] if self.one_gate else self.task_names
             gates = {name: weights[g] for g, name in enumerate(names)}
-        return ModelOutput(logits=logits, gates=gates, shared=mixed)
+        # what every task reads: OMoE's one mixture; MMoE's expert outputs (its mixtures are one per task)
+        return ModelOutput(logits=logits, gates=gates, shared=mixed if self.one_gate else experts)
 
 
 @MODELS.register("mmoe", "multi-gate mixture of experts: shared experts, one softmax gate per task")

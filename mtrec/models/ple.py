@@ -61,13 +61,14 @@ class _PLE(MultiTaskModel):
         h = x.squeeze(1)  # [B, D], read by every group at level 0
         gates = {}
         for level, layer in enumerate(self.levels):
-            h, weights = layer(h, embedded if level == 0 else None)  # [T(+1), B, H], [G, B, E]
+            h, weights, experts = layer.mix(h, embedded if level == 0 else None)  # [T(+1), B, H], [G, B, E], [E, B, H]
             if return_gates:
                 names = self.task_names + (["shared"] if layer.num_gates > self.num_tasks else [])
                 prefix = f"level{level}/" if len(self.levels) > 1 else ""
                 gates.update({prefix + name: weights[g] for g, name in enumerate(names)})
         h = with_extra(h, None if extra is None else extra.squeeze(1))  # [T, B, H (+E)]
-        return ModelOutput(logits=self.towers(h), gates=gates, shared=h)
+        # the last level's expert outputs: the mixtures are one per task, the shared experts feed every one
+        return ModelOutput(logits=self.towers(h), gates=gates, shared=experts)
 
 
 @MODELS.register("cgc", "customized gate control: task-specific plus shared experts, one extraction level")

@@ -79,6 +79,12 @@ class MixtureLayer(nn.Module):
         ``embedded``: when ``x`` is exactly an embedding of a batch, that embedding and batch, so the
         first maps may be folded into the tables; the result is the same either way.
         """
+        mixed, weights, _ = self.mix(x, embedded)
+        return mixed, weights
+
+    def mix(self, x: Tensor, embedded: Optional[Embedded] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """As :meth:`forward`, plus the expert outputs ``[E, B, H]`` the gates mixed: the representation
+        every gate reads, which representation-level balancing differentiates against."""
         if x.dim() == 2 and embedded is not None and self._one_first_map(x):
             first: BatchedLinear = self.experts.layers[0]
             weight, bias = shared_input_weights([first, self.gates])  # [in, E*H1 + G*E], [E*H1 + G*E]
@@ -98,7 +104,7 @@ class MixtureLayer(nn.Module):
             logits = logits.masked_fill(~self.allowed.unsqueeze(1), float("-inf"))
         weights = torch.softmax(logits, dim=-1)  # [G, B, E]
         mixed = torch.einsum("gbe,ebh->gbh", weights, h)  # [G, B, H]
-        return mixed, weights
+        return mixed, weights, h
 
     def _one_first_map(self, x: Tensor) -> bool:
         """Whether the experts' first layer and the gates are plain stacked maps of ``x`` (not, e.g.,
