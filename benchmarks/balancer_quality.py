@@ -49,6 +49,13 @@ MODELS = ["mmoe", "ple"]
 BASELINE = ("single_task", "fixed")
 
 
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``pcgrad[level=repr]`` -> ``("pcgrad", {"level": "repr"})``: a balancer with options, as one row label."""
+    name, _, rest = spec.partition("[")
+    options = dict(kv.split("=", 1) for kv in rest.rstrip("]").split(";") if kv)
+    return name, options
+
+
 def jobs(models: list[str], balancers: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
     """Every (model, balancer, seed) run, seed-major, the single-task baseline first in each seed."""
     rows = [BASELINE] + [(m, b) for m in models for b in balancers]
@@ -105,7 +112,8 @@ def render(runs: list[dict], models: list[str], balancers: list[str], meta: str)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--balancers", default=",".join(BALANCERS.names()))
+    parser.add_argument("--balancers", default=",".join(BALANCERS.names()),
+                        help="comma-separated; options in brackets, ';'-separated: pcgrad[level=repr]")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=TrainConfig.model_fields["epochs"].default)
     parser.add_argument("--patience", type=int, default=TrainConfig.model_fields["patience"].default)
@@ -127,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         for model, balancer, seed in jobs(models, balancers, seeds):
             if (model, balancer, seed) in done or not claim(args.workdir, (model, balancer, seed)):
                 continue
-            record, _ = run_one(model, seed, store, config, balancer=balancer)
+            name, options = parse_spec(balancer)
+            record, _ = run_one(model, seed, store, config, balancer=name, balancer_options=options)
+            record["balancer"] = balancer  # the row label, options included
             record.update(load=load_average(), threads=args.threads, date=time.strftime("%Y-%m-%d"))
             with out.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -152,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         f"after each run {loads[0]:.1f}-{loads[-1]:.1f}.\n\n"
         "Protocol: embedded Census, validation split carved from train, each run keeps its best validation "
         "epoch (mean validation AUC, patience 3, at most 30 epochs), batch 1024, Adam lr 1e-3, unit task weights, "
-        "every model and strategy at its registered defaults (`staged`: one task per stage, in schema order, one "
+        "every model and strategy at its registered defaults except the options a row names in brackets (`staged`: one task per stage, in schema order, one "
         "epoch per stage). Test AUC: mean ± sample std over the seeds. Δ: difference of the means from the "
         "`single_task` baseline. *verdict*: any difference counts; *verdict beyond seed std*: a task's change "
         "counts only when it is larger than the larger seed std of the two rows."

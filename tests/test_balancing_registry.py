@@ -21,12 +21,16 @@ from tests.helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is as fast
 
-@pytest.mark.parametrize("name", BALANCERS.names())
-def test_every_balancer_trains_mmoe_and_logs_its_weights(name: str, census_store) -> None:
+GRADIENT = [n for n in BALANCERS.names() if issubclass(BALANCERS.get(n), GradientBalancer)]
+
+
+@pytest.mark.parametrize("name, options", [(n, {}) for n in BALANCERS.names()] + [(n, {"level": "repr"}) for n in GRADIENT])
+def test_every_balancer_trains_mmoe_and_logs_its_weights(name: str, options: dict, census_store) -> None:
+    """Every strategy (and every gradient method at the representation level, MMoE's expert outputs)."""
     seed_everything(0)
     tasks = census_store.layout.task_names
     model = build_model("mmoe", census_store.layout, {"num_experts": 4, "expert_hidden": [32, 16], "tower_hidden": [16]})
-    balancer = BALANCERS.get(name)(tasks, task_weights=None)
+    balancer = BALANCERS.get(name)(tasks, task_weights=None, **options)
     start = model.towers.out.weight.detach().clone()
     train = census_store.split("train").slice(0, 2048)
     trainer = Trainer(model, balancer, TrainConfig(epochs=1, batch_size=256, progress=False))

@@ -14,11 +14,15 @@ Where the per-task gradients come from (option ``level``):
   parameters (towers) receive the gradient of the plain sum of their task losses, which is
   their own task's gradient since no other loss reaches them.
 - ``repr``: gradients with respect to the shared representation ``output.shared`` (the
-  "upper bound" of Sener and Koltun, 2018): ``T`` cheap backward passes through the towers,
-  the combination found on those, then **one** backward pass through the shared layers with
-  the combined representation gradient. It needs a representation that every task reads
-  (``shared_bottom``, ``omoe``); models whose ``shared`` holds one mixture per task (``mmoe``,
-  ``ple``) give gradients that never overlap, and are refused.
+  "upper bound" of Sener and Koltun, 2018): ``T`` cheap backward passes from the losses down to
+  that representation (towers, mixing), the combination found on those, then **one** ordinary
+  backward pass with two roots, the summed losses and the representation with the extra gradient
+  ``combined - summed``: the layers below it get the combination, the towers their own task's
+  gradient, and paths that bypass it (MMoE's gates reading the embedding) the plain sum. Mixture
+  models (``mmoe``, ``cgc``, ``ple``, ``ml_mmoe``) expose the expert outputs their gates mix
+  (``[E, B, H]``), which every task reads; ``shared_bottom`` and ``omoe`` the one shared vector.
+  Models whose ``shared`` holds one network per task (``cross_stitch``, ``sluice``, ``adatt``)
+  give gradients that never overlap there, and are refused.
 
 Embedding tables (option ``embeddings``, level ``params``). In a recommender the shared
 embedding tables can hold millions of rows, so a ``[T, rows x dim]`` gradient matrix for them
