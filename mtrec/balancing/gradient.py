@@ -38,8 +38,8 @@ parameter its plain-sum gradient, then ``T - 1`` passes give the first ``T - 1``
 restricted to the balanced parameters, and the last row is the sum minus those (the
 gradient is linear in the losses). With the tables left out, those passes stop at the first
 shared layer's weights. On ``mmoe`` / Census this is 1.5-1.8x the step time of ``fixed`` for
-two tasks (level with LibMTL, whose methods run ``T`` full passes) and 2.7-2.8x for four (LibMTL
-2.9-7.0x); see BENCHMARKS.md.
+two tasks (level with LibMTL, whose methods run ``T`` full passes) and 2.6-2.8x for four (LibMTL
+2.9-6.8x). Level ``repr`` costs 1.2x for two tasks and 1.4x for four; see BENCHMARKS.md.
 """
 
 from __future__ import annotations
