@@ -22,7 +22,9 @@ Where the per-task gradients come from (option ``level``):
   models (``mmoe``, ``cgc``, ``ple``, ``ml_mmoe``) expose the expert outputs their gates mix
   (``[E, B, H]``), which every task reads; ``shared_bottom`` and ``omoe`` the one shared vector.
   Models whose ``shared`` holds one network per task (``cross_stitch``, ``sluice``, ``adatt``)
-  give gradients that never overlap there, and are refused.
+  give gradients that never overlap there, and are refused. The logged cosines are then those
+  between representation gradients (every sample's side by side, not summed over the batch):
+  a different quantity from the parameter-level cosine, which is the one to read for conflicts.
 
 Embedding tables (option ``embeddings``, level ``params``). In a recommender the shared
 embedding tables can hold millions of rows, so a ``[T, rows x dim]`` gradient matrix for them
