@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         f"after each run {loads[0]:.1f}-{loads[-1]:.1f}.\n\n"
         "Protocol: embedded Census, validation split carved from train, each run keeps its best validation "
         "epoch (mean validation AUC, patience 3, at most 30 epochs), batch 1024, Adam lr 1e-3, unit task weights, "
-        "every model and strategy at its registered defaults except the options a row names in brackets (`staged`: one task per stage, in schema order, one "
-        "epoch per stage). Test AUC: mean ± sample std over the seeds. Δ: difference of the means from the "
+        "every model and strategy at its registered defaults except the options a row names in brackets "
+        "(`staged`: one task per stage, in schema order, one epoch per stage). Test AUC: mean ± sample std over the seeds. Δ: difference of the means from the "
         "`single_task` baseline. *verdict*: any difference counts; *verdict beyond seed std*: a task's change "
         "counts only when it is larger than the larger seed std of the two rows."
     )

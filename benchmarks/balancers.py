@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import yaml
 
-from mtrec.balancing import BALANCERS, StepContext
+from mtrec.balancing import BALANCERS, GradientBalancer, StepContext
 from mtrec.data.store import load_store
 from mtrec.datasets import dataset_schema_path
 from mtrec.models import build_model
@@ -67,7 +67,7 @@ EXTRA_TASKS = [  # four-task variant: two more Census labels, removed from the f
     {"name": "female", "type": "binary", "label": "sex", "positive": ["Female"]},
     {"name": "householder", "type": "binary", "label": "household_summary", "positive": ["Householder"]},
 ]
-GRADIENT_METHODS = ("pcgrad", "gradvac", "mgda", "cagrad", "imtl", "nash_mtl", "aligned_mtl")
+GRADIENT_METHODS = [n for n in BALANCERS.names() if issubclass(BALANCERS.get(n), GradientBalancer)]
 VARIANTS = {  # extra rows: the methods on every shared parameter, embedding tables included, as LibMTL does
     "pcgrad (embeddings=balance)": ("pcgrad", {"embeddings": "balance"}),
     "mgda (embeddings=balance)": ("mgda", {"embeddings": "balance"}),

@@ -134,7 +134,6 @@ class GradientBalancer(Balancer):
     def backward(self, losses: Tensor, context: StepContext, aux_loss: Optional[Tensor] = None) -> Tensor:
         model = context.model
         shared = [p for p in model.shared_parameters() if p.requires_grad]
-        specific = [p for p in model.task_specific_parameters() if p.requires_grad]
         if not shared:
             raise MtrecError(
                 f"balancer '{self.registered_name}' combines gradients of shared parameters; "
@@ -144,6 +143,7 @@ class GradientBalancer(Balancer):
         if self.level == "repr":
             self._backward_repr(task, losses, context, aux_loss)  # the regulariser rides the one pass, as is
         else:
+            specific = [p for p in model.task_specific_parameters() if p.requires_grad]
             self._backward_params(task, losses, model, shared, specific)
             if aux_loss is not None and aux_loss.requires_grad:
                 aux_loss.backward()  # the model's regulariser is not a task: added as is

@@ -3,8 +3,8 @@
 ``history.json`` keeps per-epoch means; this keeps the curves. Every ``every`` steps it writes
 ``train/loss/<task>`` and the balancer's ``stats()`` (``balancer/weight/<task>``, and for
 gradient methods ``balancer/cos/<a>_vs_<b>``, the cosine between two tasks' gradients; TensorBoard
-tags allow no ``~``); after
-every epoch ``valid/<task>/<metric>`` and ``valid/score``. View with ``tensorboard --logdir``.
+tags allow no ``~``); after every epoch ``valid/<task>/<metric>`` and ``valid/score``. View with
+``tensorboard --logdir``.
 
 Event files are written with tensorboardX (no TensorFlow, no TensorBoard server needed to
 write); :func:`read_scalars` reads them back without TensorBoard, for tests and plots.
