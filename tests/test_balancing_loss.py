@@ -16,6 +16,7 @@ import torch
 import yaml
 from torch import nn
 
+from mtrec.models.reach import SharedSlice
 from mtrec.balancing import BALANCERS, StepContext
 from mtrec.data.store import load_store
 from mtrec.errors import MtrecError
@@ -41,14 +42,11 @@ class TwoHeads(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.heads(torch.tanh(self.trunk(x)))  # [N, T]
 
-    def shared_parameters(self) -> list[nn.Parameter]:
-        return list(self.trunk.parameters())
+    def shared_slices(self) -> list[SharedSlice]:
+        return [SharedSlice(p) for p in self.trunk.parameters()]
 
-    def last_shared_parameters(self) -> list[nn.Parameter]:
-        return list(self.trunk.parameters())
-
-    def task_specific_parameters(self) -> list[nn.Parameter]:
-        return list(self.heads.parameters())
+    def last_shared_slices(self) -> list[SharedSlice]:
+        return self.shared_slices()
 
 
 def _regression_data(n: int, scales: tuple[float, float], noise: tuple[float, float], seed: int = 0):

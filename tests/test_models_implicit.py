@@ -53,28 +53,6 @@ def test_trains_on_census_and_predicts_probabilities(name: str, census_store) ->
     assert metrics["income"]["auc"] > 0.85 and metrics["never_married"]["auc"] > 0.95, metrics
 
 
-@pytest.mark.parametrize("name", IMPLICIT)
-def test_shared_modules_are_what_several_tasks_reach(name: str, census_store) -> None:
-    """Every shared parameter gets gradient from both tasks' losses; every task-specific one is a
-    per-task stack ``[T, ...]`` whose slice ``s`` only task ``s``'s loss reaches."""
-    seed_everything(0)
-    model = build_model(name, census_store.layout)
-    model.eval()  # deterministic SNR codes, so both backward passes see the same network
-    batch = census_store.split("train").slice(0, 128)
-    losses = model.losses(model(batch), batch)
-    params = list(model.parameters())
-    grads = [torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True) for t in range(2)]
-    shared = {id(p) for p in model.shared_parameters()}
-    assert shared, "every implicit model shares at least the embedding"
-    for i, p in enumerate(params):
-        g = [torch.zeros_like(p) if grads[t][i] is None else grads[t][i] for t in range(2)]
-        if id(p) in shared:
-            assert g[0].abs().sum() > 0 and g[1].abs().sum() > 0
-        else:
-            assert p.shape[0] == 2
-            assert g[0][1].abs().sum() == 0 and g[1][0].abs().sum() == 0
-
-
 @pytest.mark.parametrize("name, expected", [("ml_mmoe", 10), ("adatt", 5)])
 def test_gated_models_expose_gate_weights(name: str, expected: int, census_store) -> None:
     model = build_model(name, census_store.layout)

@@ -18,7 +18,9 @@ from mtrec.balancing import (  # noqa: F401  (registration side effects)
     staged,
     uncertainty,
 )
-from mtrec.balancing.base import BALANCERS, Balancer, StepContext
+from mtrec.balancing.base import BALANCERS, Balancer, StepContext, build_balancer, validate_balancer_options
 from mtrec.balancing.gradient import GradientBalancer
+from mtrec.balancing.options import BalancerConfig
 
-__all__ = ["BALANCERS", "Balancer", "GradientBalancer", "StepContext"]
+__all__ = ["BALANCERS", "Balancer", "BalancerConfig", "GradientBalancer", "StepContext", "build_balancer",
+           "validate_balancer_options"]

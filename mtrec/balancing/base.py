@@ -11,11 +11,14 @@ of the shared parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import ClassVar, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from mtrec.balancing.options import BalancerConfig
+from mtrec.errors import MtrecError
+from mtrec.options import describe_options, validate_options
 from mtrec.registry import Registry
 
 BALANCERS: Registry[type["Balancer"]] = Registry("balancer")
@@ -32,12 +35,25 @@ class StepContext:
 
 
 class Balancer(nn.Module):
-    """Combines per-task losses ``[T]`` into one scalar and back-propagates it."""
+    """Combines per-task losses ``[T]`` into one scalar and back-propagates it.
 
-    def __init__(self, task_names: Sequence[str], **options: object) -> None:
+    Its options are the fields of its ``Config`` (a :class:`BalancerConfig`), validated by
+    :func:`validate_balancer_options` before the balancer is built; ``self.config`` holds them.
+    """
+
+    Config: ClassVar[type[BalancerConfig]] = BalancerConfig
+
+    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, *,
+                 config: Optional[BalancerConfig] = None, **options: object) -> None:
+        """Either an already validated ``config`` or the raw ``task_weights`` and ``options``."""
         super().__init__()
         self.task_names = list(task_names)
         self.num_tasks = len(self.task_names)
+        if config is None:
+            config = validate_balancer_options(type(self), self.task_names, options, task_weights)
+        elif options or task_weights is not None:
+            raise TypeError("give a validated config or raw options, not both")
+        self.config = config
 
     def combine(self, losses: Tensor, context: StepContext) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -63,3 +79,30 @@ class Balancer(nn.Module):
 
     def on_epoch_end(self, epoch: int, train_losses: Tensor) -> None:
         """Hook for methods that adapt per epoch (mean training loss per task given)."""
+
+
+def validate_balancer_options(balancer: Union[str, type[Balancer]], task_names: Sequence[str],
+                              options: Optional[Mapping[str, object]] = None,
+                              task_weights: Optional[Sequence[float]] = None) -> BalancerConfig:
+    """``options`` (``--balancer-args``) and ``task_weights`` (``--task-weights``) as the balancer's
+    ``Config``, checked against ``task_names``; any problem is one :class:`MtrecError` naming the
+    balancer and the option and listing the options it takes."""
+    cls = BALANCERS.get(balancer) if isinstance(balancer, str) else balancer
+    name = getattr(cls, "registered_name", cls.__name__)
+    merged = dict(options or {})
+    if task_weights is not None:
+        if "task_weights" in merged:
+            raise MtrecError(f"balancer '{name}': task weights given twice (--task-weights and task_weights=)")
+        merged["task_weights"] = list(task_weights)
+    if "task_weights" in merged and "task_weights" not in cls.Config.model_fields:
+        raise MtrecError(f"balancer '{name}' does not use --task-weights: {cls.Config.no_task_weights}; "
+                         f"its options: {describe_options(cls.Config)}")
+    return validate_options(cls.Config, merged, f"balancer '{name}'", context={"task_names": list(task_names)})
+
+
+def build_balancer(name: str, task_names: Sequence[str], options: Optional[Mapping[str, object]] = None,
+                   task_weights: Optional[Sequence[float]] = None) -> Balancer:
+    """Instantiate a registered balancer; its options are validated against its ``Config``."""
+    cls = BALANCERS.get(name)
+    config = validate_balancer_options(cls, task_names, options, task_weights)
+    return cls(task_names, config=config)

@@ -17,10 +17,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
+from pydantic import Field
 
 from mtrec.balancing.base import BALANCERS
-from mtrec.balancing.gradient import GradientBalancer
-from mtrec.balancing.options import number
+from mtrec.balancing.gradient import GradientBalancer, GradientConfig
 
 
 def cagrad_coefficients(M: np.ndarray, c: float, w0: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -53,12 +53,14 @@ def cagrad_coefficients(M: np.ndarray, c: float, w0: Optional[np.ndarray] = None
 class CAGrad(GradientBalancer):
     """Option ``c`` (radius of the ball around the average gradient, relative to its norm; default 0.5)."""
 
-    options = ("c",)
+    class Config(GradientConfig):
+        c: float = Field(0.5, ge=0.0, allow_inf_nan=False)
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None,
-                 c: float = 0.5, **options: object) -> None:
+    config: Config
+
+    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
         super().__init__(task_names, task_weights, **options)
-        self.c = number("cagrad", "c", c, 0.0)
+        self.c = self.config.c
         self._w: Optional[np.ndarray] = None
 
     def coefficients(self, M: np.ndarray, losses: np.ndarray) -> np.ndarray:

@@ -10,17 +10,23 @@ so tasks that are already good (high KPI) are down-weighted and difficult tasks 
 The balancer only sees the batch losses, so the KPI here is ``kappa_t = exp(-L_t)``: for a
 binary task the geometric mean of the probability given to the true labels, for a regression
 task a decreasing function of its squared error.
+
+``--task-weights`` are refused rather than dropped: the method's per-task knob is ``gamma`` (a
+larger focusing exponent lowers the weight of a task once it does well), and a constant factor
+on top of the focal weights would be a second, competing prioritisation that the paper does not
+define.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from mtrec.balancing.base import BALANCERS, Balancer, StepContext
-from mtrec.balancing.options import number, per_task, reject_unknown
+from mtrec.balancing.options import BalancerConfig, per_task
 
 
 def dtp_weights(kpi: Tensor, gamma: Tensor) -> Tensor:
@@ -33,12 +39,18 @@ def dtp_weights(kpi: Tensor, gamma: Tensor) -> Tensor:
 class DTP(Balancer):
     """DTP with focusing ``gamma`` (scalar or one per task, default 1) and KPI smoothing ``alpha`` (default 0.1)."""
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None,
-                 gamma: object = 1.0, alpha: float = 0.1, **options: object) -> None:
-        super().__init__(task_names)
-        reject_unknown("dtp", options, ("gamma", "alpha"))
-        self.register_buffer("gamma", torch.tensor(per_task("dtp", "gamma", gamma, self.task_names, low=0.0)))
-        self.alpha = number("dtp", "alpha", alpha, 0.0, 1.0, open_low=True)
+    class Config(BalancerConfig):
+        gamma: per_task(ge=0.0) = 1.0  # type: ignore[valid-type]
+        alpha: float = Field(0.1, gt=0.0, le=1.0, allow_inf_nan=False)
+
+        no_task_weights: ClassVar[str] = "its per-task knob is gamma (e.g. gamma=[2,1]), which sets how fast a task that does well loses weight"
+
+    config: Config
+
+    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+        super().__init__(task_names, task_weights, **options)
+        self.register_buffer("gamma", torch.tensor(self.config.gamma))
+        self.alpha = self.config.alpha
         self.register_buffer("kpi", torch.ones(self.num_tasks))
         self.register_buffer("started", torch.tensor(False))
         self.register_buffer("w", torch.zeros(self.num_tasks))

@@ -7,6 +7,11 @@ A task whose loss fell little over the last epoch gets more weight in the next o
 
 with ``L_t(e)`` the mean training loss of task ``t`` in epoch ``e``; the first two epochs use
 ``w = 1``. Larger temperatures flatten the weights towards 1.
+
+``--task-weights`` ``b_t`` are used: the combined loss is ``sum_t w_t b_t L_t``, i.e. DWA run on
+the weighted losses ``b_t L_t``. That is exact, not an add-on: the loss ratio ``r_t`` is unchanged
+when a task's loss is multiplied by a constant, so DWA's weights on ``b_t L_t`` are its weights on
+``L_t``. In the first two epochs (no history yet) the weights are ``b``, as with ``fixed``.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from mtrec.balancing.base import BALANCERS, Balancer, StepContext
-from mtrec.balancing.options import number, reject_unknown
+from mtrec.balancing.options import TaskWeightsConfig, base_weights
 
 
 def dwa_weights(last: Tensor, before_last: Tensor, temperature: float) -> Tensor:
@@ -30,11 +36,15 @@ def dwa_weights(last: Tensor, before_last: Tensor, temperature: float) -> Tensor
 class DWA(Balancer):
     """DWA with ``temperature`` (default 2, the paper's value)."""
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None,
-                 temperature: float = 2.0, **options: object) -> None:
-        super().__init__(task_names)
-        reject_unknown("dwa", options, ("temperature",))
-        self.temperature = number("dwa", "temperature", temperature, 0.0, open_low=True)
+    class Config(TaskWeightsConfig):
+        temperature: float = Field(2.0, gt=0.0, allow_inf_nan=False)
+
+    config: Config
+
+    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+        super().__init__(task_names, task_weights, **options)
+        self.temperature = self.config.temperature
+        self.register_buffer("base", torch.tensor(base_weights(self.config, self.num_tasks)))  # --task-weights
         self.register_buffer("history", torch.zeros(2, self.num_tasks))  # [before last, last] epoch losses
         self.register_buffer("epochs_seen", torch.tensor(0))
         self.register_buffer("w", torch.ones(self.num_tasks))
@@ -47,7 +57,7 @@ class DWA(Balancer):
             self.w.copy_(dwa_weights(self.history[1], self.history[0], self.temperature))
 
     def combine(self, losses: Tensor, context: StepContext) -> Tensor:
-        return (self.w.to(losses.dtype) * losses).sum()
+        return ((self.w * self.base).to(losses.dtype) * losses).sum()
 
     def weights(self) -> dict[str, float]:
-        return dict(zip(self.task_names, self.w.tolist()))
+        return dict(zip(self.task_names, (self.w * self.base).tolist()))

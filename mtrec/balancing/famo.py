@@ -16,17 +16,23 @@ less than the others' gain weight.
 The paper measures "after" on the same batch with an extra forward pass. This balancer only
 sees one forward pass per step, so it uses the next batch's losses: free, but noisier (the
 logits' Adam and small learning rate average the batch noise out).
+
+``--task-weights`` are refused rather than dropped: FAMO descends the *log* losses, and
+``log(w_t L_t) = log w_t + log L_t`` has the same gradient as ``log L_t``, so a constant factor on
+a task's loss cannot shift the balance between tasks (it only rescales the whole update through
+``c``); the task weights ``z`` are what FAMO learns.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from mtrec.balancing.base import BALANCERS, Balancer, StepContext
-from mtrec.balancing.options import number, per_task, reject_unknown
+from mtrec.balancing.options import BalancerConfig, per_task
 
 EPS = 1e-8
 BETAS = (0.9, 0.999)  # Adam's defaults for the logits
@@ -43,13 +49,21 @@ class FAMO(Balancer):
     """FAMO with logit learning rate ``lr`` (default 0.025), ``gamma`` (weight decay, default 0.001)
     and ``min_losses`` (lower bounds ``L*``, default 0)."""
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None,
-                 lr: float = 0.025, gamma: float = 1e-3, min_losses: object = 0.0, **options: object) -> None:
-        super().__init__(task_names)
-        reject_unknown("famo", options, ("lr", "gamma", "min_losses"))
-        self.lr = number("famo", "lr", lr, 0.0, open_low=True)
-        self.gamma = number("famo", "gamma", gamma, 0.0)
-        self.register_buffer("min_losses", torch.tensor(per_task("famo", "min_losses", min_losses, self.task_names)))
+    class Config(BalancerConfig):
+        lr: float = Field(0.025, gt=0.0, allow_inf_nan=False)
+        gamma: float = Field(1e-3, ge=0.0, allow_inf_nan=False)
+        min_losses: per_task() = 0.0  # type: ignore[valid-type]
+
+        no_task_weights: ClassVar[str] = ("it descends the log of each loss, where a constant factor cannot "
+                                          "shift the balance between tasks; the task weights are what it learns")
+
+    config: Config
+
+    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+        super().__init__(task_names, task_weights, **options)
+        self.lr = self.config.lr
+        self.gamma = self.config.gamma
+        self.register_buffer("min_losses", torch.tensor(self.config.min_losses))
         T = self.num_tasks
         for name in ("logits", "exp_avg", "exp_avg_sq", "previous", "w"):
             self.register_buffer(name, torch.zeros(T))

@@ -8,24 +8,21 @@ import torch
 from torch import Tensor
 
 from mtrec.balancing.base import BALANCERS, Balancer, StepContext
-from mtrec.errors import MtrecError
+from mtrec.balancing.options import TaskWeightsConfig, base_weights
 
 
 @BALANCERS.register("fixed", "fixed weights from --task-weights (default: all 1)")
 class Fixed(Balancer):
-    """L = sum_t w_t * L_t with constant w."""
+    """L = sum_t w_t * L_t with constant w (``--task-weights``: finite, not negative, not all 0)."""
+
+    class Config(TaskWeightsConfig):
+        pass
+
+    config: Config
 
     def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
-        super().__init__(task_names)
-        if task_weights is None:
-            task_weights = [1.0] * self.num_tasks
-        if len(task_weights) != self.num_tasks:
-            raise MtrecError(
-                f"--task-weights gives {len(task_weights)} weight(s) for {self.num_tasks} tasks ({', '.join(task_names)})"
-            )
-        if any(w < 0 for w in task_weights):
-            raise MtrecError("--task-weights must not be negative")
-        self.register_buffer("w", torch.tensor([float(w) for w in task_weights]))
+        super().__init__(task_names, task_weights, **options)
+        self.register_buffer("w", torch.tensor(base_weights(self.config, self.num_tasks)))
 
     def combine(self, losses: Tensor, context: StepContext) -> Tensor:
         return (self.w * losses).sum()

@@ -10,8 +10,10 @@ microseconds whatever the model's size.
 Where the per-task gradients come from (option ``level``):
 
 - ``params`` (default): ``torch.autograd.grad`` of each task loss with respect to the model's
-  shared parameters (``model.shared_parameters()``) and nothing else; task-specific
-  parameters (towers) receive the gradient of the plain sum of their task losses, which is
+  shared parameter elements (``model.shared_slices()``: the elements its static sharing
+  declaration says several tasks reach, e.g. MMoE's experts but not its per-task gates, PLE's
+  shared experts but not the last level's task experts) and nothing else; task-specific
+  parameters and members receive the gradient of the plain sum of the task losses, which is
   their own task's gradient since no other loss reaches them.
 - ``repr``: gradients with respect to the shared representation ``output.shared`` (the
   "upper bound" of Sener and Koltun, 2018): ``T`` cheap backward passes from the losses down to
@@ -46,15 +48,16 @@ two tasks (level with LibMTL, whose methods run ``T`` full passes) and 2.6-2.8x 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mtrec.balancing.base import Balancer, StepContext
-from mtrec.balancing.options import base_weights, choice, reject_unknown
+from mtrec.balancing.options import BalancerConfig, TaskWeightsConfig, base_weights
 from mtrec.errors import MtrecError
+from mtrec.models.reach import SharedSlice
 
 
 EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
@@ -85,24 +88,35 @@ def cosines(M: np.ndarray) -> np.ndarray:
     return np.divide(M, denom, out=np.zeros_like(M), where=denom > 0)
 
 
+class GradientOptions(BalancerConfig):
+    """Where the task gradients come from (see the module docstring)."""
+
+    level: Literal["params", "repr"] = "params"
+    embeddings: Literal["sum", "balance"] = "sum"
+
+
+class GradientConfig(GradientOptions, TaskWeightsConfig):
+    """The gradient options plus ``--task-weights``, which scale the task losses before their
+    gradients are taken (unless the method says otherwise)."""
+
+
 class GradientBalancer(Balancer):
     """Base class: computes ``G [T, P]``, asks :meth:`coefficients` for ``c``, writes ``c @ G`` back.
 
-    Subclasses implement :meth:`coefficients` (``M [T, T]``, losses ``[T]`` -> ``c [T]``) and list
-    their own options in ``options``; :meth:`aggregate` is the pure ``(G, losses) -> g`` the
-    definition tests exercise.
+    Subclasses implement :meth:`coefficients` (``M [T, T]``, losses ``[T]`` -> ``c [T]``) and add
+    their own options to ``Config`` (a :class:`GradientConfig`, or a :class:`GradientOptions` for a
+    method on which ``--task-weights`` have no effect); :meth:`aggregate` is the pure
+    ``(G, losses) -> g`` the definition tests exercise.
     """
 
-    options: tuple[str, ...] = ()
+    Config = GradientConfig
+    config: GradientOptions
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None,
-                 level: str = "params", embeddings: str = "sum", **options: object) -> None:
-        super().__init__(task_names)
-        name = getattr(type(self), "registered_name", type(self).__name__)
-        reject_unknown(name, options, ("level", "embeddings") + self.options)
-        self.level = choice(name, "level", level, ("params", "repr"))
-        self.embeddings = choice(name, "embeddings", embeddings, ("sum", "balance"))
-        self.register_buffer("base", torch.tensor(base_weights(name, task_weights, self.task_names), dtype=torch.float64))
+    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+        super().__init__(task_names, task_weights, **options)
+        self.level = self.config.level
+        self.embeddings = self.config.embeddings
+        self.register_buffer("base", torch.tensor(base_weights(self.config, self.num_tasks), dtype=torch.float64))
         self._checked_repr = False
         self._stats: dict[str, float] = {}
         self._last_c = np.ones(self.num_tasks)
@@ -133,7 +147,7 @@ class GradientBalancer(Balancer):
 
     def backward(self, losses: Tensor, context: StepContext, aux_loss: Optional[Tensor] = None) -> Tensor:
         model = context.model
-        shared = [p for p in model.shared_parameters() if p.requires_grad]
+        shared = [s for s in model.shared_slices() if s.param.requires_grad]
         if not shared:
             raise MtrecError(
                 f"balancer '{self.registered_name}' combines gradients of shared parameters; "
@@ -143,45 +157,49 @@ class GradientBalancer(Balancer):
         if self.level == "repr":
             self._backward_repr(task, losses, context, aux_loss)  # the regulariser rides the one pass, as is
         else:
-            specific = [p for p in model.task_specific_parameters() if p.requires_grad]
-            self._backward_params(task, losses, model, shared, specific)
+            self._backward_params(task, losses, model, shared)
             if aux_loss is not None and aux_loss.requires_grad:
                 aux_loss.backward()  # the model's regulariser is not a task: added as is
         return self.combine(losses.detach(), context)
 
-    def _backward_params(self, task: Tensor, losses: Tensor, model: nn.Module, shared: list, specific: list) -> None:
-        tables: list = []
+    def _backward_params(self, task: Tensor, losses: Tensor, model: nn.Module, shared: list[SharedSlice]) -> None:
         if self.embeddings == "sum":
             ids = {id(p) for m in model.modules() if isinstance(m, EMBEDDINGS) for p in m.parameters()}
-            dense = [p for p in shared if id(p) not in ids]
+            dense = [s for s in shared if id(s.param) not in ids]
             if dense:  # when only tables are shared, they are what gets balanced
-                tables = [p for p in shared if id(p) in ids]
                 shared = dense
-        rest = tables + specific  # parameters that get the plain sum of the task gradients
+        balanced = {id(s.param) for s in shared}
+        # everything else gets the plain sum of the task gradients: task-specific parameters (and the
+        # task-specific members of a stack that also holds shared ones) their own task's gradient
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in balanced]
+        params = [s.param for s in shared]
         # one ordinary backward pass: the plain-sum gradient of everything
-        summed = torch.autograd.grad(task.sum(), shared + rest, retain_graph=True, allow_unused=True)
-        sizes = [p.numel() for p in shared]
-        G = torch.zeros(self.num_tasks, sum(sizes), dtype=shared[0].dtype, device=shared[0].device)  # [T, P]
-        self._flatten_into(G[-1], summed[: len(shared)], sizes)
+        summed = torch.autograd.grad(task.sum(), params + rest, retain_graph=True, allow_unused=True)
+        sizes = [s.numel() for s in shared]
+        G = torch.zeros(self.num_tasks, sum(sizes), dtype=params[0].dtype, device=params[0].device)  # [T, P]
+        self._flatten_into(G[-1], summed[: len(shared)], shared)
         for t in range(self.num_tasks - 1):
-            grads = torch.autograd.grad(task[t], shared, retain_graph=True, allow_unused=True)
-            self._flatten_into(G[t], grads, sizes)
+            grads = torch.autograd.grad(task[t], params, retain_graph=True, allow_unused=True)
+            self._flatten_into(G[t], grads, shared)
         if self.num_tasks > 1:
             G[-1] -= G[:-1].sum(0)  # the last task's gradient: the sum minus the others'
         g = self.aggregate(G, losses)  # [P]
         offset = 0
-        for p, n in zip(shared, sizes):
-            p.grad = g[offset : offset + n].view_as(p)
+        for s, full, n in zip(shared, summed, sizes):
+            grad = torch.zeros_like(s.param) if full is None else full
+            s.put(grad, g[offset : offset + n])  # the shared elements get the combination
+            s.param.grad = grad
             offset += n
         for p, grad in zip(rest, summed[len(shared) :]):
             p.grad = grad
 
     @staticmethod
-    def _flatten_into(row: Tensor, grads: Sequence[Optional[Tensor]], sizes: Sequence[int]) -> None:
+    def _flatten_into(row: Tensor, grads: Sequence[Optional[Tensor]], slices: Sequence[SharedSlice]) -> None:
         offset = 0
-        for g, n in zip(grads, sizes):
+        for g, s in zip(grads, slices):
+            n = s.numel()
             if g is not None:
-                row[offset : offset + n] = g.reshape(-1)
+                row[offset : offset + n] = s.take(g)
             offset += n
 
     def _backward_repr(self, task: Tensor, losses: Tensor, context: StepContext,

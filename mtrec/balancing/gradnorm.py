@@ -12,8 +12,10 @@ Tasks that train slowly (large ``r_t``) get larger gradients; ``alpha`` sets how
 weights are renormalised to sum to ``T`` before every step, so each step uses weights summing to
 ``T``; they are stepped by the trainer's optimiser along with the model, as in the paper.
 
-``W`` is ``model.last_shared_parameters()`` (in a mixture-of-experts model, the experts' output
-layer), never the embeddings: the norms must be measured where every task's gradient passes.
+``W`` is the shared part of the last shared layer the model declares (``model.last_shared_slices()``:
+MMoE's experts' output layer, the shared experts' members of PLE's last level, the CTR tower's output
+unit in ESMM, ...), never the embeddings: the norms must be measured where every task's gradient
+passes. A model that shares only its embedding tables is refused.
 Cost: ``T`` backward passes down to ``W`` only, plus the ordinary backward pass.
 """
 
@@ -22,11 +24,26 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from mtrec.balancing.base import BALANCERS, Balancer, StepContext
-from mtrec.balancing.options import base_weights, number, reject_unknown
+from mtrec.balancing.options import TaskWeightsConfig, base_weights
 from mtrec.errors import MtrecError
+
+def models_with_shared_layer(layout) -> list[str]:
+    """Registered models that declare a shared layer when built on ``layout`` (for an error message)."""
+    from mtrec.models import MODELS, build_model
+
+    names = []
+    for name in MODELS.names():
+        try:
+            if build_model(name, layout).last_shared_slices():
+                names.append(name)
+        except MtrecError:  # e.g. a funnel model on a layout without a funnel
+            continue
+    return names
+
 
 MIN_WEIGHT = 1e-4  # a weight is never allowed to reach zero (or go negative) between renormalisations
 
@@ -35,14 +52,15 @@ MIN_WEIGHT = 1e-4  # a weight is never allowed to reach zero (or go negative) be
 class GradNorm(Balancer):
     """GradNorm with asymmetry ``alpha`` (default 1.5); initial weights from ``--task-weights``."""
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None,
-                 alpha: float = 1.5, **options: object) -> None:
-        super().__init__(task_names)
-        reject_unknown("gradnorm", options, ("alpha",))
-        self.alpha = number("gradnorm", "alpha", alpha, 0.0)
-        start = torch.tensor(base_weights("gradnorm", task_weights, self.task_names))
-        if start.sum() <= 0:
-            raise MtrecError("gradnorm: --task-weights must not all be zero")
+    class Config(TaskWeightsConfig):
+        alpha: float = Field(1.5, ge=0.0, allow_inf_nan=False)
+
+    config: Config
+
+    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+        super().__init__(task_names, task_weights, **options)
+        self.alpha = self.config.alpha
+        start = torch.tensor(base_weights(self.config, self.num_tasks))  # the config refuses all zeros
         self.w = nn.Parameter(start * self.num_tasks / start.sum())
         self.register_buffer("initial", torch.zeros(self.num_tasks))
         self.register_buffer("started", torch.tensor(False))
@@ -56,9 +74,13 @@ class GradNorm(Balancer):
         return (self.normalised().to(losses.dtype) * losses).sum()
 
     def backward(self, losses: Tensor, context: StepContext, aux_loss: Optional[Tensor] = None) -> Tensor:
-        layer = [p for p in context.model.last_shared_parameters() if p.requires_grad]
+        layer = [s for s in context.model.last_shared_slices() if s.param.requires_grad]
         if not layer:
-            raise MtrecError("gradnorm measures gradient norms on the last shared layer; this model shares no layer")
+            raise MtrecError(
+                f"gradnorm measures gradient norms on the last shared layer; model "
+                f"'{getattr(context.model, 'registered_name', type(context.model).__name__)}' shares only its "
+                f"embedding tables. Models with a shared layer: {', '.join(models_with_shared_layer(context.model.layout))}"
+            )
         with torch.no_grad():
             self.w.copy_(self.normalised())
             if not bool(self.started):
@@ -66,8 +88,8 @@ class GradNorm(Balancer):
                 self.started.fill_(True)
         norms = []
         for t in range(self.num_tasks):
-            grads = torch.autograd.grad(losses[t], layer, retain_graph=True, allow_unused=True)
-            sq = sum(((g.float() ** 2).sum() for g in grads if g is not None), torch.zeros(()))
+            grads = torch.autograd.grad(losses[t], [s.param for s in layer], retain_graph=True, allow_unused=True)
+            sq = sum(((s.take(g).float() ** 2).sum() for g, s in zip(grads, layer) if g is not None), torch.zeros(()))
             norms.append(sq.sqrt())
         norm = torch.stack(norms).to(self.w.dtype)  # [T] ||grad_W L_t||
         w = self.w.detach()

@@ -18,10 +18,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from mtrec.balancing.base import BALANCERS
-from mtrec.balancing.gradient import GradientBalancer
-from mtrec.balancing.options import number
+from mtrec.balancing.gradient import GradientBalancer, GradientConfig
 
 
 def gradvac_adjust(M: np.ndarray, targets: np.ndarray, orders: Sequence[Sequence[int]],
@@ -51,12 +51,14 @@ def gradvac_adjust(M: np.ndarray, targets: np.ndarray, orders: Sequence[Sequence
 class GradVac(GradientBalancer):
     """Gradient Vaccine; option ``beta`` (EMA rate of the target cosines, default 0.01 as in the paper)."""
 
-    options = ("beta",)
+    class Config(GradientConfig):
+        beta: float = Field(0.01, gt=0.0, le=1.0, allow_inf_nan=False)
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None,
-                 beta: float = 0.01, **options: object) -> None:
+    config: Config
+
+    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
         super().__init__(task_names, task_weights, **options)
-        self.beta = number("gradvac", "beta", beta, 0.0, 1.0, open_low=True)
+        self.beta = self.config.beta
         self.register_buffer("targets", torch.zeros(self.num_tasks, self.num_tasks, dtype=torch.float64))
         self._rng = np.random.default_rng(torch.initial_seed())
 

@@ -8,19 +8,23 @@ Every product there is an inner product of task gradients, so it is computed on 
 
 ``hybrid=true`` adds IMTL-L, the paper's loss-level half: each loss is scaled by ``e^{s_t}`` with a
 learnable ``s_t`` trained on ``e^{s_t} L_t - s_t`` (which drives every scaled loss towards 1).
-IMTL-G is invariant to the size of each gradient, so ``--task-weights`` have no effect on it.
+
+``--task-weights`` are refused rather than dropped: the direction of IMTL-G's update does not
+depend on the size of any task's gradient (a constant factor on a task's loss would only change
+the update's length, for every task at once), and IMTL-L learns each loss's scale itself,
+absorbing any constant factor.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mtrec.balancing.base import BALANCERS
-from mtrec.balancing.gradient import GradientBalancer, on_live_tasks
+from mtrec.balancing.gradient import GradientBalancer, GradientOptions, on_live_tasks
 
 
 def imtl_weights(M: np.ndarray) -> np.ndarray:
@@ -43,12 +47,17 @@ def imtl_weights(M: np.ndarray) -> np.ndarray:
 class IMTL(GradientBalancer):
     """IMTL-G; ``hybrid=true`` for IMTL (loss scaling IMTL-L plus IMTL-G)."""
 
-    options = ("hybrid",)
+    class Config(GradientOptions):
+        hybrid: bool = False
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None,
-                 hybrid: bool = False, **options: object) -> None:
+        no_task_weights: ClassVar[str] = ("IMTL-G's update direction is the same whatever the size of each "
+                                          "task's gradient, and IMTL-L learns each loss's scale itself")
+
+    config: Config
+
+    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
         super().__init__(task_names, task_weights, **options)
-        self.hybrid = bool(hybrid)
+        self.hybrid = self.config.hybrid
         if self.hybrid:
             self.log_scale = nn.Parameter(torch.zeros(self.num_tasks))
 

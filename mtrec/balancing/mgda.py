@@ -14,13 +14,13 @@ finitely many affine solves, where the Frank-Wolfe iterations of the paper only 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
+from pydantic import model_validator
 
 from mtrec.balancing.base import BALANCERS
-from mtrec.balancing.gradient import GradientBalancer, on_live_tasks
-from mtrec.balancing.options import choice
+from mtrec.balancing.gradient import GradientBalancer, GradientConfig, on_live_tasks
 
 
 def _affine_minimizer(M: np.ndarray) -> np.ndarray:
@@ -76,14 +76,27 @@ def min_norm_weights(M: np.ndarray, tol: float = 1e-12, max_iter: int = 1000) ->
 class MGDA(GradientBalancer):
     """Option ``normalize``: ``none`` (default), ``l2`` (unit gradients), ``loss`` (divide by the loss)
     or ``loss+`` (both), the normalisations of the paper's code; the weights then apply to the
-    normalised gradients, and the logged weights are on the raw ones."""
+    normalised gradients, and the logged weights are on the raw ones.
 
-    options = ("normalize",)
+    ``--task-weights`` scale the task losses, hence their gradients, before the min-norm point is
+    found. ``l2`` and ``loss+`` rescale every gradient to unit norm, which cancels any such scale,
+    so those two refuse ``--task-weights`` instead of dropping them."""
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None,
-                 normalize: str = "none", **options: object) -> None:
+    class Config(GradientConfig):
+        normalize: Literal["none", "l2", "loss", "loss+"] = "none"
+
+        @model_validator(mode="after")
+        def _weights_survive(self) -> "MGDA.Config":
+            if self.task_weights is not None and self.normalize in ("l2", "loss+"):
+                raise ValueError(f"normalize={self.normalize} scales every task gradient to unit norm, "
+                                 "which cancels --task-weights: drop them or use normalize=none|loss")
+            return self
+
+    config: Config
+
+    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
         super().__init__(task_names, task_weights, **options)
-        self.normalize = choice("mgda", "normalize", normalize, ("none", "l2", "loss", "loss+"))
+        self.normalize = self.config.normalize
 
     def coefficients(self, M: np.ndarray, losses: np.ndarray) -> np.ndarray:
         scale = np.ones(self.num_tasks)

@@ -1,68 +1,76 @@
-"""Checks for balancer options as they arrive from ``--balancer-args`` (values parsed as YAML).
+"""The pieces every balancer's pydantic ``Config`` is built from.
 
-A typo or a wrong type must end as one :class:`~mtrec.errors.MtrecError` line naming the
-balancer and the option, never as a ``TypeError`` traceback.
+Options arrive from ``--balancer-args`` (values parsed as YAML) and ``--task-weights``; they are
+validated against the task names (passed as pydantic's validation context), so a per-task option
+is a list of the right length, or a scalar meaning the same value for every task, or a mapping
+``{task: value}`` naming every task. Numbers must be finite.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence
+from typing import Annotated, Any, ClassVar, Optional
 
-from mtrec.errors import MtrecError
-
-
-def reject_unknown(balancer: str, options: dict, allowed: Sequence[str]) -> None:
-    """Fail on options the balancer does not take, listing the ones it does."""
-    unknown = sorted(set(options) - {"task_weights"})
-    if unknown:
-        choices = ", ".join(allowed) if allowed else "none"
-        raise MtrecError(f"balancer '{balancer}' has no option {', '.join(unknown)}; its options: {choices}")
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 
-def number(balancer: str, name: str, value: object, low: Optional[float] = None, high: Optional[float] = None,
-           open_low: bool = False) -> float:
-    """``value`` as a finite float within ``[low, high]`` (``(low, high]`` when ``open_low``)."""
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise MtrecError(f"balancer '{balancer}': {name}={value!r} is not a number") from None
-    bad = not math.isfinite(x) or (low is not None and (x <= low if open_low else x < low))
-    bad = bad or (high is not None and x > high)
-    if bad:
-        bound = f"{'(' if open_low else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-        raise MtrecError(f"balancer '{balancer}': {name}={value!r} must lie in {bound}")
-    return x
+class BalancerConfig(BaseModel):
+    """Options common to all balancers (none); each balancer's ``Config`` adds its own.
+
+    A balancer that has no use for ``--task-weights`` says why in ``no_task_weights``: the text
+    ends the error a user gets for giving them.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    no_task_weights: ClassVar[str] = "this method has no use for them"
 
 
-def per_task(balancer: str, name: str, value: object, task_names: Sequence[str], low: Optional[float] = None,
-             open_low: bool = False) -> list[float]:
-    """One number per task: a scalar is repeated, a list must name one value per task (in task order)."""
+def _task_names(info: ValidationInfo) -> list[str]:
+    names = (info.context or {}).get("task_names")
+    if names is None:  # a programming error: configs are validated through validate_balancer_options
+        raise ValueError(f"{info.field_name}: the task names are needed to check a per-task option")
+    return list(names)
+
+
+def _expand_per_task(value: Any, info: ValidationInfo) -> Any:
+    """A scalar -> one copy per task; a mapping -> a list in task order; a list -> checked for length."""
+    names = _task_names(info)
+    field = info.field_name
+    if isinstance(value, dict):
+        unknown = [str(k) for k in value if k not in names]
+        if unknown:
+            raise ValueError(f"{field} names {', '.join(unknown)}, not a task; tasks: {', '.join(names)}")
+        missing = [n for n in names if n not in value]
+        if missing:
+            raise ValueError(f"{field} gives no value for task(s) {', '.join(missing)}; tasks: {', '.join(names)}")
+        return [value[n] for n in names]
     if isinstance(value, (list, tuple)):
-        if len(value) != len(task_names):
-            raise MtrecError(
-                f"balancer '{balancer}': {name} gives {len(value)} value(s) for {len(task_names)} tasks "
-                f"({', '.join(task_names)})"
-            )
-        return [number(balancer, name, v, low, open_low=open_low) for v in value]
-    return [number(balancer, name, value, low, open_low=open_low)] * len(task_names)
+        if len(value) != len(names):
+            raise ValueError(f"{field} gives {len(value)} value(s) for {len(names)} tasks ({', '.join(names)})")
+        return list(value)
+    return [value] * len(names)
 
 
-def choice(balancer: str, name: str, value: object, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise MtrecError(f"balancer '{balancer}': {name}={value!r}; choose one of: {', '.join(choices)}")
-    return str(value)
+def per_task(**bounds: float) -> Any:
+    """Type of a per-task number option: finite floats within ``bounds`` (``ge``, ``gt``, ``le``, ``lt``),
+    one per task in task order."""
+    return Annotated[list[Annotated[float, Field(allow_inf_nan=False, **bounds)]], BeforeValidator(_expand_per_task)]
 
 
-def base_weights(balancer: str, task_weights: Optional[Sequence[float]], task_names: Sequence[str]) -> list[float]:
-    """``--task-weights`` (default: all 1), checked like ``fixed`` checks them."""
-    if task_weights is None:
-        return [1.0] * len(task_names)
-    if len(task_weights) != len(task_names):
-        raise MtrecError(
-            f"--task-weights gives {len(task_weights)} weight(s) for {len(task_names)} tasks ({', '.join(task_names)})"
-        )
-    weights = [float(w) for w in task_weights]
-    if any(w < 0 or not math.isfinite(w) for w in weights):
-        raise MtrecError("--task-weights must be finite and not negative")
-    return weights
+class TaskWeightsConfig(BalancerConfig):
+    """Adds ``task_weights`` (``--task-weights``): finite, non-negative, one per task, not all zero."""
+
+    task_weights: Optional[per_task(ge=0.0)] = None  # type: ignore[valid-type]
+
+    @field_validator("task_weights")
+    @classmethod
+    def _not_all_zero(cls, weights: Optional[list[float]]) -> Optional[list[float]]:
+        if weights is not None and not any(w > 0 for w in weights):
+            raise ValueError("task_weights are all 0: no task would train")
+        return weights
+
+
+def base_weights(config: BalancerConfig, num_tasks: int) -> list[float]:
+    """The config's ``task_weights``, or 1 for every task when it has none."""
+    weights = getattr(config, "task_weights", None)
+    return list(weights) if weights is not None else [1.0] * num_tasks

@@ -5,17 +5,19 @@ Each task's weight starts at ``initial_t`` and is multiplied by an update ratio 
 every step (or epoch): ``w_t(k) = initial_t * ratio_t^k``. A ratio below 1 lets a task lead early
 and fade later (or the reverse above 1). The defaults (``initial`` from ``--task-weights`` or 1,
 ``ratio`` 1) leave the weights constant; set them per task, e.g. ``ratio=[1.0,0.999]``.
+``--task-weights`` are the initial weights when ``initial`` is not given; giving both is refused.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
+from pydantic import model_validator
 from torch import Tensor
 
 from mtrec.balancing.base import BALANCERS, Balancer, StepContext
-from mtrec.balancing.options import base_weights, choice, per_task, reject_unknown
+from mtrec.balancing.options import TaskWeightsConfig, base_weights, per_task
 
 
 def ple_weights(initial: Tensor, ratio: Tensor, k: int) -> Tensor:
@@ -27,16 +29,26 @@ def ple_weights(initial: Tensor, ratio: Tensor, k: int) -> Tensor:
 class PLESchedule(Balancer):
     """Options ``initial`` and ``ratio`` (scalar or one per task) and ``per`` (``step``, default, or ``epoch``)."""
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None,
-                 initial: object = None, ratio: object = 1.0, per: str = "step", **options: object) -> None:
-        super().__init__(task_names)
-        reject_unknown("ple_schedule", options, ("initial", "ratio", "per"))
-        start = base_weights("ple_schedule", task_weights, self.task_names) if initial is None else \
-            per_task("ple_schedule", "initial", initial, self.task_names, low=0.0)
+    class Config(TaskWeightsConfig):
+        initial: Optional[per_task(ge=0.0)] = None  # type: ignore[valid-type]  # default: --task-weights or 1
+        ratio: per_task(gt=0.0) = 1.0  # type: ignore[valid-type]
+        per: Literal["step", "epoch"] = "step"
+
+        @model_validator(mode="after")
+        def _one_start(self) -> "PLESchedule.Config":
+            if self.initial is not None and self.task_weights is not None:
+                raise ValueError("initial and --task-weights both set the initial weights; give one")
+            return self
+
+    config: Config
+
+    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+        super().__init__(task_names, task_weights, **options)
+        c = self.config
+        start = base_weights(c, self.num_tasks) if c.initial is None else c.initial
         self.register_buffer("initial", torch.tensor(start, dtype=torch.float64))
-        self.register_buffer("ratio", torch.tensor(per_task("ple_schedule", "ratio", ratio, self.task_names,
-                                                            low=0.0, open_low=True), dtype=torch.float64))
-        self.per = choice("ple_schedule", "per", per, ("step", "epoch"))
+        self.register_buffer("ratio", torch.tensor(c.ratio, dtype=torch.float64))
+        self.per = c.per
         self.register_buffer("w", self.initial.clone())
 
     def combine(self, losses: Tensor, context: StepContext) -> Tensor:

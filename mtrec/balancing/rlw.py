@@ -4,17 +4,21 @@ for Multi-Task Learning", TMLR 2022).
 At every step the weights are drawn afresh, ``w = softmax(z)`` with ``z ~ N(0, I)``: a baseline
 that adaptive methods should beat. The draws come from the balancer's own generator, seeded by
 the run's seed, so they do not disturb the model's random stream.
+
+``--task-weights`` are refused rather than dropped: RLW is the baseline of weights drawn with no
+preference for any task, and fixed preferences are what ``fixed`` is for.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from mtrec.balancing.base import BALANCERS, Balancer, StepContext
-from mtrec.balancing.options import reject_unknown
+from mtrec.balancing.options import BalancerConfig
 
 
 def rlw_weights(z: Tensor) -> Tensor:
@@ -26,11 +30,17 @@ def rlw_weights(z: Tensor) -> Tensor:
 class RLW(Balancer):
     """RLW; option ``seed`` (default: the run's seed)."""
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None,
-                 seed: Optional[int] = None, **options: object) -> None:
-        super().__init__(task_names)
-        reject_unknown("rlw", options, ("seed",))
-        self.generator = torch.Generator().manual_seed(torch.initial_seed() if seed is None else int(seed))
+    class Config(BalancerConfig):
+        seed: Optional[int] = Field(None, ge=0)  # None: the run's seed
+
+        no_task_weights: ClassVar[str] = "its weights are random draws with no preference for any task (use 'fixed' for fixed weights)"
+
+    config: Config
+
+    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+        super().__init__(task_names, task_weights, **options)
+        seed = self.config.seed
+        self.generator = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
         self.register_buffer("w", torch.full((self.num_tasks,), 1.0 / self.num_tasks))
 
     def draw(self) -> Tensor:

@@ -10,22 +10,24 @@ Options: ``stages`` - stages separated by ``;``, tasks within a stage by ``+``, 
 ``stages=income;never_married`` (income alone, then both); a stage need not repeat earlier
 tasks, they are kept anyway. Default: one task per stage, in schema order. ``stage_epochs`` -
 epochs per stage, one number for all or a list (the last stage runs until training ends).
+``--task-weights`` weight the tasks of every stage (the tasks not yet introduced get 0).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Annotated, Any, Optional, Sequence
 
 import torch
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 from torch import Tensor
 
 from mtrec.balancing.base import BALANCERS, Balancer, StepContext
-from mtrec.balancing.options import base_weights, reject_unknown
-from mtrec.errors import MtrecError
+from mtrec.balancing.options import TaskWeightsConfig, base_weights
 
 
 def parse_stages(stages: object, task_names: Sequence[str]) -> list[list[str]]:
-    """Stages as lists of newly introduced task names, checked against ``task_names``."""
+    """Stages as lists of newly introduced task names, checked against ``task_names``
+    (``ValueError`` naming the problem otherwise)."""
     if stages is None:
         return [[name] for name in task_names]
     if isinstance(stages, str):
@@ -33,39 +35,56 @@ def parse_stages(stages: object, task_names: Sequence[str]) -> list[list[str]]:
     elif isinstance(stages, (list, tuple)):
         raw = [[t.strip() for t in s.split("+")] if isinstance(s, str) else [str(t) for t in s] for s in stages]
     else:
-        raise MtrecError(f"balancer 'staged': stages={stages!r}; write e.g. stages=income;income+never_married")
+        raise ValueError(f"stages={stages!r}; write e.g. stages=income;income+never_married")
     if not raw:
-        raise MtrecError("balancer 'staged': stages is empty")
+        raise ValueError("stages is empty")
     for stage in raw:
         for name in stage:
             if name not in task_names:
-                raise MtrecError(f"balancer 'staged': stage task '{name}' is not a task; tasks: {', '.join(task_names)}")
+                raise ValueError(f"stage task '{name}' is not a task; tasks: {', '.join(task_names)}")
     seen = {name for stage in raw for name in stage}
     missing = [name for name in task_names if name not in seen]
     if missing:
-        raise MtrecError(f"balancer 'staged': task(s) {', '.join(missing)} in no stage; add them to a stage")
+        raise ValueError(f"task(s) {', '.join(missing)} in no stage; add them to a stage")
     return raw
+
+
+def _epochs_per_stage(value: Any, info: ValidationInfo) -> Any:
+    """One number -> that many epochs for every stage but the last (which runs until the end)."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    stages = info.data.get("stages")
+    return [value] * max(len(stages) - 1, 1) if stages else [value]
 
 
 @BALANCERS.register("staged", "staged continual multi-task training: tasks added stage by stage, earlier ones kept (ERNIE 2.0)")
 class Staged(Balancer):
     """Loss mask by epoch: stage ``k`` trains every task introduced in stages ``1..k``."""
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None,
-                 stages: object = None, stage_epochs: object = 1, **options: object) -> None:
-        super().__init__(task_names)
-        reject_unknown("staged", options, ("stages", "stage_epochs"))
-        introduced = parse_stages(stages, self.task_names)
+    class Config(TaskWeightsConfig):
+        stages: Any = None  # "a;b+c", a list of stages (strings or lists of task names), or None: one task per stage
+        stage_epochs: Annotated[list[Annotated[int, Field(ge=1)]], BeforeValidator(_epochs_per_stage)] = 1  # type: ignore[assignment]
+
+        @field_validator("stages")
+        @classmethod
+        def _parse_stages(cls, stages: Any, info: ValidationInfo) -> list[list[str]]:
+            return parse_stages(stages, (info.context or {}).get("task_names", []))
+
+        @field_validator("stage_epochs")
+        @classmethod
+        def _one_per_stage(cls, epochs: list[int], info: ValidationInfo) -> list[int]:
+            n = len(info.data.get("stages") or [])
+            if n > 1 and len(epochs) not in (n - 1, n):
+                raise ValueError(f"stage_epochs gives {len(epochs)} value(s) for {n} stages")
+            return epochs
+
+    config: Config
+
+    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+        super().__init__(task_names, task_weights, **options)
+        introduced = self.config.stages
+        epochs = self.config.stage_epochs
         n = len(introduced)
-        epochs = list(stage_epochs) if isinstance(stage_epochs, (list, tuple)) else [stage_epochs] * max(n - 1, 1)
-        if len(epochs) not in (n - 1, n) and n > 1:
-            raise MtrecError(f"balancer 'staged': stage_epochs gives {len(epochs)} value(s) for {n} stages")
-        try:
-            epochs = [int(e) for e in epochs]
-        except (TypeError, ValueError):
-            raise MtrecError(f"balancer 'staged': stage_epochs={stage_epochs!r} must be whole numbers") from None
-        if any(e < 1 for e in epochs):
-            raise MtrecError("balancer 'staged': every stage lasts at least one epoch")
         starts = [1]
         for e in epochs[: n - 1]:
             starts.append(starts[-1] + e)
@@ -77,7 +96,7 @@ class Staged(Balancer):
         self.stages = introduced
         self.register_buffer("starts", torch.tensor(starts))  # first epoch (1-based) of each stage
         self.register_buffer("active", active)  # [stages, T]
-        self.register_buffer("base", torch.tensor(base_weights("staged", task_weights, self.task_names)))
+        self.register_buffer("base", torch.tensor(base_weights(self.config, self.num_tasks)))
         self.register_buffer("w", self.base * active[0])
 
     def stage_of(self, epoch: int) -> int:

@@ -14,26 +14,29 @@ error (regression) or twice its loss (classification). The form of each task fol
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mtrec.balancing.base import BALANCERS, Balancer, StepContext
-from mtrec.balancing.options import base_weights, choice, reject_unknown
+from mtrec.balancing.options import TaskWeightsConfig, base_weights
 
 
 @BALANCERS.register("uw", "uncertainty weighting: learnable log-variance per task (Kendall et al. 2018)")
 class UncertaintyWeighting(Balancer):
     """Kendall et al.'s weighting; ``--task-weights`` multiply the task losses first."""
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None,
-                 form: str = "auto", **options: object) -> None:
-        super().__init__(task_names)
-        reject_unknown("uw", options, ("form",))
-        self.form = choice("uw", "form", form, ("auto", "regression", "classification"))
+    class Config(TaskWeightsConfig):
+        form: Literal["auto", "regression", "classification"] = "auto"
+
+    config: Config
+
+    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+        super().__init__(task_names, task_weights, **options)
+        self.form = self.config.form
         self.log_var = nn.Parameter(torch.zeros(self.num_tasks))  # s_t = log sigma_t^2
-        self.register_buffer("base", torch.tensor(base_weights("uw", task_weights, self.task_names)))
+        self.register_buffer("base", torch.tensor(base_weights(self.config, self.num_tasks)))
         # 1 for the classification form, 1/2 for the regression form
         self.register_buffer("factor", torch.ones(self.num_tasks) * (0.5 if self.form == "regression" else 1.0))
 

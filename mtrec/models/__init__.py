@@ -12,6 +12,6 @@ from mtrec.models import esm2  # noqa: F401
 from mtrec.models import escm2  # noqa: F401
 from mtrec.models import aitm  # noqa: F401
 from mtrec.models import metaheac  # noqa: F401
-from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel, build_model
+from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel, build_model, validate_model_options
 
-__all__ = ["MODELS", "ModelConfig", "ModelOutput", "MultiTaskModel", "build_model"]
+__all__ = ["MODELS", "ModelConfig", "ModelOutput", "MultiTaskModel", "build_model", "validate_model_options"]

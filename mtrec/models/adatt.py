@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.errors import MtrecError
 from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
+from mtrec.models.reach import Sharing
 from mtrec.nn.batched import BatchedLinear, BatchedMLP, Towers
 from mtrec.nn.embedding import FeatureEmbedding
 
@@ -99,7 +100,6 @@ class AdaTT(MultiTaskModel):
     """``num_levels`` fusion levels; the towers read the task units of the last level."""
 
     Config = AdaTTConfig
-    shared_modules = ("embedding", "levels")  # every task's experts feed every task's gate
 
     def __init__(self, layout: FeatureLayout, config: AdaTTConfig) -> None:
         super().__init__(layout, config)
@@ -117,6 +117,27 @@ class AdaTT(MultiTaskModel):
             self.levels.append(layer)
             in_dim = layer.out_dim
         self.towers = Towers(self.num_tasks, in_dim, config.tower_hidden, config.dropout)
+
+    def declare_sharing(self, s: Sharing) -> None:
+        """From the top down: a fusion unit (its gate and residual weights) reaches what its output feeds
+        one level up (tower ``t`` at the top); every expert is mixed by every unit's gate, so it reaches
+        what all the units reach; a group's input reaches what its experts and its unit reach."""
+        t = self.num_tasks
+        above: list[set[int]] = [{i} for i in range(t)] + [set()]  # per group: what its input reaches
+        for layer in reversed(self.levels):
+            unit_reach = [above[g] for g in layer.unit_group.tolist()]
+            every = set().union(*unit_reach)
+            s.reach(layer.experts, every).stacked(layer.gates, unit_reach)
+            if layer.native is not None:  # [T, m]: row t is unit t's residual over its own experts
+                s.elements(layer.native, torch.arange(t).view(t, 1), unit_reach[:t])
+            if layer.native_shared is not None:
+                s.reach(layer.native_shared, unit_reach[t])
+            groups, units = layer.expert_group.tolist(), layer.unit_group.tolist()
+            above = [
+                (every if g in groups else set()) | (unit_reach[units.index(g)] if g in units else set())
+                for g in range(t + 1)
+            ]
+        s.reach(self.embedding).per_task(self.towers).last_layer(self.levels[-1].experts.last_layer)
 
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         h = self.embedding(batch).squeeze(1)  # [B, D]

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.models.base import MODELS, ModelOutput, MultiTaskModel
 from mtrec.models.funnel import FunnelConfig, FunnelModel, logit_from_log_prob
+from mtrec.models.reach import Sharing
 from mtrec.nn.batched import BatchedMLP, Towers
 from mtrec.nn.embedding import FeatureEmbedding
 
@@ -81,6 +82,20 @@ class AITM(FunnelModel):
         self.heads = Towers(self.num_tasks, k, config.output_hidden, config.dropout)
         self.register_buffer("child", torch.tensor(linked, dtype=torch.long), persistent=False)
         self.register_buffer("parent", torch.tensor([self.funnel.parent[t] for t in linked], dtype=torch.long), persistent=False)
+
+    def declare_sharing(self, s: Sharing) -> None:
+        """Step ``t``'s encoder, transfer and attention make ``z_t``, which step ``t``'s head and (through
+        the transfer) every later step read: :meth:`chain_owners`. Head ``t`` is also reached by the
+        calibrator of each direct child (``max(ŷ_child - ŷ_t, 0)`` in the child's loss)."""
+        owners = self.chain_owners()
+        heads = [{t} for t in range(self.num_tasks)]
+        if self.config.calibrator_weight > 0:
+            for child in self.funnel.linked:
+                heads[self.funnel.parent[child]].add(child)
+        s.reach(self.embedding).stacked(self.encoders, owners).stacked(self.heads, heads)
+        for t in self.funnel.linked:
+            s.reach(self.transfer[str(t)], owners[t]).reach(self.ait[str(t)], owners[t])
+        s.last_layer(self.encoders.last_layer)
 
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         x = self.embedding(batch).squeeze(1)  # [B, D]

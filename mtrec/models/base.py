@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from mtrec.data.tables import FeatureLayout, TensorTable
+from mtrec.models.reach import SharedSlice, Sharing
 from mtrec.registry import Registry
 
 
@@ -50,8 +51,6 @@ class MultiTaskModel(nn.Module):
     """Base class: task-type handling, default masked losses, predictions."""
 
     Config = ModelConfig
-    # names of submodules whose parameters receive gradients from several tasks
-    shared_modules: tuple[str, ...] = ("embedding",)
 
     def __init__(self, layout: FeatureLayout, config: ModelConfig) -> None:
         super().__init__()
@@ -68,6 +67,13 @@ class MultiTaskModel(nn.Module):
             torch.tensor([layout.task_index(t.space) if t.space else -1 for t in layout.tasks]),
             persistent=False,
         )
+        # train mean/std of each regression label (0 and 1 for binary tasks and unstandardised labels):
+        # losses see (label - mean) / std, predictions are logit * std + mean; the layout carries them,
+        # so they are not part of the weights
+        self.register_buffer(
+            "label_mean", torch.tensor([float(t.label_mean) for t in layout.tasks]), persistent=False
+        )
+        self.register_buffer("label_std", torch.tensor([float(t.label_std) for t in layout.tasks]), persistent=False)
 
     # ---- to implement -----------------------------------------------------------------
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:  # pragma: no cover
@@ -84,12 +90,18 @@ class MultiTaskModel(nn.Module):
             mask = torch.where(spaced, (parent > 0.5).to(labels.dtype), mask)
         return mask
 
+    def standardized_labels(self, labels: Tensor) -> Tensor:
+        """``[B, T]``: regression labels on the scale the model is trained on, ``(label - mean) / std``
+        (binary labels unchanged). Every loss on a regression output compares it with these."""
+        return torch.where(self.is_binary, labels, (labels - self.label_mean) / self.label_std)
+
     def elementwise_losses(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """``[B, T]``: BCE-with-logits for binary tasks, squared error for regression."""
+        """``[B, T]``: BCE-with-logits for binary tasks, squared error against the standardised label
+        for regression (``labels`` in the tasks' units)."""
         bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         if bool(self.is_binary.all()):
             return bce
-        return torch.where(self.is_binary, bce, (logits - labels) ** 2)
+        return torch.where(self.is_binary, bce, (logits - self.standardized_labels(labels)) ** 2)
 
     def losses(self, output: ModelOutput, batch: TensorTable) -> Tensor:
         """Per-task loss ``[T]``: mean over the samples in each task's space, sample-weighted."""
@@ -100,43 +112,52 @@ class MultiTaskModel(nn.Module):
         return (per * mask).sum(0) / mask.sum(0).clamp_min(1e-12)
 
     def predict(self, output: ModelOutput) -> Tensor:
-        """Scores ``[B, T]``: probabilities for binary tasks, values for regression."""
-        return torch.where(self.is_binary, torch.sigmoid(output.logits), output.logits)
+        """Scores ``[B, T]``: probabilities for binary tasks, values in the label's units for regression."""
+        logits = output.logits
+        return torch.where(self.is_binary, torch.sigmoid(logits), logits * self.label_std + self.label_mean)
+
+    def declare_sharing(self, sharing: Sharing) -> None:  # pragma: no cover
+        """Say which tasks' losses reach every parameter (see :mod:`mtrec.models.reach`); every model writes its own."""
+        raise NotImplementedError
+
+    @property
+    def sharing(self) -> Sharing:
+        """The model's sharing declaration, built once (parameters keep their identity for a model's life)."""
+        cached = self.__dict__.get("_sharing")
+        if cached is None:
+            cached = Sharing(self, self.num_tasks)
+            self.declare_sharing(cached)
+            cached.check_complete()
+            self.__dict__["_sharing"] = cached
+        return cached
+
+    def shared_slices(self) -> list[SharedSlice]:
+        """The parameter elements several tasks' losses reach (gradient-level balancing acts on these)."""
+        return self.sharing.shared_slices()
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        """Parameters that several tasks' losses reach (gradient-level balancing acts on these)."""
-        return [p for name in self.shared_modules for p in getattr(self, name).parameters()]
+        """Parameters holding at least one element that several tasks' losses reach."""
+        return [s.param for s in self.shared_slices()]
 
-    def last_shared_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the last shared layer, where GradNorm (Chen et al., 2018) measures task gradient norms.
-
-        Default: the last parameter-holding layer of the last shared module; for a stack of
-        levels (PLE) the last level; for a mixture layer its experts' output layer (the gates are
-        registered after the experts but are not the trunk every task reads). Override when wrong.
-        """
-        if not self.shared_modules:
-            return []
-        module = getattr(self, self.shared_modules[-1])
-        if isinstance(module, nn.ModuleList):
-            module = module[-1]
-        module = getattr(module, "experts", module)
-        holders = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
-        return list(holders[-1].parameters(recurse=False)) if holders else []
+    def last_shared_slices(self) -> list[SharedSlice]:
+        """The shared elements of the last shared layer the model declares, where GradNorm (Chen et al.,
+        2018) measures task gradient norms; empty when only embedding tables are shared."""
+        return self.sharing.last_shared_slices()
 
     def task_specific_parameters(self) -> list[nn.Parameter]:
+        """Parameters no element of which is reached by more than one task."""
         shared = {id(p) for p in self.shared_parameters()}
         return [p for p in self.parameters() if id(p) not in shared]
 
 
+def validate_model_options(name: str, options: Optional[dict] = None) -> ModelConfig:
+    """``options`` (``--model-args``) as the model's ``Config``; any problem is one error naming the
+    model and the option and listing the options the model takes."""
+    from mtrec.options import validate_options
+
+    return validate_options(MODELS.get(name).Config, options, f"model '{name}'")
+
+
 def build_model(name: str, layout: FeatureLayout, options: Optional[dict] = None) -> MultiTaskModel:
     """Instantiate a registered model; ``options`` are validated against its ``Config``."""
-    from mtrec.errors import MtrecError
-    from pydantic import ValidationError
-
-    cls = MODELS.get(name)
-    try:
-        config = cls.Config.model_validate(options or {})
-    except ValidationError as err:
-        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise MtrecError(f"model '{name}' options: {details}") from None
-    return cls(layout, config)
+    return MODELS.get(name)(layout, validate_model_options(name, options))

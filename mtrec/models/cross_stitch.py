@@ -29,12 +29,13 @@ from torch import Tensor, nn
 
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
+from mtrec.models.reach import Sharing
 from mtrec.nn.batched import BatchedMLP, Towers
 from mtrec.nn.embedding import FeatureEmbedding
 
 
 class MixingWeights(nn.Module):
-    """A learned tensor of mixing weights (a module, so it can be named in ``shared_modules``)."""
+    """A learned tensor of mixing weights (a module, so the model reads as a tree of parts)."""
 
     def __init__(self, initial: Tensor) -> None:
         super().__init__()
@@ -47,6 +48,19 @@ def near_identity(n: int, self_weight: float) -> Tensor:
         return torch.ones(1, 1)
     off = (1.0 - self_weight) / (n - 1)
     return torch.full((n, n), off) + (self_weight - off) * torch.eye(n)
+
+
+def last_layer_rows(layers: int, tasks: int, rows_per_task: int) -> Tensor:
+    """Member ids ``[L, tasks * rows_per_task, 1]`` of a stack of mixing matrices: 0 (shared) below the
+    last layer, ``1 + t`` for the last layer's rows of task ``t``."""
+    ids = torch.zeros(layers, tasks * rows_per_task, 1, dtype=torch.long)
+    ids[-1, :, 0] = 1 + torch.arange(tasks).repeat_interleave(rows_per_task)
+    return ids
+
+
+def last_layer_owners(tasks: int) -> list:
+    """Owners for :func:`last_layer_rows`: every task, then one task per member."""
+    return [None] + [[t] for t in range(tasks)]
 
 
 class CrossStitchConfig(ModelConfig):
@@ -62,7 +76,6 @@ class CrossStitch(MultiTaskModel):
     """``h^{l}_t = relu(W^l_t h~^{l-1}_t + b^l_t)``, ``h~^l = a^l h^l`` across tasks; towers read ``h~^L``."""
 
     Config = CrossStitchConfig
-    shared_modules = ("embedding", "stitches", "nets")  # stitches carry every task's gradient into every network
 
     def __init__(self, layout: FeatureLayout, config: CrossStitchConfig) -> None:
         super().__init__(layout, config)
@@ -72,6 +85,12 @@ class CrossStitch(MultiTaskModel):
         init = near_identity(t, config.stitch_self)
         self.stitches = MixingWeights(init.expand(len(config.hidden), t, t))  # [L, T, T]
         self.towers = Towers(t, self.nets.out_dim, config.tower_hidden, config.dropout)
+
+    def declare_sharing(self, s: Sharing) -> None:
+        """The stitches carry every task's gradient into every network, except the last stitch: its row
+        ``t`` mixes what tower ``t`` alone reads."""
+        s.reach(self.embedding).reach(self.nets).per_task(self.towers).last_layer(self.nets.last_layer)
+        s.elements(self.stitches.weight, last_layer_rows(self.stitches.weight.shape[0], self.num_tasks, 1), last_layer_owners(self.num_tasks))
 
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         h: Tensor = self.embedding(batch).squeeze(1)  # [B, D], read by every task's first layer
@@ -103,7 +122,6 @@ class Sluice(MultiTaskModel):
     """Sluice network: alpha ``[L, T m, T m]`` mixes (task, subspace) blocks per layer; beta ``[T, L]`` feeds the towers."""
 
     Config = SluiceConfig
-    shared_modules = ("embedding", "alphas", "nets")  # betas and towers only see their own task's gradient
 
     def __init__(self, layout: FeatureLayout, config: SluiceConfig) -> None:
         super().__init__(layout, config)
@@ -123,6 +141,14 @@ class Sluice(MultiTaskModel):
         cross = torch.einsum("tbik,tbjl->tijkl", g, g) / b  # [T, m, m, k, k]
         off = ~torch.eye(m, dtype=torch.bool, device=h.device)
         return cross[:, off].pow(2).sum() / 2  # each unordered pair appears twice
+
+    def declare_sharing(self, s: Sharing) -> None:
+        """As cross-stitch: the last alpha's rows of task ``t``'s subspaces, the betas' row ``t`` and the
+        towers reach task ``t`` only; everything below the last mixing reaches every task."""
+        t, m = self.num_tasks, self.config.subspaces
+        s.reach(self.embedding).reach(self.nets).per_task(self.towers).last_layer(self.nets.last_layer)
+        s.elements(self.alphas.weight, last_layer_rows(self.alphas.weight.shape[0], t, m), last_layer_owners(t))
+        s.elements(self.betas.weight, torch.arange(t).view(t, 1), [[i] for i in range(t)])
 
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         t, m = self.num_tasks, self.config.subspaces

@@ -64,6 +64,17 @@ class _ESCM2(FunnelModel):
         self.embedding = FeatureEmbedding(layout)
         self.towers = Towers(heads, self.embedding.output_dim, config.tower_hidden, config.dropout)
 
+    def chain_owners(self) -> list[set[int]]:
+        """With ``ctcvr_weight`` 0 a linked task's loss is its counterfactual risk alone, which reads its
+        own tower (the propensity is a constant): nothing reaches an ancestor's tower."""
+        if self.config.ctcvr_weight > 0:
+            return super().chain_owners()
+        return [{a} for a in range(self.num_tasks)]
+
+    def extra_head_owners(self) -> list[set[int]]:
+        """``escm2_dr``: the imputation tower of linked task ``k`` is fitted by that task's loss."""
+        return [{t} for t in self.child.tolist()] if self.doubly_robust else []
+
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         x = self.embedding(batch).squeeze(1)  # [B, D]
         heads = self.towers(x)  # [B, T (+K)]

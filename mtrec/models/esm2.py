@@ -101,6 +101,25 @@ class ESM2(FunnelModel):
         self.embedding = FeatureEmbedding(layout)
         self.towers = Towers(heads, self.embedding.output_dim, config.tower_hidden, config.dropout)
 
+    def chain_owners(self) -> list[set[int]]:
+        """As ESMM, and an observed action's tower (pA) also reaches the decomposed purchases."""
+        owners = super().chain_owners()
+        below = {a: owners[a] for a in range(self.num_tasks)}
+        for t, a in zip(self.p_idx.tolist(), self.a_idx.tolist()):
+            if a < self.num_tasks:
+                owners[a] = owners[a] | below[t]
+        return owners
+
+    def extra_head_owners(self) -> list[set[int]]:
+        """pO (and a latent pA) of decomposed task ``t``: reached by ``t``'s loss (and what is below ``t``)."""
+        owners = super().chain_owners()
+        extra: dict[int, set[int]] = {}
+        for t, a, o in zip(self.p_idx.tolist(), self.a_idx.tolist(), self.o_idx.tolist()):
+            extra[o] = set(owners[t])
+            if a >= self.num_tasks:
+                extra[a] = set(owners[t])
+        return [extra[h] for h in sorted(extra)]
+
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         x = self.embedding(batch).squeeze(1)  # [B, D]
         heads = self.towers(x)  # [B, T + extra]

@@ -29,6 +29,7 @@ from torch import Tensor
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.errors import MtrecError
 from mtrec.models.base import ModelConfig, ModelOutput, MultiTaskModel
+from mtrec.models.reach import Sharing
 
 LN2 = math.log(2.0)
 MAX_LOG_PROB = -1e-7  # log(1 - 1e-7): keeps log(1 - p) finite
@@ -163,13 +164,30 @@ class FunnelModel(MultiTaskModel):
     """
 
     Config = FunnelConfig
-    shared_modules = ("embedding",)
 
     def __init__(self, layout: FeatureLayout, config: FunnelConfig) -> None:
         super().__init__(layout, config)
         self.funnel = funnel_of(layout, getattr(self, "registered_name", type(self).__name__))
         self.register_buffer("chain", self.funnel.chain_matrix(), persistent=False)  # [T, T]
         self.register_buffer("member", torch.tensor(self.funnel.member), persistent=False)  # [T]
+
+    def chain_owners(self) -> list[set[int]]:
+        """Per task ``a``: the tasks whose entire-space loss multiplies ``a``'s in-space probability, ``a``
+        and every task below it in the funnel (the CTCVR loss reaches the CTR tower)."""
+        chain = self.funnel.chain_matrix()  # [T, T]: chain[t, a] = 1 when a is t or an ancestor of t
+        return [set(torch.nonzero(chain[:, a]).flatten().tolist()) for a in range(self.num_tasks)]
+
+    def declare_sharing(self, s: Sharing) -> None:
+        """Default of the tower-per-task funnels: the embedding is shared; tower ``a`` (the first ``T``
+        heads of ``self.towers``) reaches :meth:`chain_owners`; extra heads say :meth:`extra_head_owners`;
+        the last shared layer is the output layer of the towers' shared members (the CTR tower's)."""
+        s.reach(self.embedding)
+        s.stacked(self.towers, self.chain_owners() + self.extra_head_owners())
+        s.last_layer(self.towers.out)
+
+    def extra_head_owners(self) -> list[set[int]]:
+        """Owners of heads past the ``T`` task towers (imputation, decomposition towers)."""
+        return []
 
     def log_joint(self, logits: Tensor) -> Tensor:
         """``[B, T]``: log entire-space probability of members from their in-space logits."""

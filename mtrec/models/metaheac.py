@@ -47,6 +47,7 @@ from torch.func import functional_call
 
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
+from mtrec.models.reach import Sharing
 from mtrec.nn.batched import BatchedLinear, BatchedMLP
 from mtrec.nn.embedding import FeatureEmbedding
 
@@ -66,7 +67,6 @@ class MetaHeac(MultiTaskModel):
     """Shared experts and critics, per-task gates over both, one MAML step per training batch."""
 
     Config = MetaHeacConfig
-    shared_modules = ("embedding", "experts", "critics")
 
     def __init__(self, layout: FeatureLayout, config: MetaHeacConfig) -> None:
         super().__init__(layout, config)
@@ -81,6 +81,19 @@ class MetaHeac(MultiTaskModel):
         self.critics = BatchedMLP(config.num_critics, h, config.tower_hidden, config.dropout)
         self.critic_out = BatchedLinear(config.num_critics, self.critics.out_dim, 1)
         self._dense = [n for n, _ in self.named_parameters() if not n.startswith("embedding.")]
+
+    def declare_sharing(self, s: Sharing) -> None:
+        """Experts, critics and both gate maps serve every task. The task embedding's row ``t`` is task
+        ``t``'s, except under the second-order meta step: every task's query loss then differentiates
+        through the inner step taken on all tasks' support loss, which reaches every dense parameter."""
+        cfg: MetaHeacConfig = self.config
+        t = self.num_tasks
+        s.reach(self.embedding).reach(self.experts).reach(self.gate_x).reach(self.gate_task)
+        s.reach(self.critics).reach(self.critic_out).last_layer(self.experts.last_layer)
+        if cfg.meta and not cfg.first_order:
+            s.reach(self.task_embedding)
+        else:
+            s.elements(self.task_embedding, torch.arange(t).view(t, 1), [[i] for i in range(t)])
 
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         cfg: MetaHeacConfig = self.config

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
+from mtrec.models.reach import Sharing
 from mtrec.nn.batched import BatchedLinear, Towers
 from mtrec.nn.embedding import FeatureEmbedding
 from mtrec.nn.mixture import MixtureLayer
@@ -57,7 +58,6 @@ class MLMMoE(MultiTaskModel):
     """``num_levels`` MMoE levels: level ``l`` has ``num_experts`` experts and one gate per consumer above it."""
 
     Config = MLMMoEConfig
-    shared_modules = ("embedding", "levels")
 
     def __init__(self, layout: FeatureLayout, config: MLMMoEConfig) -> None:
         super().__init__(layout, config)
@@ -72,6 +72,18 @@ class MLMMoE(MultiTaskModel):
             self.levels.append(layer)
             in_dim = layer.out_dim
         self.towers = Towers(self.num_tasks, in_dim, config.tower_hidden, config.dropout)
+
+    def declare_sharing(self, s: Sharing) -> None:
+        """Every expert is shared; the gates of a lower level feed the (shared) experts above, the top gates
+        one tower each."""
+        s.reach(self.embedding)
+        for level, layer in enumerate(self.levels):
+            s.reach(layer.experts)
+            if level == len(self.levels) - 1:
+                s.per_task(layer.gates)
+            else:
+                s.reach(layer.gates)
+        s.per_task(self.towers).last_layer(self.levels[-1].experts.last_layer)
 
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         x = self.embedding(batch).squeeze(1)  # [B, D]

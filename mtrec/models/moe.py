@@ -12,8 +12,9 @@ from pydantic import Field
 
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
+from mtrec.models.reach import Sharing
 from mtrec.nn.batched import Towers
-from mtrec.nn.bottoms import BottomInput, BottomOptions, install_experts, member_networks, with_extra
+from mtrec.nn.bottoms import BottomInput, BottomOptions, install_experts, member_networks, output_layer, with_extra
 from mtrec.nn.embedding import Embedded, FeatureEmbedding
 from mtrec.nn.mixture import MixtureLayer
 
@@ -25,7 +26,6 @@ class MoEConfig(ModelConfig, BottomOptions):
 
 class _MoE(MultiTaskModel):
     Config = MoEConfig
-    shared_modules = ("embedding", "bottom_input", "mixture")
     one_gate = False
 
     def __init__(self, layout: FeatureLayout, config: MoEConfig) -> None:
@@ -46,6 +46,14 @@ class _MoE(MultiTaskModel):
             install_experts(self.mixture, experts)
         in_dim = self.mixture.out_dim + self.bottom_input.extra_dim
         self.towers = Towers(self.num_tasks, in_dim, config.tower_hidden, config.dropout)
+
+    def declare_sharing(self, s: Sharing) -> None:
+        s.reach(self.embedding).reach(self.bottom_input).reach(self.mixture.experts)
+        if self.one_gate:
+            s.reach(self.mixture.gates)  # one gate mixes for every tower
+        else:
+            s.per_task(self.mixture.gates)  # gate t feeds tower t only
+        s.per_task(self.towers).last_layer(output_layer(self.mixture.experts))
 
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         emb = self.embedding(batch)  # [B, 1, D]

@@ -14,8 +14,9 @@ from pydantic import Field
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.errors import MtrecError
 from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
+from mtrec.models.reach import Sharing
 from mtrec.nn.batched import Towers
-from mtrec.nn.bottoms import BottomInput, BottomOptions, install_experts, member_networks, with_extra
+from mtrec.nn.bottoms import BottomInput, BottomOptions, install_experts, member_networks, output_layer, with_extra
 from mtrec.nn.embedding import Embedded, FeatureEmbedding
 from mtrec.nn.mixture import MixtureLayer
 from torch import nn
@@ -30,7 +31,6 @@ class PLEConfig(ModelConfig, BottomOptions):
 
 class _PLE(MultiTaskModel):
     Config = PLEConfig
-    shared_modules = ("embedding", "bottom_input", "levels")
     fixed_levels: int | None = None
 
     def __init__(self, layout: FeatureLayout, config: PLEConfig) -> None:
@@ -53,6 +53,31 @@ class _PLE(MultiTaskModel):
             self.levels.append(layer)
             in_dim = layer.out_dim
         self.towers = Towers(self.num_tasks, in_dim + self.bottom_input.extra_dim, config.tower_hidden, config.dropout)
+
+    def declare_sharing(self, s: Sharing) -> None:
+        """From the top down: a gate's mixture reaches what the group it feeds reaches one level up (tower
+        ``t`` at the top); an expert reaches what every gate allowed to mix it reaches. So the last level's
+        task experts are their task's, while an inner level's task experts are shared: the inner shared
+        gate mixes them into the shared experts above, which every task reads."""
+        t = self.num_tasks
+        above: list[set[int]] = [{i} for i in range(t)] + [set()]  # per group: what its input reaches
+        for layer in reversed(self.levels):
+            gate_reach = [above[g] for g in layer.gate_group.tolist()]
+            allowed = layer.allowed.tolist()  # [G][E]
+            expert_reach = [
+                set().union(*(gate_reach[g] for g in range(layer.num_gates) if allowed[g][e])) for e in range(layer.num_experts)
+            ]
+            s.stacked(layer.experts, expert_reach).stacked(layer.gates, gate_reach)
+            groups, gate_groups = layer.expert_group.tolist(), layer.gate_group.tolist()
+            above = [
+                set().union(
+                    *(expert_reach[e] for e in range(layer.num_experts) if groups[e] == g),
+                    *(gate_reach[i] for i in range(layer.num_gates) if gate_groups[i] == g),
+                )
+                for g in range(t + 1)
+            ]
+        s.reach(self.embedding).reach(self.bottom_input).per_task(self.towers)
+        s.last_layer(output_layer(self.levels[-1].experts))  # its shared experts' members
 
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         emb = self.embedding(batch)  # [B, 1, D]

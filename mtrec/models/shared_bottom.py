@@ -11,8 +11,9 @@ from pydantic import Field
 
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
+from mtrec.models.reach import Sharing
 from mtrec.nn.batched import Towers
-from mtrec.nn.bottoms import BottomInput, BottomOptions, member_networks, with_extra
+from mtrec.nn.bottoms import BottomInput, BottomOptions, member_networks, output_layer, with_extra
 from mtrec.nn.embedding import FeatureEmbedding
 
 
@@ -25,7 +26,6 @@ class SingleTask(MultiTaskModel):
     """T independent networks in one batched pass; nothing is shared, not even embeddings."""
 
     Config = BottomConfig
-    shared_modules = ()
 
     def __init__(self, layout: FeatureLayout, config: BottomConfig) -> None:
         super().__init__(layout, config)
@@ -34,6 +34,10 @@ class SingleTask(MultiTaskModel):
         self.nets = member_networks(config, self.num_tasks, self.embedding.output_dim, config.bottom_hidden, config.dropout)
         in_dim = self.nets.out_dim + self.bottom_input.extra_dim
         self.towers = Towers(self.num_tasks, in_dim, config.tower_hidden, config.dropout)
+
+    def declare_sharing(self, s: Sharing) -> None:
+        """Nothing shared: every table has a column block per task, every network a member per task."""
+        s.per_task(self.embedding).per_task(self.bottom_input).per_task(self.nets).per_task(self.towers)
 
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         x, extra = self.bottom_input(self.embedding(batch), batch, self.embedding)  # [B, T, D], [B, T, E] | None
@@ -47,7 +51,6 @@ class SharedBottom(MultiTaskModel):
     """Shared-Bottom: embedding and bottom shared by all tasks, towers per task."""
 
     Config = BottomConfig
-    shared_modules = ("embedding", "bottom_input", "bottom")
 
     def __init__(self, layout: FeatureLayout, config: BottomConfig) -> None:
         super().__init__(layout, config)
@@ -55,6 +58,10 @@ class SharedBottom(MultiTaskModel):
         self.bottom_input = BottomInput(config, layout)
         self.bottom = member_networks(config, 1, self.embedding.output_dim, config.bottom_hidden, config.dropout)
         self.towers = Towers(self.num_tasks, self.bottom.out_dim + self.bottom_input.extra_dim, config.tower_hidden, config.dropout)
+
+    def declare_sharing(self, s: Sharing) -> None:
+        s.reach(self.embedding).reach(self.bottom_input).reach(self.bottom).per_task(self.towers)
+        s.last_layer(output_layer(self.bottom))
 
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         x, extra = self.bottom_input(self.embedding(batch), batch, self.embedding)  # [B, 1, D], [B, 1, E] | None

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.errors import MtrecError
 from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
+from mtrec.models.reach import Sharing
 from mtrec.nn.batched import BatchedMLP, Towers
 from mtrec.nn.embedding import FeatureEmbedding
 
@@ -53,7 +54,6 @@ class AsymmetricSharing(MultiTaskModel):
     """
 
     Config = AsymmetricConfig
-    shared_modules = ("embedding", "lower")
 
     def __init__(self, layout: FeatureLayout, config: AsymmetricConfig) -> None:
         super().__init__(layout, config)
@@ -77,6 +77,13 @@ class AsymmetricSharing(MultiTaskModel):
         self.upper = BatchedMLP(self.num_tasks, 2 * first, rest, config.dropout)
         self.towers = Towers(self.num_tasks, self.upper.out_dim, config.tower_hidden, config.dropout)
 
+    def declare_sharing(self, s: Sharing) -> None:
+        """Lower layer ``s``: task ``s`` and every task that reads it; the upper layers and towers per task."""
+        source, has = self.source.tolist(), self.has_source.tolist()
+        lower = [{i} | {t for t in range(self.num_tasks) if has[t] and source[t] == i} for i in range(self.num_tasks)]
+        s.reach(self.embedding).stacked(self.lower, lower).per_task(self.upper).per_task(self.towers)
+        s.last_layer(self.lower.last_layer)
+
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         x = self.embedding(batch).squeeze(1)  # [B, D]
         r = self.lower(x)  # [T, B, H1]
@@ -97,7 +104,6 @@ class CustomizedSharing(MultiTaskModel):
     """Tower ``t`` reads ``[h_t, h_shared]``; only the shared bottom (and the embedding) sees every task's gradient."""
 
     Config = CustomizedConfig
-    shared_modules = ("embedding", "shared_bottom")
 
     def __init__(self, layout: FeatureLayout, config: CustomizedConfig) -> None:
         super().__init__(layout, config)
@@ -108,6 +114,10 @@ class CustomizedSharing(MultiTaskModel):
         self.towers = Towers(
             self.num_tasks, self.specific.out_dim + self.shared_bottom.out_dim, config.tower_hidden, config.dropout
         )
+
+    def declare_sharing(self, s: Sharing) -> None:
+        s.reach(self.embedding).per_task(self.specific).reach(self.shared_bottom).per_task(self.towers)
+        s.last_layer(self.shared_bottom.last_layer)
 
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         x = self.embedding(batch).squeeze(1)  # [B, D]

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
+from mtrec.models.reach import Sharing
 from mtrec.nn.batched import BatchedMLP, Towers
 from mtrec.nn.embedding import FeatureEmbedding
 
@@ -95,7 +96,6 @@ class SNRConfig(ModelConfig):
 
 class _SNR(MultiTaskModel):
     Config = SNRConfig
-    shared_modules = ("embedding", "routes", "subnets")  # task_route: each tower's own codes and matrices
     transform = True
 
     def __init__(self, layout: FeatureLayout, config: SNRConfig) -> None:
@@ -111,6 +111,18 @@ class _SNR(MultiTaskModel):
         self.routes = nn.ModuleList(Routing(k, k, h, self.transform, gate_options) for _ in range(config.num_levels - 1))
         self.task_route = Routing(k, self.num_tasks, h, self.transform, gate_options)
         self.towers = Towers(self.num_tasks, h, config.tower_hidden, config.dropout)
+
+    def declare_sharing(self, s: Sharing) -> None:
+        """Sub-networks and the routings between them are shared; the task routing's row ``t`` (its codes
+        and matrices) feeds tower ``t`` only. By structure: a code sampled at exactly 0 closes a connection
+        for one batch without changing whose parameter it is."""
+        t = self.num_tasks
+        s.reach(self.embedding).reach(self.subnets).reach(self.routes).per_task(self.towers)
+        route = self.task_route
+        s.elements(route.gates.log_alpha, torch.arange(t).view(t, 1), [[i] for i in range(t)])
+        if route.transform is not None:
+            s.elements(route.transform, torch.arange(t).view(t, 1, 1, 1), [[i] for i in range(t)])
+        s.last_layer(self.subnets[-1].last_layer)
 
     def l0_penalty(self) -> Tensor:
         """``l0_weight * sum P(z != 0)`` over every coding variable."""

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
+from mtrec.models.reach import Sharing
 from mtrec.nn.batched import BatchedMLP, Towers
 from mtrec.nn.embedding import FeatureEmbedding
 
@@ -54,7 +55,6 @@ class SoftSharing(MultiTaskModel):
     """
 
     Config = SoftSharingConfig
-    shared_modules = ("embedding",)
 
     def __init__(self, layout: FeatureLayout, config: SoftSharingConfig) -> None:
         super().__init__(layout, config)
@@ -65,6 +65,10 @@ class SoftSharing(MultiTaskModel):
     def penalty(self) -> Tensor:
         """The regulariser ``lambda * sum ||W_i - mean W||^2`` (a scalar)."""
         return self.config.penalty * soft_sharing_penalty(self.bottoms)
+
+    def declare_sharing(self, s: Sharing) -> None:
+        """Only the embedding tables are shared; the penalty couples the bottoms but is no task's loss."""
+        s.reach(self.embedding).per_task(self.bottoms).per_task(self.towers)
 
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         x = self.embedding(batch).squeeze(1)  # [B, D]

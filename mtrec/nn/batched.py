@@ -36,6 +36,11 @@ class BatchedLinear(nn.Module):
             return self.split_members(y)  # [n, B, out]
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)  # [n, B, out]
 
+    def member_index(self, name: str) -> Tensor:
+        """Member ids of parameter ``name`` (broadcastable to it): the stacking axis is 0."""
+        ids = torch.arange(self.n)
+        return ids.view(self.n, 1, 1) if name == "weight" else ids.view(self.n, 1)
+
     def shared_weight(self) -> Tensor:
         """All members side by side, for an input they share: ``[in, n*out]`` (member-major columns)."""
         return self.weight.transpose(0, 1).reshape(self.in_dim, self.n * self.out_dim)

@@ -136,6 +136,11 @@ class BatchedCrossNetwork(nn.Module):
         self.bias = nn.Parameter(torch.zeros(layers, n, dim))
         self.layers = layers
 
+    def member_index(self, name: str) -> Tensor:
+        """Member ids of parameter ``name``: the stacking axis is 1 (``[layers, n, ...]``)."""
+        ids = torch.arange(self.n)
+        return ids.view(1, self.n, 1) if name == "bias" else ids.view(1, self.n, 1, 1)
+
     def forward(self, x0: Tensor) -> Tensor:
         """``x0``: ``[n, B, D]``; returns ``x_L``: ``[n, B, D]``."""
         x = x0
@@ -184,6 +189,12 @@ def member_networks(options: BottomOptions, n: int, in_dim: int, hidden: Sequenc
     return BatchedMLP(n, in_dim, hidden, dropout)  # deepfm and din add their parts on the input side
 
 
+def output_layer(networks: nn.Module) -> nn.Module:
+    """The output layer of a stack of member networks (a ``BatchedMLP`` or a ``BatchedDCNv2``: its MLP's)."""
+    mlp = networks.mlp if isinstance(networks, BatchedDCNv2) else networks
+    return mlp.layers[-1]
+
+
 def install_experts(layer: nn.Module, experts: nn.Module) -> None:
     """Replace a :class:`~mtrec.nn.mixture.MixtureLayer`'s expert stack (same count, new kind)."""
     if getattr(experts, "n", None) != layer.num_experts:
@@ -219,6 +230,12 @@ class FMTerm(nn.Module):
         self.first_order = FeatureEmbedding(scalar, copies=copies)
         self.dense_weight = nn.Parameter(torch.zeros(copies, len(layout.dense))) if layout.dense else None
         self.out_dim = 1 + sum(self.dims)
+
+    def member_index(self, name: str) -> Tensor:
+        """Member ids (copies) of parameter ``name``."""
+        if name.startswith("first_order."):
+            return self.first_order.member_index(name.removeprefix("first_order."))
+        return torch.arange(self.first_order.copies).view(-1, 1)  # dense_weight [copies, D]
 
     def forward(self, x: Tensor, batch: TensorTable) -> Tensor:
         """``x``: embedded batch ``[B, c, D]``; returns ``[B, c, 1 + sum of group sizes]``."""

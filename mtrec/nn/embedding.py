@@ -155,6 +155,11 @@ class FeatureEmbedding(nn.Module):
             sum(f.embed_dim for f in layout.sparse) + sum(s.embed_dim for s in layout.sequences) + self.num_dense
         )
 
+    def member_index(self, name: str) -> Tensor:
+        """Member ids (copies) of a table ``tables.<d>.weight`` ``[rows, copies * d]``: a column block per copy."""
+        d = int(name.split(".")[1])
+        return torch.arange(self.copies).repeat_interleave(d).view(1, -1)
+
     def forward(self, batch: TensorTable) -> Tensor:
         b = batch.sparse.shape[0] if batch.sparse.numel() else len(batch)
         parts: list[Tensor] = []
@@ -239,9 +244,14 @@ class FeatureEmbedding(nn.Module):
         docstring); the other columns of ``x`` (large vocabularies, sequences, dense values) go
         through an ordinary product. Built from differentiable operations only, so gradients (of
         any order) are those of ``x @ weight + bias``. Folding runs on CPU, where all of its
-        backward passes are deterministic; elsewhere this is the plain product.
+        backward passes are deterministic; elsewhere, and while tracing for export, this is the plain
+        product.
         """
-        foldable = self.copies == 1 and x.device.type == "cpu" and batch.sparse.numel() > 0
+        # while tracing for export, the plain product: a graph without the batch-size-dependent fold plan
+        # (and without embedding_bag, which ONNX has no direct operator for)
+        foldable = (
+            self.copies == 1 and x.device.type == "cpu" and batch.sparse.numel() > 0 and not torch.jit.is_tracing()
+        )
         plan = self._plan(x.shape[0], x.device) if foldable else None
         if plan is None:
             return torch.addmm(bias, x, weight)  # [B, K]
