@@ -49,7 +49,7 @@ import torch
 from mtrec.balancing import BALANCERS
 from mtrec.data.store import Store, load_store
 from mtrec.datasets import dataset_schema_path
-from mtrec.diagnostics.verdict import verdict
+from mtrec.diagnostics.verdict import compare_to_baseline
 from mtrec.models import build_model
 from mtrec.models.base import MultiTaskModel
 from mtrec.schema import load_schema
@@ -172,13 +172,8 @@ def task_aucs(runs: list[dict], model: str, balancer: str | None = None) -> dict
 def verdict_beyond_noise(row: dict[str, list[float]], base: dict[str, list[float]]) -> tuple[list[float], str]:
     """Per-task differences of the means from ``base``, and the verdict when a difference counts only
     beyond the larger seed standard deviation of the two (a change inside the seed noise is none)."""
-    deltas = [statistics.mean(row[t]) - statistics.mean(base[t]) for t in TASKS]
-    noise = [max(_std(row[t]), _std(base[t])) for t in TASKS]
-    return deltas, verdict([d if abs(d) > n else 0.0 for d, n in zip(deltas, noise)])
-
-
-def _std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
+    res = compare_to_baseline({"single_task": {t: base[t] for t in TASKS}, "model": {t: row[t] for t in TASKS}})["model"]
+    return [res["deltas"][t] for t in TASKS], res["verdict"]
 
 
 def write_section(text: str, path: Path = REPO / "BENCHMARKS.md", section: str = SECTION) -> None:

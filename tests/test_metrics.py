@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from mtrec.data.tables import FeatureLayout, TaskField
-from mtrec.diagnostics.verdict import compare_to_baseline, verdict
+from mtrec.diagnostics.verdict import verdict
 from mtrec.metrics.core import binary_metrics, evaluate_predictions, grouped_auc
 
 
@@ -72,8 +72,3 @@ def test_verdicts(deltas, word) -> None:
     assert verdict(deltas) == word
 
 
-def test_tolerance_absorbs_noise_and_compare_uses_the_baseline() -> None:
-    assert verdict([0.0004, -0.0003], tolerance=0.001) == "neutral"
-    res = compare_to_baseline({"single_task": {"a": 0.9, "b": 0.8}, "mmoe": {"a": 0.91, "b": 0.79}})
-    assert res["mmoe"]["verdict"] == "seesaw"
-    assert res["mmoe"]["deltas"]["a"] == pytest.approx(0.01)

@@ -19,6 +19,10 @@ from mtrec.data.tables import FeatureLayout
 EPS = 1e-7
 
 
+# the direction of every metric mtrec reports: whether a larger value is the better one
+HIGHER_IS_BETTER: dict[str, bool] = {"auc": True, "gauc": True, "uauc": True, "logloss": False, "mse": False, "mae": False}
+
+
 def _clean(value: float) -> Optional[float]:
     """JSON has no NaN: an undefined metric (one class only) is reported as null."""
     return None if value is None or not math.isfinite(value) else float(value)
@@ -40,14 +44,23 @@ def regression_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, Optional[float
 
 
 def grouped_auc(y: np.ndarray, p: np.ndarray, group: np.ndarray) -> tuple[Optional[float], Optional[float]]:
-    """(uAUC, GAUC): per-group AUC averaged plainly, and weighted by group size.
+    """(uAUC, GAUC): per-group AUC averaged plainly, and weighted by group size."""
+    auc, size, _ = per_group_auc(y, p, group)
+    if len(auc) == 0:
+        return None, None
+    return _clean(auc.mean()), _clean((auc * size).sum() / size.sum())
+
+
+def per_group_auc(y: np.ndarray, p: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(auc, size, gid)`` of every group holding both label classes: its AUC, its number of rows,
+    and its index among the sorted distinct groups (``np.unique(group)[gid]`` is its key).
 
     Ranks are taken inside each group (ties get their average rank); a group's
     AUC is the Mann-Whitney statistic ``(sum of positive ranks - P(P+1)/2) / (P N)``.
     """
     n = len(y)
     if n == 0:
-        return None, None
+        return np.zeros(0), np.zeros(0), np.zeros(0, np.int64)
     order = np.lexsort((p, group))  # by group, then score
     g, s, lab = group[order], p[order], y[order].astype(np.float64)
     new_group = np.r_[True, g[1:] != g[:-1]]
@@ -62,10 +75,8 @@ def grouped_auc(y: np.ndarray, p: np.ndarray, group: np.ndarray) -> tuple[Option
     neg = size - pos
     pos_rank_sum = np.bincount(gid, weights=avg_rank * lab)
     ok = (pos > 0) & (neg > 0)
-    if not ok.any():
-        return None, None
     auc = (pos_rank_sum[ok] - pos[ok] * (pos[ok] + 1) / 2) / (pos[ok] * neg[ok])
-    return _clean(auc.mean()), _clean((auc * size[ok]).sum() / size[ok].sum())
+    return auc, size[ok], np.flatnonzero(ok)
 
 
 def evaluate_predictions(
