@@ -61,7 +61,7 @@ def run_demo(out: Path, seed: int = 0, epochs: int = 30, progress: bool | None =
         aucs = " | ".join(f"{mean[model][t]:.4f}" for t in tasks)
         if model in verdicts:
             v = verdicts[model]
-            deltas = " | ".join(f"{v["deltas"][t]:+.5f}{'' if v['changed'][t] != 'noise' else ' (noise)'}" for t in tasks)
+            deltas = " | ".join(f"{v['deltas'][t]:+.5f}{'' if v['changed'][t] != 'noise' else ' (noise)'}" for t in tasks)
             word = v["verdict"]
         else:
             deltas, word = " | ".join("baseline" for _ in tasks), "-"
