@@ -99,7 +99,7 @@ def train(
     model_args: Optional[str] = typer.Option(None, help="model options, e.g. num_experts=4,expert_hidden=[64,32]"),
     balancer: str = typer.Option("fixed", help="loss balancing strategy (see `mtrec balancers`)"),
     balancer_args: Optional[str] = typer.Option(None, help="balancer options k=v,..."),
-    task_weights: Optional[str] = typer.Option(None, help="fixed task weights, comma-separated in task order"),
+    task_weights: Optional[str] = typer.Option(None, help="task weights, comma-separated in task order (refused by balancers that have no use for them)"),
     epochs: int = typer.Option(TrainConfig.model_fields["epochs"].default, help="maximum epochs (early stopping may end sooner)"),
     batch_size: int = typer.Option(TrainConfig.model_fields["batch_size"].default),
     lr: float = typer.Option(TrainConfig.model_fields["lr"].default),
@@ -108,13 +108,20 @@ def train(
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
     tensorboard: bool = typer.Option(True, help="write loss and balancer curves to OUT/tensorboard"),
+    monitor_every: int = typer.Option(
+        TrainConfig.model_fields["monitor_every"].default,
+        help="sample task-gradient cosines, norm ratios and learning velocity every K steps (0: off)",
+    ),
 ) -> None:
     """Train a model; write metrics.json, model.safetensors, config.json and history.json to --out."""
     from mtrec.train.run import train_run
 
     _set_threads(threads)
     resolved = resolve_schema(schema, dataset)
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed)
+    config = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed,
+        monitor_every=monitor_every,
+    )
     result = train_run(
         resolved,
         model,
@@ -130,6 +137,21 @@ def train(
     typer.echo(f"best epoch {result.fit.best_epoch}; run written to {out}")
 
 
+OOV_WARNING = 0.05  # share of out-of-vocabulary ids above which predict/evaluate warn
+
+
+def _warn_oov(rates: dict[str, float], where: str) -> None:
+    """One ``warning:`` line on stderr per feature whose out-of-vocabulary rate exceeds OOV_WARNING:
+    ids the model never saw (a new id space, or ids written in another form) all get one embedding."""
+    for name, rate in rates.items():
+        if rate > OOV_WARNING:
+            typer.echo(
+                f"warning: feature {name}: {rate:.1%} of the ids in {where} are out of vocabulary "
+                f"(not seen in training; above {OOV_WARNING:.0%})",
+                err=True,
+            )
+
+
 @app.command()
 def evaluate(
     run: Path = typer.Option(..., help="run directory written by `mtrec train`"),
@@ -139,6 +161,8 @@ def evaluate(
     from mtrec.train.run import evaluate_run
 
     metrics = evaluate_run(run, load_schema(schema) if schema else None)
+    for split, rates in metrics.get("oov_rate", {}).items():
+        _warn_oov(rates, f"the {split} split")
     typer.echo(json.dumps(metrics, indent=2))
 
 
@@ -146,13 +170,146 @@ def evaluate(
 def predict(
     run: Path = typer.Option(..., help="run directory written by `mtrec train`"),
     input: Path = typer.Option(..., help="CSV or Parquet file with the schema's feature columns"),
-    output: Path = typer.Option(..., help="CSV to write: one score column per task"),
+    output: Path = typer.Option(..., help="file to write, .csv, .csv.gz or .parquet: one score column per task"),
+    fusion: Optional[Path] = typer.Option(None, help="fusion spec to apply (default: the run's fusion.yaml, if any)"),
+    backend: str = typer.Option("torch", help="torch, or onnx: ONNX Runtime on RUN/model.onnx (exported on first use)"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's choice)"),
 ) -> None:
-    """Score a file with a trained run."""
+    """Score a file with a trained run (calibrated when the run has a calibrator; a fused `score`
+    column when it has a fusion.yaml or --fusion is given)."""
     from mtrec.train.run import predict_file
 
-    rows = predict_file(run, input, output)
+    _set_threads(threads)
+    oov: dict[str, float] = {}
+    rows = predict_file(run, input, output, oov_rate=oov, fusion=fusion, backend=backend)
+    _warn_oov(oov, str(input))
+    if oov:
+        typer.echo("out-of-vocabulary rate: " + ", ".join(f"{name} {rate:.1%}" for name, rate in oov.items()))
     typer.echo(f"wrote {rows} rows to {output}")
+
+
+@app.command()
+def export(
+    run: Path = typer.Option(..., help="run directory written by `mtrec train`"),
+    format: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
+    out: Optional[Path] = typer.Option(None, help="file to write (default: RUN/model.onnx or RUN/model.torchscript.pt)"),
+    context_features: Optional[str] = typer.Option(
+        None, help="comma-separated features given once per request (batch-1 inputs broadcast inside the graph)"
+    ),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's choice)"),
+) -> None:
+    """Export the run's model (encoded inputs in, per-task logits and scores out) after a parity check
+    against PyTorch on the run's validation rows."""
+    from mtrec.serve.export import export_run
+
+    _set_threads(threads)
+    context = [c.strip() for c in context_features.split(",") if c.strip()] if context_features else []
+    path, report = export_run(run, format, out, context)
+    typer.echo(f"wrote {path} ({format}); {report.summary()}")
+
+
+def parse_task_values(text: Optional[str], flag: str) -> dict[str, float]:
+    """``"click=1,like=0.5"`` -> ``{"click": 1.0, "like": 0.5}``."""
+    out: dict[str, float] = {}
+    for key, value in parse_options(text, flag).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MtrecError(f"{flag}: the value of '{key}' is not a number: {value!r}")
+        out[key] = float(value)
+    return out
+
+
+@app.command()
+def calibrate(
+    run: Path = typer.Option(..., help="run directory written by `mtrec train`"),
+    method: str = typer.Option(..., help="temperature | platt | isotonic"),
+    bins: int = typer.Option(15, min=2, help="equal-width bins of the expected calibration error"),
+) -> None:
+    """Fit a post-hoc calibrator per binary task on the validation split; save it as
+    RUN/calibration.json (then applied by predict); print the ECE before and after."""
+    from mtrec.fusion.calibration import METHODS, Calibrators, calibration_report
+    from mtrec.fusion.io import run_predictions
+
+    if method not in METHODS:
+        raise MtrecError(f"--method: unknown calibration method '{method}' (choose from {', '.join(METHODS)})")
+    preds = run_predictions(run, ("valid", "test"), calibrated=False)
+    if "valid" not in preds or len(preds["valid"].labels) == 0:
+        raise MtrecError(f"{run}: the run's schema has no validation rows to fit a calibrator on")
+    valid = preds["valid"]
+    calibrators = Calibrators.fit(method, valid.scores, valid.labels, valid.layout)
+    path = calibrators.save(run)
+    typer.echo(f"{'split':<6} {'task':<20} {'ECE':>8} {'ECE ' + method:>20}")
+    for split, p in preds.items():
+        for task, entry in calibration_report(p.labels, p.scores, p.layout, calibrators, bins)["tasks"].items():
+            typer.echo(f"{split:<6} {task:<20} {entry['ece']:8.4f} {entry['ece_calibrated']:20.4f}")
+    typer.echo(f"calibrator ({method}, fitted on valid) written to {path}")
+
+
+@app.command()
+def fuse(
+    run: Path = typer.Option(..., help="run directory written by `mtrec train`"),
+    objective: str = typer.Option(..., help="gauc | ndcg@K | recall@K"),
+    importance: str = typer.Option(..., help="task=weight,... : how much each binary task counts in the objective"),
+    floor: Optional[str] = typer.Option(None, help="task=x,... : keep out trials whose fused-score AUC for a task is below x"),
+    trials: int = typer.Option(..., help="Optuna trials to run (added to the stored study)"),
+    seed: int = typer.Option(0, help="TPE sampler seed"),
+    formula: str = typer.Option("weighted_sum", help="weighted_sum | weighted_product"),
+    normalize: Optional[str] = typer.Option(None, help="weighted_sum per-task normalisation: none | rank (default) | z"),
+    regression_transform: str = typer.Option("percentile", help="regression tasks enter as: log1p | percentile"),
+) -> None:
+    """Search fusion weights on the validation split (Optuna TPE, resumable study in RUN);
+    write RUN/fusion.yaml and RUN/fusion_pareto.png; print the test-split figures."""
+    from mtrec.fusion.search import fuse_run, report
+
+    if normalize is not None and formula == "weighted_product":
+        raise MtrecError("--normalize applies to --formula weighted_sum only (the product works on probabilities)")
+    normalize = normalize or ("rank" if formula == "weighted_sum" else "none")
+    choices = {"--formula": (formula, ("weighted_sum", "weighted_product")), "--normalize": (normalize, ("none", "rank", "z")),
+               "--regression-transform": (regression_transform, ("log1p", "percentile"))}
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise MtrecError(f"{flag}: '{value}' is not one of {', '.join(allowed)}")
+    result = fuse_run(run, objective, parse_task_values(importance, "--importance"), parse_task_values(floor, "--floor"),
+                      trials, seed=seed, formula=formula, normalize=normalize, regression_transform=regression_transform)
+    typer.echo(report(result, objective))
+
+
+@app.command()
+def serve(
+    run: Path = typer.Option(..., help="run directory written by `mtrec train`"),
+    fusion: Optional[Path] = typer.Option(None, help="fusion spec to rank by (default: the run's fusion.yaml, if any; else the first task)"),
+    backend: str = typer.Option("torch", help="torch, or onnx: ONNX Runtime on RUN/model.onnx (exported on first use)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="TCP port"),
+    workers: int = typer.Option(1, help="worker processes"),
+    threads: Optional[int] = typer.Option(None, help="torch threads per worker (default: CPU cores / workers, at least 1)"),
+    max_candidates: int = typer.Option(1000, help="most candidates in one request (more is a 422)"),
+    max_body_mb: float = typer.Option(8.0, help="largest request body in MiB (more is a 413)"),
+    timeout_ms: float = typer.Option(1000.0, help="a /rank request waiting or running longer gets a 503"),
+    log_level: str = typer.Option("warning", help="uvicorn log level"),
+) -> None:
+    """Serve the run's ranking over HTTP (FastAPI + uvicorn): POST /rank, GET /health, /model, /metrics,
+    POST /reload."""
+    from mtrec.serve.service import ServeSettings, default_threads
+    from mtrec.serve.service import serve as run_service
+
+    checks = {
+        "--backend": (backend in ("torch", "onnx"), f"unknown backend '{backend}'; choose torch or onnx"),
+        "--port": (1 <= port <= 65535, f"{port} is not a TCP port (1-65535)"),
+        "--workers": (workers >= 1, "must be at least 1"),
+        "--threads": (threads is None or threads >= 1, "must be at least 1"),
+        "--max-candidates": (max_candidates >= 1, "must be at least 1"),
+        "--max-body-mb": (max_body_mb > 0, "must be positive"),
+        "--timeout-ms": (timeout_ms > 0, "must be positive"),
+        "--log-level": (log_level in ("critical", "error", "warning", "info", "debug", "trace"), f"unknown level '{log_level}'"),
+    }
+    for flag, (ok, why) in checks.items():
+        if not ok:
+            raise MtrecError(f"{flag}: {why}")
+    settings = ServeSettings(
+        run=run, fusion=fusion, backend=backend, threads=threads or default_threads(workers),
+        max_candidates=max_candidates, max_body_bytes=int(max_body_mb * (1 << 20)), timeout_s=timeout_ms / 1000.0,
+    )
+    run_service(settings, host, port, workers, log_level)
 
 
 @app.command()

@@ -63,6 +63,15 @@ from mtrec.models.reach import SharedSlice
 EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
 
+def dense_shared_slices(model: nn.Module) -> list[SharedSlice]:
+    """The model's shared elements without its embedding tables (unless the tables are all it shares):
+    where the methods' ``G`` lives by default (``embeddings=sum``) and the conflict monitor looks."""
+    shared = model.shared_slices()
+    ids = {id(p) for m in model.modules() if isinstance(m, EMBEDDINGS) for p in m.parameters()}
+    dense = [s for s in shared if id(s.param) not in ids]
+    return dense or shared
+
+
 def on_live_tasks(M: np.ndarray, solve) -> np.ndarray:
     """Coefficients from ``solve`` on the tasks whose gradient is not zero; 0 for the others.
 
@@ -120,15 +129,31 @@ class GradientBalancer(Balancer):
         self._checked_repr = False
         self._stats: dict[str, float] = {}
         self._last_c = np.ones(self.num_tasks)
+        self._last_gram: Optional[np.ndarray] = None
 
     # ---- the method ---------------------------------------------------------------------
     def coefficients(self, M: np.ndarray, losses: np.ndarray) -> np.ndarray:  # pragma: no cover
         """``c [T]`` such that the update is ``sum_t c_t g_t``; ``M`` is the Gram matrix of the task gradients."""
         raise NotImplementedError
 
+    @property
+    def builds_shared_gram(self) -> bool:
+        """Whether each step's ``G`` holds the task gradients on the shared dense elements, as the
+        conflict monitor measures them (then it reads :meth:`shared_gram` instead of recomputing)."""
+        return self.level == "params" and self.embeddings == "sum"
+
+    def shared_gram(self) -> Optional[np.ndarray]:
+        """The last step's Gram matrix of the (unweighted) task gradients: ``--task-weights`` divided out."""
+        if self._last_gram is None:
+            return None
+        base = self.base.double().cpu().numpy()
+        scale = np.where(base > 0, 1.0 / np.where(base > 0, base, 1.0), 0.0)
+        return self._last_gram * np.outer(scale, scale)
+
     def aggregate(self, G: Tensor, losses: Tensor) -> Tensor:
         """The combined gradient ``g [P]`` of the task gradients ``G [T, P]`` (also records stats)."""
         M = gram(G)
+        self._last_gram = M
         c = self.coefficients(M, losses.detach().double().cpu().numpy())
         self._record(M, c)
         return torch.as_tensor(c, dtype=G.dtype, device=G.device) @ G  # [P]
@@ -163,11 +188,8 @@ class GradientBalancer(Balancer):
         return self.combine(losses.detach(), context)
 
     def _backward_params(self, task: Tensor, losses: Tensor, model: nn.Module, shared: list[SharedSlice]) -> None:
-        if self.embeddings == "sum":
-            ids = {id(p) for m in model.modules() if isinstance(m, EMBEDDINGS) for p in m.parameters()}
-            dense = [s for s in shared if id(s.param) not in ids]
-            if dense:  # when only tables are shared, they are what gets balanced
-                shared = dense
+        if self.embeddings == "sum":  # when only tables are shared, they are what gets balanced
+            shared = [s for s in dense_shared_slices(model) if s.param.requires_grad]
         balanced = {id(s.param) for s in shared}
         # everything else gets the plain sum of the task gradients: task-specific parameters (and the
         # task-specific members of a stack that also holds shared ones) their own task's gradient

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from mtrec.balancing.base import Balancer, StepContext
 from mtrec.data.tables import TensorTable, iterate_batches
+from mtrec.errors import MtrecError
 from mtrec.metrics.core import evaluate_predictions, mean_auc
 from mtrec.models.base import MultiTaskModel
 
@@ -36,6 +37,11 @@ class TrainConfig(BaseModel):
     seed: int = 0
     eval_batch_size: int = Field(16384, ge=1)  # evaluation has no backward pass: big batches are cheap
     progress: Optional[bool] = None  # None: a progress bar only on a terminal
+    # The gradient conflict monitor samples every this many steps (0: off). At 24: 4.6% more CPU time per
+    # step on mmoe / Census (benchmarks/monitor_overhead.py, BENCHMARKS.md), about 7 samples per Census epoch
+    # of 175 steps. A sample costs about one training step (two backward passes to the shared layers), so
+    # 20 samples an epoch (every 8) costs 13%: pass --monitor-every 8 for denser curves.
+    monitor_every: int = Field(24, ge=0)
 
 
 def seed_everything(seed: int) -> None:
@@ -54,10 +60,25 @@ def _adam(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> t
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
+# A task's batch loss above this many times its loss at the first step (floored at DIVERGENCE_FLOOR,
+# so a task with no sample in the first batch, or a near-zero first loss, does not make an outlier
+# batch look like divergence) means training has diverged: binary losses start near log 2 and
+# standardised regression losses near 1, and neither grows a thousandfold in a run that learns.
+DIVERGENCE_FACTOR = 1e3
+DIVERGENCE_FLOOR = 1.0
+
+
+class TrainingDiverged(MtrecError):
+    """The losses became non-finite or exploded: the run is stopped and nothing is written."""
+
+
 class Callback:
     """Hooks called by :class:`Trainer`; override what you need."""
 
     def on_fit_start(self, trainer: "Trainer") -> None: ...
+
+    def on_losses(self, trainer: "Trainer", step: int, losses: torch.Tensor, output: Any) -> None:
+        """Before the backward pass: ``losses`` ``[T]`` still hold their graph (``step`` counts from 0)."""
 
     def on_batch_end(self, trainer: "Trainer", step: int, losses: torch.Tensor) -> None: ...
 
@@ -86,6 +107,7 @@ class Trainer:
         params = list(model.parameters()) + list(balancer.parameters())
         self.optimizer = _adam(params, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
+        self.first_losses: Optional[torch.Tensor] = None  # [T], the divergence check's reference
         self.epoch_stats: dict[str, float] = {}
         self.step_stats: dict[str, float] = {}
 
@@ -100,6 +122,10 @@ class Trainer:
 
     def evaluate(self, table: TensorTable) -> dict:
         scores = self.predict(table)
+        if not np.isfinite(scores).all():
+            raise TrainingDiverged(
+                f"training diverged: the model's predictions are not finite (lower the learning rate, lr {self.config.lr:g})"
+            )
         user = table.user.numpy() if table.user is not None else None
         return evaluate_predictions(table.labels.numpy(), scores, self.model.layout, user)
 
@@ -120,6 +146,9 @@ class Trainer:
         for batch in bar:
             output = self.model(batch)
             losses = self.model.losses(output, batch)  # [T]
+            self._check_losses(losses.detach(), epoch)
+            for cb in self.callbacks:
+                cb.on_losses(self, self.step, losses, output)
             self.optimizer.zero_grad(set_to_none=True)
             context = StepContext(step=self.step, epoch=epoch, model=self.model, extra={"output": output})
             self.balancer.backward(losses, context, output.aux_loss)
@@ -138,6 +167,21 @@ class Trainer:
         bar.close()
         self.epoch_stats = {k: v / max(batches, 1) for k, v in stat_sums.items()}
         return sums / max(batches, 1)
+
+    def _check_losses(self, losses: torch.Tensor, epoch: int) -> None:
+        """Stop with :class:`TrainingDiverged` when a task loss is non-finite or has exploded."""
+        if self.first_losses is None:
+            self.first_losses = losses.clone()
+        limit = DIVERGENCE_FACTOR * self.first_losses.clamp_min(DIVERGENCE_FLOOR)
+        bad = ~torch.isfinite(losses) | (losses > limit)
+        if not bool(bad.any()):
+            return
+        t = int(bad.nonzero()[0, 0])
+        raise TrainingDiverged(
+            f"training diverged at epoch {epoch}, step {self.step + 1}: task '{self.model.task_names[t]}' "
+            f"loss {float(losses[t]):.3g} (first step: {float(self.first_losses[t]):.3g}); "
+            f"lower the learning rate (lr {self.config.lr:g})"
+        )
 
     def fit(self, train: TensorTable, valid: TensorTable) -> FitResult:
         """Train until ``epochs`` or ``patience`` epochs without a better validation score; keep the best weights."""
