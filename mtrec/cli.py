@@ -137,6 +137,17 @@ def train(
     typer.echo(f"best epoch {result.fit.best_epoch}; run written to {out}")
 
 
+@app.command()
+def diagnose(run: Path = typer.Option(..., help="run directory written by `mtrec train`")) -> None:
+    """What the gradient conflict monitor and the gates say about a finished run; writes RUN/diagnostics.json."""
+    from mtrec.diagnostics.diagnose import diagnose_run
+
+    result = diagnose_run(run)
+    for line in result["findings"]:
+        typer.echo(line)
+    typer.echo(f"written to {run / 'diagnostics.json'}")
+
+
 OOV_WARNING = 0.05  # share of out-of-vocabulary ids above which predict/evaluate warn
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Mapping, Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 from mtrec.balancing.options import BalancerConfig

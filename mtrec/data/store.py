@@ -23,7 +23,7 @@ from mtrec.data.ingest import Encoders, ingest
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.schema import Schema
 
-STORE_VERSION = 2  # 2: sample weights are [N, T]
+STORE_VERSION = 3  # 2: sample weights are [N, T]; 3: canonical integral ids, label statistics in the encoders
 
 
 def cache_root() -> Path:
@@ -55,19 +55,6 @@ class Store:
 
     def split(self, name: str) -> Optional[TensorTable]:
         return self.splits.get(name)
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_store(target: Path, schema: Schema) -> None:
@@ -119,6 +106,8 @@ def load_store(schema: Schema, rebuild: bool = False) -> Store:
     path = store_path(schema)
     if rebuild and path.exists():
         shutil.rmtree(path)
+    if (path / "meta.json").is_file() and json.loads((path / "meta.json").read_text()).get("version") != STORE_VERSION:
+        shutil.rmtree(path)  # written by another version of mtrec: encoded differently, rebuild it
     if not (path / "meta.json").is_file():
         _write_store(path, schema)
     return open_store(path)

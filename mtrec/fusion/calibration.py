@@ -162,7 +162,7 @@ class Calibrators:
         return {"method": self.method, "fitted_on": "valid", "task_names": self.task_names, "tasks": self.params}
 
     def save(self, run: Path) -> Path:
-        from mtrec.fusion.io import write_text_atomic
+        from mtrec.files import write_text_atomic
 
         path = run / CALIBRATION_FILE
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")

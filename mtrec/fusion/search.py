@@ -26,7 +26,8 @@ import numpy as np
 
 from mtrec.errors import MtrecError
 from mtrec.fusion.calibration import Calibrators
-from mtrec.fusion.io import run_predictions, write_atomic
+from mtrec.files import write_atomic
+from mtrec.fusion.io import run_predictions
 from mtrec.fusion.objectives import Objective, check_binary_tasks, evaluate, paired_bootstrap
 from mtrec.fusion.spec import FUSION_FILE, FusionSpec, apply_fusion, build_spec
 

@@ -159,7 +159,7 @@ class FusionSpec(_Strict):
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=1 << 20)
 
     def save(self, path: Path) -> None:
-        from mtrec.fusion.io import write_text_atomic
+        from mtrec.files import write_text_atomic
 
         write_text_atomic(path, self.to_yaml())
 

@@ -17,7 +17,6 @@ the penalty is a handful of tensor reductions. It is returned as
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 from torch import Tensor
 

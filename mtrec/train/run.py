@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -30,9 +28,10 @@ from safetensors.torch import load_file, save_file
 from mtrec import __version__
 from mtrec.balancing import build_balancer, validate_balancer_options
 from mtrec.data.ingest import Encoders, encode, encode_file, load_splits, oov_rates
-from mtrec.data.store import load_store, table_from_arrays, write_json_atomic
+from mtrec.data.store import load_store, table_from_arrays
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.errors import MtrecError
+from mtrec.files import write_atomic, write_json_atomic
 from mtrec.fusion.calibration import Calibrators, calibration_report
 from mtrec.fusion.spec import apply_fusion, fusion_for_run
 from mtrec.metrics.core import evaluate_predictions, joint_scores
@@ -54,14 +53,7 @@ class RunResult:
 
 def _save_weights(model: MultiTaskModel, path: Path) -> None:
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"mtrec": __version__})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"mtrec": __version__}))
 
 
 def train_run(
@@ -260,10 +252,7 @@ def predict_file(
     if spec is not None:
         columns["score"] = apply_fusion(scores, spec)  # the fused ranking score (fusion.yaml or --fusion)
     frame = pl.DataFrame(columns)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output_path.parent, prefix=f".{output_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    def write(tmp: Path) -> None:
         if kind == "parquet":
             frame.write_parquet(tmp)
         elif kind == "csv.gz":
@@ -271,8 +260,6 @@ def predict_file(
                 frame.write_csv(fh)
         else:
             frame.write_csv(tmp)
-        os.replace(tmp, output_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(output_path, write)
     return frame.height

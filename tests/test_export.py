@@ -1,0 +1,267 @@
+"""Export to ONNX and TorchScript: parity with PyTorch for every registered model (dynamic batch, unknown
+ids), batch-1 context inputs, loud failures, and `mtrec export` / `mtrec predict --backend onnx`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import polars as pl
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mtrec.cli import app
+from mtrec.data.tables import FeatureLayout, SequenceField, SparseField, TaskField, TensorTable
+from mtrec.errors import MtrecError
+from mtrec.models import MODELS, build_model
+from mtrec.models.funnel import FunnelModel
+from mtrec.models.shared_bottom import SharedBottom
+from mtrec.schema import load_schema
+from mtrec.serve.export import ONNX_FILE, export_model, with_unknown_ids
+from mtrec.train.run import train_run
+from mtrec.train.trainer import TrainConfig
+from tests.helpers import write_toy
+
+TOL = 1e-5
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+# small networks keep the registry-wide test fast; each model takes the options its Config has
+SMALL = {
+    "tower_hidden": [8], "output_hidden": [8], "expert_hidden": [16], "num_experts": 2, "bottom_hidden": [16, 8],
+    "specific_hidden": [16], "shared_hidden": [16], "subnet_hidden": [16], "num_subnets": 2, "num_critics": 2,
+    "task_embed_dim": 4, "specific_experts": 1, "shared_experts": 1,
+}
+HIDDEN = {"cross_stitch": [16], "sluice": 16}  # the same option name, a list in one model and a width in the other
+
+
+def small_options(name: str) -> dict:
+    fields = MODELS.get(name).Config.model_fields
+    out = {k: v for k, v in SMALL.items() if k in fields}
+    if name in HIDDEN:
+        out["hidden"] = HIDDEN[name]
+    return out
+
+
+def layout_for(name: str, layout: FeatureLayout) -> FeatureLayout:
+    """Funnel models need a funnel: never_married observed on income, as in test_models_core."""
+    if not issubclass(MODELS.get(name), FunnelModel):
+        return layout
+    return replace(layout, tasks=[layout.tasks[0], replace(layout.tasks[1], space=layout.tasks[0].name)])
+
+
+def trained(name: str, layout: FeatureLayout, batch: TensorTable, steps: int = 4, **options) -> torch.nn.Module:
+    """A small model after a few Adam steps (weights away from their initialisation), in eval mode."""
+    torch.manual_seed(0)
+    model = build_model(name, layout, small_options(name) | options)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        out = model(batch)
+        loss = model.losses(out, batch).sum() + (out.aux_loss if out.aux_loss is not None else 0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def torch_outputs(model, table: TensorTable) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        out = model(table)
+        return out.logits.numpy(), model.predict(out).numpy()
+
+
+@pytest.fixture(scope="module")
+def census_rows(census_store) -> TensorTable:
+    """Real validation rows of the Census slice, with unknown ids (id 1) forced on some of them."""
+    rows = with_unknown_ids(census_store.split("valid").slice(0, 80))
+    assert (rows.sparse == 1).any(1).float().mean() > 0.3  # a good share of rows carries unknown ids
+    return rows
+
+
+# ---- every registered model -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_model_exports_to_onnx_and_torchscript_with_parity(name: str, census_store, census_rows, tmp_path, one_thread) -> None:
+    layout = layout_for(name, census_store.layout)
+    model = trained(name, layout, census_store.split("train").slice(0, 128))
+    tasks = layout.task_names
+    onnx_path, ts_path = tmp_path / "m.onnx", tmp_path / "m.pt"
+    export_model(model, "onnx", onnx_path, census_rows)
+    export_model(model, "torchscript", ts_path, census_rows)
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["sparse", "dense"]
+    assert all(isinstance(i.shape[0], str) for i in session.get_inputs())  # symbolic batch dimension
+    assert [o.name for o in session.get_outputs()] == [f"logit.{t}" for t in tasks] + [f"score.{t}" for t in tasks]
+    scripted = torch.jit.load(str(ts_path))
+
+    for start, size in ((0, 37), (37, 1), (40, 37)):  # dynamic batch: neither size is the traced one alone
+        table = census_rows.slice(start, start + size)
+        logits, scores = torch_outputs(model, table)
+        got = session.run(None, {"sparse": table.sparse.numpy(), "dense": table.dense.numpy()})
+        with torch.no_grad():
+            got_ts = [o.numpy() for o in scripted(table.sparse, table.dense)]
+        for outputs in (got, got_ts):
+            assert all(o.shape == (size,) for o in outputs)
+            assert np.abs(np.stack(outputs[: len(tasks)], 1) - logits).max() <= TOL
+            assert np.abs(np.stack(outputs[len(tasks):], 1) - scores).max() <= TOL
+
+
+# ---- sequences, DIN attention, a regression task, context inputs ------------------------------------
+
+
+def sequence_layout_and_rows(n: int = 90) -> tuple[FeatureLayout, TensorTable]:
+    layout = FeatureLayout(
+        sparse=[SparseField("user", 30, 4), SparseField("item", 50, 4), SparseField("cat", 9, 8)],
+        dense=["price", "age"],
+        sequences=[SequenceField("history", 50, 4, 6, shares="item"), SequenceField("tags", 12, 8, 3)],
+        tasks=[TaskField("click", "binary"), TaskField("watch", "regression")],
+    )
+    g = torch.Generator().manual_seed(1)
+    history = torch.randint(2, 50, (n, 6), generator=g)
+    history[torch.arange(n) % 4 == 0, 3:] = 0  # padding
+    table = TensorTable(
+        sparse=torch.stack([torch.randint(2, v, (n,), generator=g) for v in (30, 50, 9)], 1),
+        dense=torch.randn(n, 2, generator=g),
+        labels=torch.stack([(torch.rand(n, generator=g) < 0.4).float(), 20 * torch.rand(n, generator=g)], 1),
+        sequences={"history": history, "tags": torch.randint(0, 12, (n, 3), generator=g)},
+    )
+    return layout, table
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_context_inputs_have_batch_one_and_are_broadcast(fmt: str, tmp_path, one_thread) -> None:
+    """A DIN model over sequences with a regression task; user-side features given once per request."""
+    layout, table = sequence_layout_and_rows()
+    model = trained("mmoe", layout, table, bottom="din")
+    rows = with_unknown_ids(table)
+    path = tmp_path / f"m.{fmt}"
+    context = ["user", "history", "age"]
+    export_model(model, fmt, path, rows, context_features=context)
+
+    candidates = rows.slice(10, 47)  # 37 candidates; the context comes from another row, row 60
+    user, history, age = rows.sparse[60:61, :1], rows.sequences["history"][60:61], rows.dense[60:61, 1:]
+    expected = TensorTable(
+        sparse=torch.cat([user.expand(37, 1), candidates.sparse[:, 1:]], 1),
+        dense=torch.cat([candidates.dense[:, :1], age.expand(37, 1)], 1),
+        labels=candidates.labels,
+        sequences={"history": history.expand(37, 6), "tags": candidates.sequences["tags"]},
+    )
+    logits, scores = torch_outputs(model, expected)
+    feed = {
+        "sparse": candidates.sparse[:, 1:], "dense": candidates.dense[:, :1], "seq.tags": candidates.sequences["tags"],
+        "context.sparse": user, "context.dense": age, "context.seq.history": history,
+    }
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        shapes = {i.name: i.shape for i in session.get_inputs()}
+        assert list(shapes) == list(feed)
+        assert all(shapes[k][0] == 1 for k in feed if k.startswith("context."))
+        got = session.run(None, {k: v.contiguous().numpy() for k, v in feed.items()})
+    else:
+        with torch.no_grad():
+            got = [o.numpy() for o in torch.jit.load(str(path))(*[v.contiguous() for v in feed.values()])]
+    assert np.abs(got[0] - logits[:, 0]).max() <= TOL and np.abs(got[2] - scores[:, 0]).max() <= TOL
+    rel = np.abs(got[3] - scores[:, 1]) / np.maximum(1.0, np.abs(scores[:, 1]))  # regression, relative
+    assert rel.max() <= TOL and np.abs(got[1] - logits[:, 1]).max() <= TOL * max(1.0, np.abs(logits[:, 1]).max())
+    assert len(set(np.round(got[2], 6))) > 5  # candidates still differ from each other
+
+
+# ---- loud failures ----------------------------------------------------------------------------------
+
+
+class _BranchOnData(SharedBottom):
+    """A model whose Python branch on the data is frozen by tracing: export cannot reproduce it."""
+
+    def forward(self, batch, return_gates=False):
+        out = super().forward(batch, return_gates)
+        if bool(batch.dense[0, 0] > 0):
+            out.logits = out.logits + 0.5
+        return out
+
+
+class _Lgamma(SharedBottom):
+    """A model using an operator the ONNX exporter has no form for."""
+
+    def forward(self, batch, return_gates=False):
+        out = super().forward(batch, return_gates)
+        out.logits = out.logits + 1e-3 * torch.lgamma(batch.dense[:, :1].abs() + 1.0)
+        return out
+
+
+def test_parity_failure_names_the_model_and_writes_nothing(census_store, census_rows, tmp_path, one_thread) -> None:
+    model = _BranchOnData(census_store.layout, SharedBottom.Config(**small_options("shared_bottom")))
+    # traced on a first row that takes the branch; the second row (checked alone) does not
+    positive, other = torch.nonzero(census_rows.dense[:, 0] > 0)[:, 0], torch.nonzero(census_rows.dense[:, 0] <= 0)[:, 0]
+    rows = census_rows.take(torch.cat([positive[:1], other[:1], positive[1:], other[1:]]))
+    with pytest.raises(MtrecError, match=r"model 'shared_bottom' exported to onnx: parity check failed .* 0\.5"):
+        export_model(model, "onnx", tmp_path / "m.onnx", rows)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unexportable_operator_names_operator_and_model(census_store, census_rows, tmp_path, one_thread) -> None:
+    model = _Lgamma(census_store.layout, SharedBottom.Config(**small_options("shared_bottom")))
+    with pytest.raises(MtrecError, match=r"model 'shared_bottom' cannot be exported to onnx: operator 'aten::lgamma'"):
+        export_model(model, "onnx", tmp_path / "m.onnx", census_rows)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- the command line --------------------------------------------------------------------------------
+
+
+def test_cli_export_and_predict_with_the_onnx_backend(tmp_path: Path, one_thread) -> None:
+    schema = write_toy(tmp_path / "toy", rows=300)
+    run = tmp_path / "run"
+    train_run(load_schema(schema), "mmoe", run, TrainConfig(epochs=1, batch_size=64, progress=False),
+              model_options={"num_experts": 2, "expert_hidden": [16], "tower_hidden": [8]}, tensorboard=False)
+    # new rows with unknown cities and tags
+    frame = pl.read_csv(tmp_path / "toy" / "toy.csv").head(60)
+    frame = frame.with_columns(
+        pl.when(pl.int_range(pl.len()) % 3 == 0).then(pl.lit("tokyo")).otherwise(pl.col("city")).alias("city"),
+        pl.when(pl.int_range(pl.len()) % 4 == 0).then(pl.lit("zz|a")).otherwise(pl.col("tags")).alias("tags"),
+    )
+    frame.write_csv(tmp_path / "new.csv")
+    runner = CliRunner()
+
+    # the ONNX file is exported (with its parity check) on first use
+    assert not (run / ONNX_FILE).exists()
+    args = ["predict", "--run", str(run), "--input", str(tmp_path / "new.csv"), "--threads", "1"]
+    result = runner.invoke(app, [*args, "--output", str(tmp_path / "onnx.csv"), "--backend", "onnx"])
+    assert result.exit_code == 0, result.output
+    assert (run / ONNX_FILE).is_file()
+    result = runner.invoke(app, [*args, "--output", str(tmp_path / "torch.csv")])
+    assert result.exit_code == 0, result.output
+    by_onnx, by_torch = pl.read_csv(tmp_path / "onnx.csv"), pl.read_csv(tmp_path / "torch.csv")
+    assert by_onnx.columns == by_torch.columns == ["click", "watch"] and by_onnx.height == 60
+    assert np.abs(by_onnx["click"].to_numpy() - by_torch["click"].to_numpy()).max() <= TOL
+    watch_t = by_torch["watch"].to_numpy()
+    assert (np.abs(by_onnx["watch"].to_numpy() - watch_t) / np.maximum(1.0, np.abs(watch_t))).max() <= TOL
+
+    # mtrec export, both formats, to a chosen file
+    for fmt, name in (("onnx", "x.onnx"), ("torchscript", "x.pt")):
+        result = runner.invoke(app, ["export", "--run", str(run), "--format", fmt, "--out", str(tmp_path / name),
+                                     "--threads", "1"])
+        assert result.exit_code == 0, result.output
+        assert "parity with PyTorch" in result.output and (tmp_path / name).stat().st_size > 0
+    meta = ort.InferenceSession(str(tmp_path / "x.onnx")).get_modelmeta().custom_metadata_map["mtrec"]
+    assert [t["name"] for t in json.loads(meta)["tasks"]] == ["click", "watch"]
+
+    # user errors name the option; nothing is written
+    result = runner.invoke(app, ["export", "--run", str(run), "--format", "tflite", "--out", str(tmp_path / "y")])
+    assert isinstance(result.exception, MtrecError) and "--format" in str(result.exception)
+    result = runner.invoke(app, [*args, "--output", str(tmp_path / "z.csv"), "--backend", "tensorrt"])
+    assert isinstance(result.exception, MtrecError) and "--backend" in str(result.exception)
+    result = runner.invoke(app, ["export", "--run", str(run), "--context-features", "city,nope"])
+    assert isinstance(result.exception, MtrecError) and "nope" in str(result.exception)
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z.csv").exists()
+
+    # the run's data gone: the first-use export checks parity on the rows being scored instead
+    (tmp_path / "toy" / "toy.csv").unlink()
+    (run / ONNX_FILE).unlink()
+    result = runner.invoke(app, [*args, "--output", str(tmp_path / "onnx2.csv"), "--backend", "onnx"])
+    assert result.exit_code == 0, result.output
+    assert (run / ONNX_FILE).is_file()
+    assert np.abs(pl.read_csv(tmp_path / "onnx2.csv")["click"].to_numpy() - by_torch["click"].to_numpy()).max() <= TOL
