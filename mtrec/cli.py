@@ -65,12 +65,16 @@ def parse_weights(text: Optional[str]) -> Optional[list[float]]:
         raise MtrecError(f"--task-weights: '{text}' is not a comma-separated list of numbers") from None
 
 
-def resolve_schema(schema: Optional[Path], dataset: Optional[str]) -> Schema:
+def resolve_schema(schema: Optional[Path], dataset: Optional[str], dataset_args: Optional[str] = None) -> Schema:
     if schema is not None and dataset is not None:
         raise MtrecError("give either --schema or --dataset, not both")
     if schema is None and dataset is None:
         raise MtrecError(f"give --schema FILE or --dataset NAME (embedded: {', '.join(sorted(DATASETS))})")
-    return load_schema(schema if schema is not None else dataset_schema_path(dataset))
+    if dataset_args and dataset is None:
+        raise MtrecError("--dataset-args goes with --dataset (a schema file has no arguments)")
+    if schema is not None:
+        return load_schema(schema)
+    return load_schema(dataset_schema_path(dataset, parse_options(dataset_args, "--dataset-args")))
 
 
 def _set_threads(threads: Optional[int]) -> None:
@@ -96,6 +100,7 @@ def train(
     out: Path = typer.Option(..., help="run directory to write"),
     schema: Optional[Path] = typer.Option(None, help="dataset schema file (YAML)"),
     dataset: Optional[str] = typer.Option(None, help="embedded dataset name, e.g. census"),
+    dataset_args: Optional[str] = typer.Option(None, help="arguments of the embedded dataset, e.g. correlation=0.5,rows=20000,seed=0"),
     model_args: Optional[str] = typer.Option(None, help="model options, e.g. num_experts=4,expert_hidden=[64,32]"),
     balancer: str = typer.Option("fixed", help="loss balancing strategy (see `mtrec balancers`)"),
     balancer_args: Optional[str] = typer.Option(None, help="balancer options k=v,..."),
@@ -117,7 +122,7 @@ def train(
     from mtrec.train.run import train_run
 
     _set_threads(threads)
-    resolved = resolve_schema(schema, dataset)
+    resolved = resolve_schema(schema, dataset, dataset_args)
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed,
         monitor_every=monitor_every,
@@ -138,6 +143,29 @@ def train(
 
 
 @app.command()
+def relate(
+    schema: Optional[Path] = typer.Option(None, help="dataset schema file (YAML)"),
+    dataset: Optional[str] = typer.Option(None, help="embedded dataset name, e.g. census"),
+    dataset_args: Optional[str] = typer.Option(None, help="arguments of the embedded dataset"),
+    epochs: int = typer.Option(3, min=1, help="epochs of every probe training"),
+    seeds: int = typer.Option(2, min=2, help="seeds of the shared_bottom vs single_task comparison"),
+    out: Optional[Path] = typer.Option(None, help="directory to write relate.json into"),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads"),
+) -> None:
+    """Are these tasks related? Label correlation, train-one-watch-the-other probes, shared-bottom vs single-task."""
+    from mtrec.diagnostics.relate import relate as run_relate
+    from mtrec.files import write_json_atomic
+
+    _set_threads(threads)
+    result = run_relate(resolve_schema(schema, dataset, dataset_args), epochs=epochs, seeds=seeds)
+    for line in result["findings"]:
+        typer.echo(line)
+    if out is not None:
+        write_json_atomic(out / "relate.json", result)
+        typer.echo(f"written to {out / 'relate.json'}")
+
+
+@app.command()
 def diagnose(run: Path = typer.Option(..., help="run directory written by `mtrec train`")) -> None:
     """What the gradient conflict monitor and the gates say about a finished run; writes RUN/diagnostics.json."""
     from mtrec.diagnostics.diagnose import diagnose_run
@@ -146,6 +174,23 @@ def diagnose(run: Path = typer.Option(..., help="run directory written by `mtrec
     for line in result["findings"]:
         typer.echo(line)
     typer.echo(f"written to {run / 'diagnostics.json'}")
+
+
+@app.command()
+def bench(
+    grid: Path = typer.Argument(..., help="grid file (YAML): datasets x models x balancers x seeds + train options"),
+    out: Path = typer.Option(..., help="bench directory: cells/<cell>/ run directories, report.html, report.md"),
+    workers: Optional[int] = typer.Option(None, help="worker processes (default: CPU cores / --threads)"),
+    threads: Optional[int] = typer.Option(None, help="torch threads per worker (default: CPU cores / --workers); "
+                                                     "a resumed grid must use the same"),
+) -> None:
+    """Train every cell of a grid (resuming an interrupted one: finished cells are kept) and write
+    OUT/report.html (self-contained) and OUT/report.md."""
+    from mtrec.bench import run_grid
+
+    result = run_grid(grid, out, workers=workers, threads=threads, echo=typer.echo)
+    if result["failed"]:
+        typer.echo(f"{len(result['failed'])} cell(s) failed (see the report): {', '.join(result['failed'])}", err=True)
 
 
 OOV_WARNING = 0.05  # share of out-of-vocabulary ids above which predict/evaluate warn

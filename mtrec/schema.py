@@ -113,14 +113,25 @@ class TaskSpec(_Strict):
     # (YouTube's weighted logistic regression: watch time weighs the clicks, negatives weigh 1)
     sample_weight: Optional[str] = None
     sample_weight_on: Literal["all", "positives"] = "all"
+    # regression only: train on the label standardised with its train mean/std (the default), so a
+    # label on a large scale does not swamp the other tasks' gradients; metrics and predictions stay
+    # in the label's units either way
+    standardize: Optional[bool] = None
 
     @model_validator(mode="after")
     def _positive_only_for_binary(self) -> "TaskSpec":
         if self.type == "regression" and (self.positive or self.negative):
             raise ValueError(f"task {self.name}: positive/negative only apply to binary tasks")
+        if self.type != "regression" and self.standardize is not None:
+            raise ValueError(f"task {self.name}: standardize only applies to regression tasks")
         if self.sample_weight_on == "positives" and (self.type != "binary" or not self.sample_weight):
             raise ValueError(f"task {self.name}: sample_weight_on: positives needs a binary task with a sample_weight column")
         return self
+
+    @property
+    def standardized(self) -> bool:
+        """Whether training sees this task's label standardised (regression tasks, unless turned off)."""
+        return self.type == "regression" and self.standardize is not False
 
 
 class Schema(_Strict):
@@ -172,10 +183,13 @@ class Schema(_Strict):
         for t in self.tasks:
             if t.space is not None and t.space not in task_names:
                 raise ValueError(f"task {t.name}: space '{t.space}' is not a task")
+        self.space_order()  # a cycle of spaces is an error
         label_cols = {t.label for t in self.tasks}
         leaks = sorted(label_cols & {f.source_column for f in self.features})
         if leaks:
             raise ValueError(f"label column(s) also used as features: {', '.join(leaks)}")
+        if self.split is not None and self.valid_fraction is not None:
+            raise ValueError("split and valid_fraction are both set; give the validation share in one of them (split.valid)")
         if self.split is not None and self.source.test is not None and self.split.test > 0:
             raise ValueError("split.test > 0 while source.test is given; use one or the other")
         return self
@@ -184,6 +198,24 @@ class Schema(_Strict):
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    def space_order(self) -> list[TaskSpec]:
+        """The tasks with every task after the task that defines its space (labels are read in this
+        order, since where a label is observed depends on its space's label); a cycle is an error."""
+        by_name = {t.name: t for t in self.tasks}
+        order: list[TaskSpec] = []
+        done: set[str] = set()
+        for task in self.tasks:
+            chain, t = [], task
+            while t is not None and t.name not in done:
+                if t.name in chain:
+                    cycle = " -> ".join(chain[chain.index(t.name):] + [t.name])
+                    raise ValueError(f"the tasks' spaces form a cycle ({cycle}); check tasks[].space")
+                chain.append(t.name)
+                t = by_name.get(t.space) if t.space else None
+            order.extend(by_name[n] for n in reversed(chain))
+            done.update(chain)
+        return order
 
     def features_of(self, kind: str) -> list[FeatureSpec]:
         return [f for f in self.features if f.type == kind]

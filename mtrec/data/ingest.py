@@ -9,6 +9,7 @@ encodes exactly as training did. Every check of the input raises one
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +22,9 @@ from mtrec.schema import FeatureSpec, Schema, TaskSpec
 
 PAD, OOV = 0, 1  # reserved ids of every vocabulary
 NULL_TOKEN = "<null>"
+# an integral number written as a float ("617.0", what pandas writes for an integer column with gaps)
+# is the same id as "617": ids are read in this form at fit and at encode time alike
+INTEGRAL_FLOAT = r"^(-?\d+)\.0*$"
 
 
 def read_frame(path: Path, schema: Schema) -> pl.DataFrame:
@@ -105,8 +109,13 @@ def check_columns(frame: pl.DataFrame, path: Path, schema: Schema, with_labels: 
             raise MtrecError(f"{path}: column '{column}' ({owner}) not found; the file has: {shown}")
 
 
+def canonical_ids(text: pl.Series) -> pl.Series:
+    """Ids as text with integral floats written as integers (``"617.0"`` -> ``"617"``)."""
+    return text.str.replace(INTEGRAL_FLOAT, "${1}")
+
+
 def _as_text(frame: pl.DataFrame, column: str) -> pl.Series:
-    return frame.get_column(column).cast(pl.String).fill_null(NULL_TOKEN)
+    return canonical_ids(frame.get_column(column).cast(pl.String)).fill_null(NULL_TOKEN)
 
 
 def _as_float(frame: pl.DataFrame, column: str, path: Path, owner: str) -> np.ndarray:
@@ -122,17 +131,23 @@ def _as_float(frame: pl.DataFrame, column: str, path: Path, owner: str) -> np.nd
 
 @dataclass
 class Encoders:
-    """Fitted on train: token lists per vocabulary owner, and (mean, std) per dense feature."""
+    """Fitted on train: token lists per vocabulary owner, (mean, std) per dense feature, and
+    (mean, std) of each standardised regression label (over the train rows inside its space)."""
 
     vocabs: dict[str, list[str]]
     stats: dict[str, list[float]]
+    labels: dict[str, list[float]] = dataclass_field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Encoders":
-        return cls(vocabs={k: list(v) for k, v in data["vocabs"].items()}, stats=dict(data["stats"]))
+        return cls(
+            vocabs={k: list(v) for k, v in data["vocabs"].items()},
+            stats=dict(data["stats"]),
+            labels={k: list(v) for k, v in data.get("labels", {}).items()},  # absent before store version 3
+        )
 
 
 def _vocab_owner(f: FeatureSpec) -> str:
@@ -142,7 +157,7 @@ def _vocab_owner(f: FeatureSpec) -> str:
 def _sequence_tokens(frame: pl.DataFrame, f: FeatureSpec) -> pl.Series:
     """Per row, the list of the first ``max_len`` tokens (a missing cell is an empty list)."""
     column = frame.get_column(f.source_column).cast(pl.String).fill_null("")
-    return column.str.split(f.separator).list.head(f.max_len)
+    return column.str.split(f.separator).list.head(f.max_len).list.eval(pl.element().str.replace(INTEGRAL_FLOAT, "${1}"))
 
 
 def _dense_values(frame: pl.DataFrame, f: FeatureSpec, path: Path) -> np.ndarray:
@@ -180,12 +195,44 @@ def fit_encoders(frame: pl.DataFrame, schema: Schema, path: Path) -> Encoders:
         values = _dense_values(frame, f, path)
         std = float(values.std())
         stats[f.name] = [float(values.mean()), std if std > 0 else 1.0]
-    return Encoders(vocabs=vocabs, stats=stats)
+    return Encoders(vocabs=vocabs, stats=stats, labels=_label_stats(frame, schema, path))
+
+
+def _label_stats(frame: pl.DataFrame, schema: Schema, path: Path) -> dict[str, list[float]]:
+    """``{task: [mean, std]}`` of every standardised regression label, over the rows inside its space."""
+    wanted = [t for t in schema.tasks if t.standardized]
+    if not wanted:
+        return {}
+    labels = read_labels(frame, schema, path)
+    out = {}
+    for t in wanted:
+        values = labels[:, schema.tasks.index(t)].astype(np.float64)
+        if t.space is not None:
+            values = values[labels[:, schema.task_names.index(t.space)] > 0.5]
+        std = float(values.std()) if values.size else 0.0
+        out[t.name] = [float(values.mean()) if values.size else 0.0, std if std > 0 else 1.0]
+    return out
 
 
 def _lookup(tokens: pl.Series, vocab: list[str]) -> np.ndarray:
-    ids = tokens.replace_strict(vocab, list(range(2, len(vocab) + 2)), default=OOV, return_dtype=pl.Int64)
+    # vocabularies fitted before ids were canonical may hold "617.0": read them the same way (first wins)
+    table = pl.DataFrame({"token": canonical_ids(pl.Series(vocab, dtype=pl.String)), "id": np.arange(2, len(vocab) + 2)})
+    table = table.unique("token", keep="first", maintain_order=True)
+    ids = tokens.replace_strict(table["token"], table["id"], default=OOV, return_dtype=pl.Int64)
     return ids.to_numpy()
+
+
+def oov_rates(arrays: dict[str, np.ndarray], schema: Schema) -> dict[str, float]:
+    """Share of out-of-vocabulary ids per sparse feature (of rows) and sequence feature (of tokens)."""
+    rates = {}
+    for j, f in enumerate(schema.features_of("sparse")):
+        column = arrays["sparse"][:, j]
+        rates[f.name] = float((column == OOV).mean()) if column.size else 0.0
+    for f in schema.features_of("sequence"):
+        ids = arrays[f"seq.{f.name}"]
+        tokens = int((ids != PAD).sum())
+        rates[f.name] = float((ids == OOV).sum() / tokens) if tokens else 0.0
+    return rates
 
 
 def _encode_sequence(frame: pl.DataFrame, f: FeatureSpec, vocab: list[str]) -> np.ndarray:
@@ -206,35 +253,59 @@ def _encode_sequence(frame: pl.DataFrame, f: FeatureSpec, vocab: list[str]) -> n
 
 
 def _binary_labels(frame: pl.DataFrame, t: TaskSpec, path: Path) -> np.ndarray:
+    """0/1 labels as float64, NaN where the cell is blank (the caller decides whether that is allowed)."""
     raw = frame.get_column(t.label)
     where = f"{path}: column '{t.label}' (task {t.name})"
-    if raw.null_count():
-        raise MtrecError(f"{where} has {raw.null_count()} missing label(s)")
+    blank = raw.is_null().to_numpy()
     if t.positive is not None:
         text = raw.cast(pl.String)
-        positive = text.is_in([str(v) for v in t.positive])
+        positive = text.is_in([str(v) for v in t.positive]).fill_null(False)
         if t.strict and t.negative is not None:
-            known = positive | text.is_in([str(v) for v in t.negative])
+            known = positive | text.is_in([str(v) for v in t.negative]).fill_null(False) | raw.is_null()
             if not known.all():
                 example = text.filter(~known)[0]
                 raise MtrecError(f"{where}: value '{example}' is neither in 'positive' nor in 'negative'")
-        return positive.to_numpy().astype(np.float32)
+        return np.where(blank, np.nan, positive.to_numpy().astype(np.float64))
     values = _as_float(frame, t.label, path, f"task {t.name}")
-    outside = (values != 0) & (values != 1)
+    outside = (values != 0) & (values != 1) & ~np.isnan(values)
     if outside.any():
         if t.strict:
             raise MtrecError(
                 f"{where}: value '{values[outside][0]:g}' is not 0/1; give 'positive:' values or set strict: false"
             )
-        values = (values > 0).astype(np.float64)
-    return values.astype(np.float32)
+        values = np.where(np.isnan(values), np.nan, (values > 0).astype(np.float64))
+    return values
 
 
 def _regression_labels(frame: pl.DataFrame, t: TaskSpec, path: Path) -> np.ndarray:
+    """Values as float64, NaN where blank or NaN; infinities are an error."""
     values = _as_float(frame, t.label, path, f"task {t.name}")
-    if np.isnan(values).any():
-        raise MtrecError(f"{path}: column '{t.label}' (task {t.name}) has {int(np.isnan(values).sum())} missing/NaN label(s)")
-    return values.astype(np.float32)
+    if np.isinf(values).any():
+        raise MtrecError(f"{path}: column '{t.label}' (task {t.name}) has {int(np.isinf(values).sum())} infinite label(s)")
+    return values
+
+
+def read_labels(frame: pl.DataFrame, schema: Schema, path: Path) -> np.ndarray:
+    """Labels ``[N, T]`` in the tasks' units. A blank label is unobserved: allowed outside its task's
+    space (where the space's label is 0; stored as 0, and masked out of losses and metrics by the space),
+    an error elsewhere, naming the file, the column and the count."""
+    index = {t.name: i for i, t in enumerate(schema.tasks)}
+    labels = np.zeros((frame.height, len(schema.tasks)), dtype=np.float32)
+    text = [t.label for t in schema.tasks if frame.schema[t.label] == pl.String]
+    if text:  # a quoted empty or blank cell is as blank as an empty one
+        frame = frame.with_columns(
+            pl.when(pl.col(c).str.strip_chars() == "").then(None).otherwise(pl.col(c)).alias(c) for c in set(text)
+        )
+    for t in schema.space_order():  # a space's labels before those of the tasks inside it
+        values = _binary_labels(frame, t, path) if t.type == "binary" else _regression_labels(frame, t, path)
+        missing = np.isnan(values)
+        inside = labels[:, index[t.space]] > 0.5 if t.space is not None else np.ones(len(values), bool)
+        count = int((missing & inside).sum())
+        if count:
+            where = f" inside its space '{t.space}' (blank labels are allowed where {t.space} is 0)" if t.space else ""
+            raise MtrecError(f"{path}: column '{t.label}' (task {t.name}) has {count} missing label(s){where}")
+        labels[:, index[t.name]] = np.where(missing, 0.0, values)
+    return labels
 
 
 def encode(
@@ -255,11 +326,7 @@ def encode(
     for f in schema.features_of("sequence"):
         arrays[f"seq.{f.name}"] = _encode_sequence(frame, f, enc.vocabs[_vocab_owner(f)])
     if with_labels:
-        labels = [
-            _binary_labels(frame, t, path) if t.type == "binary" else _regression_labels(frame, t, path)
-            for t in schema.tasks
-        ]
-        arrays["labels"] = np.stack(labels, axis=1)
+        arrays["labels"] = read_labels(frame, schema, path)
         weight = _sample_weights(frame, schema, arrays["labels"], path)
         if weight is not None:
             arrays["weight"] = weight
@@ -279,7 +346,7 @@ def build_layout(schema: Schema, enc: Encoders) -> FeatureLayout:
             SequenceField(f.name, len(enc.vocabs[_vocab_owner(f)]) + 2, f.embed_dim, f.max_len, f.vocab)
             for f in schema.features_of("sequence")
         ],
-        tasks=[TaskField(t.name, t.type, t.space, t.weight) for t in schema.tasks],
+        tasks=[TaskField(t.name, t.type, t.space, t.weight, *enc.labels.get(t.name, (0.0, 1.0))) for t in schema.tasks],
     )
 
 
@@ -301,6 +368,7 @@ def load_splits(schema: Schema) -> dict[str, tuple[pl.DataFrame, Path]]:
     frames = {split: (read_frame(path, schema), path) for split, path in paths.items()}
     for split, (frame, path) in frames.items():
         check_columns(frame, path, schema)
+        read_labels(frame, schema, path)  # label errors counted over the whole file, before any carving
     train, train_path = frames["train"]
     carve = []
     if "valid" not in frames and schema.valid_share > 0:

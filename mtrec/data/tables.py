@@ -38,6 +38,10 @@ class TaskField:
     type: str  # "binary" or "regression"
     space: Optional[str] = None
     weight: float = 1.0
+    # regression: train mean/std of the label; training compares outputs with (label - mean) / std,
+    # predictions are output * std + mean (0 and 1 when not standardised, and for binary tasks)
+    label_mean: float = 0.0
+    label_std: float = 1.0
 
 
 @dataclass

@@ -1,19 +1,38 @@
-"""Embedded data sets, selectable by name (``mtrec train --dataset census``)."""
+"""Embedded data sets, selectable by name (``mtrec train --dataset census``), some with arguments
+(``--dataset synthetic --dataset-args correlation=0.5,rows=20000,seed=0``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
+
+from pydantic import ValidationError
 
 from mtrec.errors import MtrecError
 
 _HERE = Path(__file__).resolve().parent
-# name -> schema file shipped with the package
-DATASETS: dict[str, Path] = {"census": _HERE / "census" / "census.yaml"}
+# name -> what it is (the listing `mtrec` prints and errors name)
+DATASETS: dict[str, str] = {
+    "census": "Census-Income (KDD): income > 50K and never married, 300k rows, shipped with mtrec",
+    "synthetic": "the MMoE paper's two regression tasks with a set correlation (generated; --dataset-args)",
+}
 
 
-def dataset_schema_path(name: str) -> Path:
-    """Path of the schema file of an embedded data set."""
+def dataset_schema_path(name: str, args: Optional[dict] = None) -> Path:
+    """Path of the schema file of an embedded data set (generated first for ``synthetic``)."""
+    if name not in DATASETS:
+        raise MtrecError(f"unknown dataset '{name}'; choose one of: {', '.join(sorted(DATASETS))}")
+    if name == "census":
+        if args:
+            raise MtrecError("dataset 'census' takes no --dataset-args")
+        return _HERE / "census" / "census.yaml"
+    from mtrec.data.store import cache_root
+    from mtrec.datasets.synthetic import SyntheticArgs, schema_path
+
     try:
-        return DATASETS[name]
-    except KeyError:
-        raise MtrecError(f"unknown dataset '{name}'; choose one of: {', '.join(sorted(DATASETS))}") from None
+        parsed = SyntheticArgs.model_validate(args or {})
+    except ValidationError as err:
+        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        valid = ", ".join(f"{k}={v.default}" for k, v in SyntheticArgs.model_fields.items())
+        raise MtrecError(f"--dataset-args of '{name}': {details}; its arguments: {valid}") from None
+    return schema_path(parsed, cache_root())

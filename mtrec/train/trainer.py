@@ -121,13 +121,21 @@ class Trainer:
         return torch.cat(out).numpy() if out else np.zeros((0, self.model.num_tasks), np.float32)
 
     def evaluate(self, table: TensorTable) -> dict:
+        """Metrics of ``table``; predictions or metrics that are not finite mean training diverged."""
         scores = self.predict(table)
+        advice = f"lower the learning rate (lr {self.config.lr:g})"
         if not np.isfinite(scores).all():
-            raise TrainingDiverged(
-                f"training diverged: the model's predictions are not finite (lower the learning rate, lr {self.config.lr:g})"
-            )
+            raise TrainingDiverged(f"training diverged: the predictions are not finite; {advice}")
         user = table.user.numpy() if table.user is not None else None
-        return evaluate_predictions(table.labels.numpy(), scores, self.model.layout, user)
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below, as one error
+            metrics = evaluate_predictions(table.labels.numpy(), scores, self.model.layout, user)
+        bad = [
+            f"{task} {name}" for task, values in metrics.items() for name, value in values.items()
+            if isinstance(value, float) and not np.isfinite(value)
+        ]
+        if bad:
+            raise TrainingDiverged(f"training diverged: metrics not finite ({', '.join(bad[:3])}); {advice}")
+        return metrics
 
     def _train_epoch(self, train: TensorTable, epoch: int, generator: torch.Generator) -> torch.Tensor:
         self.model.train()
