@@ -24,6 +24,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread 
 GRADIENT = [n for n in BALANCERS.names() if issubclass(BALANCERS.get(n), GradientBalancer)]
 
 
+def _record_cosines(balancer, model, level: str) -> list[float]:
+    """Wrap a gradient balancer's ``backward`` so that every step first computes, by autograd and
+    independently of the balancer, the cosine between the two tasks' gradients where it balances them:
+    MMoE's expert parameters (level params; the tables get the plain sum by default), or the expert
+    outputs ``output.shared`` (level repr). Returns the list it fills."""
+    seen: list[float] = []
+    if not isinstance(balancer, GradientBalancer):
+        return seen
+    original = balancer.backward
+
+    def backward(losses, context, aux_loss=None):
+        wrt = list(model.mixture.experts.parameters()) if level == "params" else [context.extra["output"].shared]
+        g = [torch.cat([d.reshape(-1) for d in torch.autograd.grad(losses[t], wrt, retain_graph=True)]) for t in range(2)]
+        seen.append(float(g[0] @ g[1] / (g[0].norm() * g[1].norm())))
+        return original(losses, context, aux_loss)
+
+    balancer.backward = backward
+    return seen
+
+
 @pytest.mark.parametrize("name, options", [(n, {}) for n in BALANCERS.names()] + [(n, {"level": "repr"}) for n in GRADIENT])
 def test_every_balancer_trains_mmoe_and_logs_its_weights(name: str, options: dict, census_store) -> None:
     """Every strategy (and every gradient method at the representation level, MMoE's expert outputs)."""
@@ -33,6 +53,7 @@ def test_every_balancer_trains_mmoe_and_logs_its_weights(name: str, options: dic
     balancer = BALANCERS.get(name)(tasks, task_weights=None, **options)
     start = model.towers.out.weight.detach().clone()
     train = census_store.split("train").slice(0, 2048)
+    cosines = _record_cosines(balancer, model, options.get("level", "params"))
     trainer = Trainer(model, balancer, TrainConfig(epochs=1, batch_size=256, progress=False))
     fit = trainer.fit(train, census_store.split("valid"))
     record = fit.history[0]
@@ -42,8 +63,9 @@ def test_every_balancer_trains_mmoe_and_logs_its_weights(name: str, options: dic
     for task in tasks:
         assert math.isfinite(logged[f"weight/{task}"]) and logged[f"weight/{task}"] >= 0
     assert set(record["weights"]) == set(tasks)
-    if issubclass(BALANCERS.get(name), GradientBalancer):
-        assert -1.0 <= logged["cos/income~never_married"] <= 1.0
+    if issubclass(BALANCERS.get(name), GradientBalancer):  # the epoch mean of the cosines computed here
+        assert len(cosines) == 8
+        assert logged["cos/income~never_married"] == pytest.approx(sum(cosines) / len(cosines), abs=1e-4)
     towers = model.towers.out.weight.detach()
     for t, task in enumerate(tasks):  # a task with weight moved its tower; a masked one did not
         moved = not torch.equal(towers[t], start[t])
@@ -80,8 +102,8 @@ def test_every_balancer_trains_mmoe_for_an_epoch_through_the_cli(name: str, cens
     tasks = ["income", "never_married"]
     assert set(record["weights"]) == set(tasks)
     assert all(math.isfinite(record["balancer"][f"weight/{t}"]) for t in tasks)
-    if issubclass(BALANCERS.get(name), GradientBalancer):
-        assert -1.0 <= record["balancer"]["cos/income~never_married"] <= 1.0
+    if issubclass(BALANCERS.get(name), GradientBalancer):  # its value is checked in the test above
+        assert math.isfinite(record["balancer"]["cos/income~never_married"])
     # the same curves per step in TensorBoard's event file (~14 steps, written every 10th)
     curves = read_scalars(out / "tensorboard")
     for tag in ["train/loss/income", "train/loss/never_married", "balancer/weight/income", "valid/score"]:
@@ -89,4 +111,4 @@ def test_every_balancer_trains_mmoe_for_an_epoch_through_the_cli(name: str, cens
     assert [step for step, _ in curves["train/loss/income"]] == [10]
     assert curves["valid/score"][0][1] == pytest.approx(record["score"], abs=1e-6)
     if issubclass(BALANCERS.get(name), GradientBalancer):
-        assert -1.0 <= curves["balancer/cos/income_vs_never_married"][0][1] <= 1.0
+        assert math.isfinite(curves["balancer/cos/income_vs_never_married"][0][1])

@@ -34,7 +34,14 @@ def test_forward_shapes_and_probabilities(name: str, census_store) -> None:
     out = model(batch)
     assert out.logits.shape == (64, census_store.layout.num_tasks)
     probs = model.predict(out)
-    assert torch.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()
+    assert torch.isfinite(probs).all()
+    # at evaluation a row's scores do not depend on the other rows of its batch (nor on its position)
+    model.eval()
+    with torch.no_grad():
+        whole = model.predict(model(batch))
+        part = model.predict(model(census_store.split("train").slice(40, 50)))
+    torch.testing.assert_close(part, whole[40:50], rtol=1e-5, atol=1e-6)
+    assert whole.std(0).min() > 0  # not a constant: the rows are told apart
 
 
 # funnel models and MetaHeac have this test in test_models_funnel.py, on both of its data sets
@@ -47,15 +54,47 @@ def test_loss_falls_and_every_parameter_learns(name: str, census_store) -> None:
     assert losses[-1] < 0.7 * losses[0]
 
 
-@pytest.mark.parametrize("name, gates", [("mmoe", 2), ("omoe", 1), ("cgc", 2), ("ple", 5)])
-def test_gated_models_expose_gate_weights(name: str, gates: int, census_store) -> None:
-    model = build_model(name, census_store.layout)
-    out = model(census_store.split("train").slice(0, 32), return_gates=True)
-    assert len(out.gates) == gates
-    for w in out.gates.values():
-        assert w.shape[0] == 32
-        assert torch.allclose(w.sum(-1), torch.ones(32), atol=1e-5)
-    assert model(census_store.split("train").slice(0, 32)).gates == {}
+# experts of the default CGC / PLE level for two tasks: [income income | never_married never_married | shared shared]
+SEES = {"income": [0, 1, 4, 5], "never_married": [2, 3, 4, 5], "shared": [0, 1, 2, 3, 4, 5]}
+
+
+def _constant_gates(layers, names: list[list[str]]) -> dict[str, torch.Tensor]:
+    """Make every gate of every level ignore its input (zero weights) with bias ``log c`` for hand-picked
+    ``c`` (different for every gate), so its softmax is ``c / sum(c)`` over the experts it may see.
+    Returns those weights, written out, under the gate's exposed name."""
+    expected = {}
+    with torch.no_grad():
+        for level, (layer, level_names) in enumerate(zip(layers, names)):
+            layer.gates.weight.zero_()
+            for g, name in enumerate(level_names):
+                c = torch.arange(1.0, layer.num_experts + 1) + 3 * g + 10 * level
+                layer.gates.bias[g] = c.log()
+                task = name.split("/")[-1]
+                seen = torch.zeros(layer.num_experts)
+                seen[SEES[task] if task in SEES and layer.num_experts == 6 else slice(None)] = 1
+                expected[name] = c * seen / (c * seen).sum()
+    return expected
+
+
+@pytest.mark.parametrize("name", ["mmoe", "omoe", "cgc", "ple"])
+def test_gated_models_expose_the_gate_weights_they_mix_with(name: str, census_store) -> None:
+    model = build_model(name, census_store.layout).eval()
+    layers = [model.mixture] if name in ("mmoe", "omoe") else list(model.levels)
+    names = {"mmoe": [["income", "never_married"]], "omoe": [["all"]], "cgc": [["income", "never_married"]],
+             "ple": [["level0/income", "level0/never_married", "level0/shared"], ["level1/income", "level1/never_married"]]}[name]
+    expected = _constant_gates(layers, names)
+    batch = census_store.split("train").slice(0, 32)
+    out = model(batch, return_gates=True)
+    assert set(out.gates) == set(expected)
+    for gate, w in expected.items():
+        torch.testing.assert_close(out.gates[gate], w.expand(32, -1), rtol=1e-5, atol=1e-7)
+    assert model(batch).gates == {}
+    if name in ("mmoe", "omoe"):  # the towers read the experts mixed with exactly these weights
+        with torch.no_grad():
+            experts = model.mixture.experts(model.embedding(batch).squeeze(1))  # [E, B, H]
+            mixed = torch.stack([torch.einsum("e,ebh->bh", expected[g], experts) for g in names[0]])
+            logits = model.towers(mixed[0] if name == "omoe" else mixed)
+        torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-6)
 
 
 def test_ple_task_gates_see_only_their_own_and_shared_experts(census_store) -> None:

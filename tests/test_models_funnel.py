@@ -4,6 +4,7 @@ task-space masking for every kind of loss."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from mtrec.data.store import Store, load_store
 from mtrec.data.tables import TensorTable
 from mtrec.errors import MtrecError
 from mtrec.models import build_model
+from mtrec.models.aitm import AIT
+from mtrec.models.base import ModelOutput
 from mtrec.schema import load_schema
 from mtrec.train.run import train_run
 from mtrec.train.trainer import TrainConfig, Trainer, seed_everything
@@ -123,15 +126,12 @@ def test_trains_and_reports_in_space_and_joint_metrics(name: str, data: str, req
     assert {store.layout.task_names[0], child, f"{child}@all"} <= set(metrics)
     assert all(np.isfinite(v) for m in metrics.values() for v in m.values() if v is not None)
     scores = trainer.predict(store.split("test"))
-    assert np.isfinite(scores).all() and (scores >= 0).all() and (scores <= 1).all()
-    if name in FUNNEL:  # entire-space probabilities: every step at most as likely as the one it needs
+    assert np.isfinite(scores).all() and scores.shape == (len(store.split("test")), 2)
+    if name in FUNNEL:  # the entire-space probabilities (their formulas: the tests below)
         model.eval()
         with torch.no_grad():
             out = model(store.split("test"))
-        joint = model.predict_joint(out)
-        assert (joint >= 0).all() and (joint <= 1).all()
-        if name != "aitm":  # AITM's order is learned (calibrator), the others' holds by construction
-            assert (joint[:, 1] <= joint[:, 0] + 1e-6).all()
+        assert torch.isfinite(model.predict_joint(out)).all()
 
 
 @pytest.mark.parametrize("data", ["ali_ccp", "census_funnel"])
@@ -162,18 +162,87 @@ def test_funnel_models_need_a_funnel(census_store) -> None:
 # ---- ESMM ----------------------------------------------------------------------------
 
 
-def test_esmm_pctcvr_is_pctr_times_pcvr_and_never_above_pctr(funnel2: Store) -> None:
-    seed_everything(0)
+# six impressions by hand: in-space logits (CTR, CVR), click and purchase labels; row 2 carries a
+# purchase label outside the click space (must count as a joint 0), row 5 a clicked row with pCTR ~ 0.018
+HAND_LOGITS = torch.tensor([[2.0, 1.0], [-1.0, 0.3], [0.5, -2.0], [-3.0, 2.5], [1.5, -0.5], [-4.0, 4.0]])
+HAND_LABELS = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+
+
+def _hand_batch(store: Store) -> TensorTable:
+    return replace(store.split("train").slice(0, 6), labels=HAND_LABELS.clone(), weight=None)
+
+
+def _bce(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of probabilities ``p`` against (possibly soft) targets, written out."""
+    return -(target * torch.log(p) + (1 - target) * torch.log(1 - p))
+
+
+def _assert_same_losses_and_gradients(losses: torch.Tensor, expected: torch.Tensor, leaves: list, ref_leaves: list) -> None:
+    """Values, and the gradients of a mixture of the task losses with respect to every input."""
+    torch.testing.assert_close(losses.double(), expected, rtol=1e-5, atol=1e-7)
+    mix = torch.tensor([0.7, 1.3])
+    grads = torch.autograd.grad((losses * mix).sum(), leaves)
+    ref = torch.autograd.grad((expected * mix.double()).sum(), ref_leaves)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g.double().reshape(r.shape), r, rtol=1e-4, atol=1e-7)
+
+
+def test_esmm_losses_are_the_entire_space_cross_entropies(funnel2: Store) -> None:
+    """L = mean BCE(y, pCTR) and mean BCE(y z, pCTR pCVR) over all impressions (Ma et al. 2018, eq. 2),
+    written out in float64; also the CTCVR logit, deep in both tails where a naive logit loses digits."""
     model = build_model("esmm", funnel2.layout, SMALL)
-    _fit(model, funnel2, epochs=2)
-    model.eval()
-    with torch.no_grad():
-        out = model(funnel2.split("test"))
-    p_ctr, p_cvr = torch.sigmoid(out.logits).unbind(1)
-    p_ctcvr = model.predict_joint(out)[:, 1]
-    assert torch.allclose(p_ctcvr, p_ctr * p_cvr, atol=1e-5)
-    assert (p_ctcvr <= p_ctr).all()
-    assert p_cvr.std() > 1e-3  # the CVR tower learned something, not a constant
+    logits = HAND_LOGITS.clone().requires_grad_(True)
+    losses = model.losses(ModelOutput(logits=logits), _hand_batch(funnel2))
+    ref = HAND_LOGITS.double().requires_grad_(True)
+    p_ctr, p_cvr = torch.sigmoid(ref).unbind(1)
+    y, z = HAND_LABELS.double().unbind(1)
+    expected = torch.stack([_bce(p_ctr, y).mean(), _bce(p_ctr * p_cvr, y * z).mean()])
+    _assert_same_losses_and_gradients(losses, expected, [logits], [ref])
+
+    tails = torch.tensor([[9.0, 9.0], [-9.0, -9.0], [12.0, -1.0], [0.0, 0.0]])
+    joint = model.predict_joint(ModelOutput(logits=tails, joint_logits=model.joint_logits_of(tails)))[:, 1]
+    p = torch.sigmoid(tails.double()).prod(1)
+    torch.testing.assert_close(joint.double(), p, rtol=1e-5, atol=0)
+    log_odds = torch.log(p) - torch.log1p(-p)
+    torch.testing.assert_close(model.joint_logits_of(tails)[:, 1].double(), log_odds, rtol=1e-5, atol=1e-5)
+
+
+# ---- ESCM2 ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["escm2_ips", "escm2_dr"])
+def test_escm2_losses_are_ctr_plus_weighted_ctcvr_and_counterfactual_risk(name: str, funnel2: Store) -> None:
+    """Wang et al. 2022: L_CTR, and for the CVR task lambda_g L_CTCVR + lambda_c R, with over all
+    impressions R_IPS = mean o e / ô and R_DR = mean [ê + o (e - ê) / ô] (plus the imputation tower's
+    fit lambda_i mean o (e - ê)^2 / ô), ô = pCTR detached and clipped at propensity_min, ê the CVR
+    cross-entropy against the imputed pseudo-label. Written out in float64: values and gradients."""
+    cfg = {"counterfactual_weight": 0.7, "ctcvr_weight": 0.3, "imputation_weight": 2.0, "propensity_min": 0.1}
+    model = build_model(name, funnel2.layout, SMALL | cfg)
+    logits = HAND_LOGITS.clone().requires_grad_(True)
+    imputation = torch.tensor([[0.2], [-1.0], [1.5], [0.0], [-2.0], [0.7]], requires_grad=True)
+    dr = name == "escm2_dr"
+    out = ModelOutput(logits=logits, extras={"imputation": imputation} if dr else {})
+    losses = model.losses(out, _hand_batch(funnel2))
+
+    ref = HAND_LOGITS.double().requires_grad_(True)
+    ref_imp = imputation.detach().double().squeeze(1).requires_grad_(True)
+    p_ctr, p_cvr = torch.sigmoid(ref).unbind(1)
+    o, z = HAND_LABELS.double().unbind(1)  # o: clicked (the conversion label is observed)
+    propensity = p_ctr.detach().clamp(min=0.1)
+    assert propensity[5] == 0.1 and o[5] == 1  # the clip is exercised on a clicked row
+    e = _bce(p_cvr, z)
+    if not dr:
+        cf = (0.7 * o * e / propensity).mean()
+    else:
+        r = torch.sigmoid(ref_imp)  # the imputation tower's pseudo-label
+        e_hat = _bce(p_cvr, r.detach())
+        risk = e_hat + o * (e - e_hat) / propensity
+        fit = 2.0 * o * (e.detach() - _bce(p_cvr.detach(), r)) ** 2 / propensity
+        cf = (0.7 * risk + fit).mean()
+    l_ctr, l_ctcvr = _bce(p_ctr, o).mean(), _bce(p_ctr * p_cvr, o * z).mean()
+    expected = torch.stack([l_ctr, 0.3 * l_ctcvr + cf])
+    leaves, ref_leaves = ([logits, imputation], [ref, ref_imp]) if dr else ([logits], [ref])
+    _assert_same_losses_and_gradients(losses, expected, leaves, ref_leaves)
 
 
 # ---- ESM2 ----------------------------------------------------------------------------
@@ -204,7 +273,6 @@ def test_esm2_latent_observed_and_chained_actions(tmp_path_factory: pytest.TempP
         if model is chained:  # purchase@all multiplies the whole chain: pCTR * pCart|click * pBuy|cart
             labels = store.split("test").labels.numpy()
             scores = trainer.predict(store.split("test"))
-            assert np.allclose(scores.prod(1), joint[:, 2].numpy(), atol=1e-5)
             assert metrics["purchase@all"]["auc"] == pytest.approx(roc_auc_score(labels.prod(1), scores.prod(1)))
     # the observed action really drives pCVR: pCVR = pA pD + (1 - pA) pO with pA the cart task's probability
     with torch.no_grad():
@@ -213,6 +281,28 @@ def test_esm2_latent_observed_and_chained_actions(tmp_path_factory: pytest.TempP
     p = torch.sigmoid(heads)
     expected = p[:, 1] * p[:, 2] + (1 - p[:, 1]) * p[:, 3]
     assert torch.allclose(torch.sigmoid(out.logits[:, 2]), expected, atol=1e-5)
+
+
+def test_esm2_chained_losses_are_cross_entropies_of_the_chain_products(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """click -> cart -> purchase: task k's loss is mean BCE(y_1 ... y_k, p_1 ... p_k) over all impressions,
+    written out in float64 (labels outside a task's space count as 0 through the product)."""
+    chain = session_store(write_funnel(tmp_path_factory.mktemp("chain3_loss"), stages=3, chained=True), tmp_path_factory)
+    assert chain.layout.task_names == ["click", "cart", "purchase"]
+    model = build_model("esm2", chain.layout, SMALL)
+    hand = torch.tensor([[2.0, 1.0, -0.5], [-1.0, 0.3, 1.2], [0.5, -2.0, 0.1], [-3.0, 2.5, 2.0], [1.5, -0.5, -1.5], [0.2, 3.0, 0.4]])
+    labels = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    batch = replace(chain.split("train").slice(0, 6), labels=labels, weight=None)
+    logits = hand.clone().requires_grad_(True)
+    losses = model.losses(ModelOutput(logits=logits), batch)
+    ref = hand.double().requires_grad_(True)
+    p = torch.sigmoid(ref)
+    y = labels.double()
+    expected = torch.stack([_bce(p[:, : k + 1].prod(1), y[:, : k + 1].prod(1)).mean() for k in range(3)])
+    torch.testing.assert_close(losses.double(), expected, rtol=1e-5, atol=1e-7)
+    mix = torch.tensor([0.7, 1.3, 0.4])
+    (g,) = torch.autograd.grad((losses * mix).sum(), [logits])
+    (r,) = torch.autograd.grad((expected * mix.double()).sum(), [ref])
+    torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-7)
 
 
 # ---- AITM ----------------------------------------------------------------------------
@@ -237,19 +327,71 @@ def test_aitm_calibrator_reduces_purchase_above_click(tmp_path_factory: pytest.T
     assert with_ < 0.2 * without, shares
 
 
-def test_aitm_exposes_transfer_attention(funnel2: Store) -> None:
-    model = build_model("aitm", funnel2.layout, SMALL)
-    gates = model(funnel2.split("train").slice(0, 16), return_gates=True).gates
+def test_aitm_attention_weights_on_a_hand_sized_example() -> None:
+    """w_u = softmax_u(<h2(u), h3(u)> / sqrt(k)) over u in (transferred p, own q), z = sum_u w_u h1(u),
+    with k = 2 and hand-set projections: h2 = I, h3 = diag(1, 2), so the score of u is (u1^2 + 2 u2^2) / sqrt 2."""
+    ait = AIT(2)
+    with torch.no_grad():
+        ait.h2.weight.copy_(torch.eye(2)), ait.h2.bias.zero_()
+        ait.h3.weight.copy_(torch.diag(torch.tensor([1.0, 2.0]))), ait.h3.bias.zero_()
+        ait.h1.weight.copy_(torch.tensor([[1.0, 2.0], [0.0, 1.0]])), ait.h1.bias.copy_(torch.tensor([0.5, -0.5]))
+    p = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    q = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
+    z, w = ait(p, q)
+    # row 0: scores 1 / sqrt 2 and 8 / sqrt 2; row 1: 0 and 9 / sqrt 2
+    w_p = [1 / (1 + math.exp(7 / math.sqrt(2))), 1 / (1 + math.exp(9 / math.sqrt(2)))]
+    torch.testing.assert_close(w, torch.tensor([[w_p[0], 1 - w_p[0]], [w_p[1], 1 - w_p[1]]]), rtol=1e-5, atol=1e-7)
+    # h1(p0) = (1.5, -0.5), h1(q0) = (4.5, 1.5); h1(p1) = (0.5, -0.5), h1(q1) = (3.5, -0.5)
+    expected = torch.tensor([[w_p[0] * 1.5 + (1 - w_p[0]) * 4.5, w_p[0] * -0.5 + (1 - w_p[0]) * 1.5],
+                             [w_p[1] * 0.5 + (1 - w_p[1]) * 3.5, -0.5]])
+    torch.testing.assert_close(z, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_aitm_exposes_the_attention_of_the_purchase_step_over_the_click_transfer(funnel2: Store) -> None:
+    model = build_model("aitm", funnel2.layout, SMALL).eval()
+    batch = funnel2.split("train").slice(0, 16)
+    gates = model(batch, return_gates=True).gates
     assert list(gates) == ["purchase/transfer"]
-    assert torch.allclose(gates["purchase/transfer"].sum(-1), torch.ones(16), atol=1e-6)
+    with torch.no_grad():  # purchase (task 1) attends over click's transferred z (task 0) and its own tower
+        q = model.encoders(model.embedding(batch).squeeze(1))  # [T, B, k]
+        _, w = model.ait["1"](model.transfer["1"](q[0]), q[1])
+    torch.testing.assert_close(gates["purchase/transfer"], w)
+    assert w[:, 0].std() > 0  # the weights vary by row: a real attention, not a constant split
+
+
+def test_aitm_losses_are_entire_space_cross_entropies_plus_the_calibrator(funnel2: Store) -> None:
+    """L_click = mean BCE(y, ŷ_1); L_purchase = mean BCE(y z, ŷ_2) + alpha mean max(ŷ_2 - ŷ_1, 0)."""
+    model = build_model("aitm", funnel2.layout, SMALL | {"calibrator_weight": 0.6})
+    joint = torch.tensor([[2.0, 1.0], [-1.0, 0.3], [0.5, -2.0], [-3.0, -1.0], [1.5, -0.5], [-4.0, 4.0]], requires_grad=True)
+    losses = model.losses(ModelOutput(logits=joint.detach(), joint_logits=joint), _hand_batch(funnel2))
+    ref = joint.detach().double().requires_grad_(True)
+    p1, p2 = torch.sigmoid(ref).unbind(1)
+    y, z = HAND_LABELS.double().unbind(1)
+    excess = torch.clamp(p2 - p1, min=0)
+    assert (excess > 0).sum() == 3  # rows 1, 3 and 5 break the funnel order
+    expected = torch.stack([_bce(p1, y).mean(), _bce(p2, y * z).mean() + 0.6 * excess.mean()])
+    _assert_same_losses_and_gradients(losses, expected, [joint], [ref])
 
 
 def test_metaheac_gates_and_meta_step(funnel2: Store) -> None:
     model = build_model("metaheac", funnel2.layout, OPTIONS["metaheac"])
     batch = funnel2.split("train").slice(0, 64)
+    # gates softmax(W_x x + W_e e_t + b): with W_x = 0, b = log c and W_e e_t = t log d (hand-picked c, d),
+    # task 0's gates are c / sum(c), task 1's c d / sum(c d), for the 4 experts then the 4 critics
+    c, d = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0, 1.0, 2.0, 5.0]), torch.tensor([4.0, 1.0, 1.0, 2.0, 3.0, 1.0, 1.0, 1.0])
+    with torch.no_grad():
+        model.gate_x.weight.zero_()
+        model.gate_x.bias.copy_(c.log())
+        model.gate_task.weight.zero_()
+        model.gate_task.weight[:, 0] = d.log()
+        model.task_embedding.zero_()
+        model.task_embedding[1, 0] = 1.0
     out = model(batch, return_gates=True)
     assert set(out.gates) == {"click/experts", "click/critics", "purchase/experts", "purchase/critics"}
-    assert all(torch.allclose(g.sum(-1), torch.ones(64), atol=1e-5) for g in out.gates.values())
+    for task, scale in (("click", torch.ones(8)), ("purchase", d)):
+        for part, idx in (("experts", slice(0, 4)), ("critics", slice(4, 8))):
+            w = (c * scale)[idx] / (c * scale)[idx].sum()
+            torch.testing.assert_close(out.gates[f"{task}/{part}"], w.expand(64, -1), rtol=1e-5, atol=1e-7)
     # training: the query half under one inner step differs from the plain loss; eval: the plain loss
     meta = model.losses(out, batch)
     model.eval()
@@ -312,7 +454,16 @@ def test_ali_ccp_schema_trains_esmm_from_the_command_line(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     scores = pl.read_csv(scored)
     assert scores.columns == ["click", "purchase", "purchase@all"] and scores.height == 50
-    assert np.allclose(scores["purchase@all"], scores["click"] * scores["purchase"], rtol=1e-5)
+    # a row scores the same alone in another file, in another order: rows stay aligned with their scores
+    picked = tmp_path / "picked.csv"
+    pick = [49, 3, 17, 0]
+    pl.read_csv(sample)[pick].write_csv(picked)
+    result = run_cli("predict", "--run", str(out), "--input", str(picked), "--output", str(tmp_path / "picked_scores.csv"),
+                     cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    again = pl.read_csv(tmp_path / "picked_scores.csv")
+    np.testing.assert_allclose(again.to_numpy(), scores[pick].to_numpy(), rtol=1e-5, atol=1e-9)
+    assert scores["purchase"].n_unique() > 10  # and the rows are told apart
 
 
 def test_ali_ccp_and_aliexpress_schemas_encode_their_samples(ali_ccp: Store, tmp_path: Path, monkeypatch) -> None:
