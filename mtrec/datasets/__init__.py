@@ -15,6 +15,7 @@ _HERE = Path(__file__).resolve().parent
 DATASETS: dict[str, str] = {
     "census": "Census-Income (KDD): income > 50K and never married, 300k rows, shipped with mtrec",
     "synthetic": "the MMoE paper's two regression tasks with a set correlation (generated; --dataset-args)",
+    "feed": "a short-video feed: users, items, click / like / finish / watch_time (generated; --dataset-args)",
 }
 
 
@@ -27,12 +28,14 @@ def dataset_schema_path(name: str, args: Optional[dict] = None) -> Path:
             raise MtrecError("dataset 'census' takes no --dataset-args")
         return _HERE / "census" / "census.yaml"
     from mtrec.data.store import cache_root
-    from mtrec.datasets.synthetic import SyntheticArgs, schema_path
+    from mtrec.datasets import feed, synthetic
 
+    module = synthetic if name == "synthetic" else feed
+    model = synthetic.SyntheticArgs if name == "synthetic" else feed.FeedArgs
     try:
-        parsed = SyntheticArgs.model_validate(args or {})
+        parsed = model.model_validate(args or {})
     except ValidationError as err:
         details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        valid = ", ".join(f"{k}={v.default}" for k, v in SyntheticArgs.model_fields.items())
+        valid = ", ".join(f"{k}={v.default}" for k, v in model.model_fields.items())
         raise MtrecError(f"--dataset-args of '{name}': {details}; its arguments: {valid}") from None
-    return schema_path(parsed, cache_root())
+    return module.schema_path(parsed, cache_root())

@@ -1,0 +1,321 @@
+"""Validate and encode a ranking request, column by column, with a run's fitted encoders.
+
+A request is ``{"context": {column: value}, "candidates": [{column: value}, ...]}`` keyed by the raw
+columns the schema's features read (a feature's ``column``, else its name). Every column comes from
+exactly one side: a context column is read once and its encoded value broadcast to every candidate.
+
+Values are encoded as :func:`mtrec.data.ingest.encode` encodes a file (so a ranking equals ``mtrec
+predict`` on the same rows): ids go through the fitted vocabulary (an integral number and its text are
+the same id, ``617`` = ``"617"`` = ``"617.0"``; unknown ids get the out-of-vocabulary id; ``null`` and
+``""`` are the missing-value token, as an empty CSV cell), dense values are ``fill``-ed when missing
+(an error when the schema gives no ``fill``), ``log``-transformed and standardised; a sequence is a
+JSON list whose first ``max_len`` items are kept (``""`` items are padding).
+
+The work is per column, not per value: one list of the column's values, one type check over the
+list (``set(map(type, ...))``), one numpy conversion, and a dict lookup mapped over the column.
+A value-by-value pass only runs to name the offending field once a column is known to be bad.
+Every problem is a :class:`RequestError` naming the field (``candidates[3].age``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from itertools import chain, repeat
+from typing import Any, Callable, Optional
+
+import numpy as np
+import polars as pl
+
+from mtrec.data.ingest import INTEGRAL_FLOAT, NULL_TOKEN, OOV, PAD, Encoders, canonical_ids
+from mtrec.schema import FeatureSpec, Schema
+
+NoneType = type(None)
+_INTEGRAL = re.compile(INTEGRAL_FLOAT)
+_INT_TEXT = re.compile(r"^-?[1-9]\d*$|^0$")
+_JSON_TYPE = {str: "string", int: "integer", float: "number", bool: "boolean", list: "list", dict: "object", NoneType: "null"}
+_ID_TYPES = frozenset({str, int, float, NoneType})
+_NUMBER_TYPES = frozenset({int, float, NoneType})
+_SEQ_TYPES = frozenset({list, NoneType})
+_ITEM_TYPES = frozenset({str, int, float})
+
+
+class RequestError(Exception):
+    """A bad request: the HTTP ``status``, the ``field`` at fault and a ``reason`` naming it."""
+
+    def __init__(self, status: int, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.status = status
+        self.field = field
+        self.reason = reason
+
+    def to_dict(self) -> dict:
+        return {"detail": f"{self.field}: {self.reason}", "field": self.field}
+
+
+def _type_name(value: Any) -> str:
+    return _JSON_TYPE.get(type(value), type(value).__name__)
+
+
+@dataclass
+class EncodedRequest:
+    """The candidates' encoded batch. ``sparse`` ``[B, F]`` and ``dense`` ``[B, D]`` hold every column
+    (context columns broadcast into every row); ``sequences`` are ``[B, L]``, or ``[1, L]`` for a
+    sequence given in the context (broadcast by the scorer, never copied per candidate)."""
+
+    size: int
+    sparse: np.ndarray
+    dense: np.ndarray
+    sequences: dict[str, np.ndarray]
+    context: frozenset[str]  # names of the features read from the context
+
+
+def _id_text(value: Any) -> str:
+    """The token a non-string id is read as (what a CSV cell holding it reads as, canonical)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+class _Vocab:
+    """Token -> id of one fitted vocabulary, with every form an id may arrive in: canonical text,
+    the integer of integral text (a JSON number; ``617.0`` finds it too, since ``617 == 617.0``)."""
+
+    def __init__(self, tokens: list[str]) -> None:
+        table = pl.DataFrame({"token": canonical_ids(pl.Series(tokens, dtype=pl.String)), "id": np.arange(2, len(tokens) + 2)})
+        table = table.unique("token", keep="first", maintain_order=True)  # as ingest._lookup: first wins
+        self.ids: dict[Any, int] = dict(zip(table["token"].to_list(), table["id"].to_list()))
+        for token, i in list(self.ids.items()):
+            if _INT_TEXT.match(token):
+                self.ids.setdefault(int(token), i)
+        null_id = self.ids.get(NULL_TOKEN, OOV)
+        # a sparse cell that is null or empty is the missing-value token, as in a CSV file
+        self.sparse = {**self.ids, None: null_id, "": null_id}
+        # inside a sequence, an empty item is padding (as "a||b" in a file)
+        self.sequence = {**self.ids, "": PAD}
+
+    @staticmethod
+    def lookup(table: dict, values: list) -> np.ndarray:
+        """Ids of ``values`` (already type-checked); a miss is retried in canonical text, then OOV."""
+        ids = np.fromiter(map(table.get, values, repeat(-1)), dtype=np.int64, count=len(values))
+        for i in np.flatnonzero(ids < 0):
+            v = values[i]
+            text = _INTEGRAL.sub(r"\1", v) if isinstance(v, str) else _id_text(v)
+            ids[i] = table.get(text, OOV)
+        return ids
+
+
+class RequestEncoder:
+    """Encodes request bodies for one run: its schema (features, columns) and fitted encoders."""
+
+    def __init__(self, schema: Schema, encoders: Encoders, max_candidates: int) -> None:
+        self.max_candidates = max_candidates
+        self.sparse = schema.features_of("sparse")
+        self.dense = schema.features_of("dense")
+        self.sequences = schema.features_of("sequence")
+        self.columns: dict[str, list[FeatureSpec]] = {}
+        for f in schema.features:
+            self.columns.setdefault(f.source_column, []).append(f)
+        vocabs = {name: _Vocab(tokens) for name, tokens in encoders.vocabs.items()}
+        self.vocab = {f.name: vocabs[f.vocab or f.name] for f in self.sparse + self.sequences}
+        self.stats = {f.name: tuple(encoders.stats[f.name]) for f in self.dense}
+        self._sparse_index = {f.name: j for j, f in enumerate(self.sparse)}
+        self._dense_index = {f.name: j for j, f in enumerate(self.dense)}
+
+    def describe(self) -> dict[str, list[dict]]:
+        """Column -> the features reading it (for ``GET /model``)."""
+        return {c: [{"feature": f.name, "type": f.type} for f in fs] for c, fs in self.columns.items()}
+
+    # ---- the request's structure ---------------------------------------------------------------------
+
+    def _structure(self, body: Any) -> tuple[dict, list[dict], list[str]]:
+        if not isinstance(body, dict):
+            raise RequestError(422, "body", f"expected a JSON object with 'context' and 'candidates', got {_type_name(body)}")
+        unknown = [k for k in body if k not in ("context", "candidates")]
+        if unknown:
+            raise RequestError(422, unknown[0], "unknown field; a request has 'context' and 'candidates'")
+        context = body.get("context", {})
+        if not isinstance(context, dict):
+            raise RequestError(422, "context", f"expected an object {{column: value}}, got {_type_name(context)}")
+        for column in context:
+            if column not in self.columns:
+                raise RequestError(422, f"context.{column}", f"unknown column; the model reads {self._known()}")
+        if "candidates" not in body:
+            raise RequestError(422, "candidates", "missing; give a list of candidate objects")
+        cands = body["candidates"]
+        if not isinstance(cands, list):
+            raise RequestError(422, "candidates", f"expected a list of objects, got {_type_name(cands)}")
+        if not cands:
+            raise RequestError(422, "candidates", "empty list; give at least one candidate")
+        if len(cands) > self.max_candidates:
+            raise RequestError(422, "candidates", f"{len(cands)} candidates, more than the limit of {self.max_candidates}")
+        if set(map(type, cands)) != {dict}:
+            i = next(i for i, c in enumerate(cands) if not isinstance(c, dict))
+            raise RequestError(422, f"candidates[{i}]", f"expected an object {{column: value}}, got {_type_name(cands[i])}")
+        own = [c for c in self.columns if c not in context]
+        if set(map(len, cands)) != {len(own)}:  # (a missing column with an extra one: KeyError in encode)
+            self._explain_columns(context, cands, own)
+        return context, cands, own
+
+    def _known(self) -> str:
+        names = list(self.columns)
+        return ", ".join(names[:12]) + (f", ... ({len(names)} columns)" if len(names) > 12 else "")
+
+    def _explain_columns(self, context: dict, cands: list[dict], own: list[str]) -> None:
+        """Name the first candidate whose columns are not exactly the ones the context leaves."""
+        for i, c in enumerate(cands):
+            for column in c:
+                if column in context:
+                    raise RequestError(422, f"candidates[{i}].{column}", "given both in context and in candidates; give it in one of them")
+                if column not in self.columns:
+                    raise RequestError(422, f"candidates[{i}].{column}", f"unknown column; the model reads {self._known()}")
+            missing = [col for col in own if col not in c]
+            if missing:
+                col = missing[0]
+                features = ", ".join(f"{f.name} ({f.type})" for f in self.columns[col])
+                raise RequestError(
+                    422, f"candidates[{i}].{col}",
+                    f"missing column (feature {features}); give it in context or in every candidate",
+                )
+        raise RequestError(422, "candidates", "every candidate must hold the columns the context does not give")
+
+    # ---- per kind ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _bad_type(values: list, allowed: frozenset, where: Callable[[int], str], expected: str, f: FeatureSpec) -> None:
+        i = next(i for i, v in enumerate(values) if type(v) not in allowed)
+        raise RequestError(422, where(i), f"expected {expected} (feature {f.name}, {f.type}), got {_type_name(values[i])}")
+
+    def _encode_sparse(self, values: list, f: FeatureSpec, where: Callable[[int], str]) -> np.ndarray:
+        types = set(map(type, values))
+        if not types <= _ID_TYPES:
+            self._bad_type(values, _ID_TYPES, where, "a string or number id, or null", f)
+        if float in types:
+            for i, v in enumerate(values):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise RequestError(422, where(i), f"{v} is not a valid id (feature {f.name})")
+        return _Vocab.lookup(self.vocab[f.name].sparse, values)
+
+    def _encode_dense(self, values: list, f: FeatureSpec, where: Callable[[int], str]) -> np.ndarray:
+        types = set(map(type, values))
+        if not types <= _NUMBER_TYPES:
+            self._bad_type(values, _NUMBER_TYPES, where, "a number, or null", f)
+        try:
+            x = np.array(values, dtype=np.float64)  # null -> NaN
+        except OverflowError:
+            i = next(i for i, v in enumerate(values) if isinstance(v, int) and abs(v) > 1e308)
+            raise RequestError(422, where(i), f"number too large (feature {f.name})") from None
+        missing = np.fromiter(map(NoneType.__instancecheck__, values), bool, len(values)) if NoneType in types else None
+        bad = ~np.isfinite(x) if missing is None else ~np.isfinite(x) & ~missing
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise RequestError(422, where(i), f"{values[i]} is not a finite number (feature {f.name}); send null for a missing value")
+        if missing is not None and missing.any():
+            if f.fill is None:
+                i = int(np.flatnonzero(missing)[0])
+                raise RequestError(422, where(i), f"missing value (null), and feature {f.name} has no 'fill' in the schema")
+            x = np.where(missing, float(f.fill), x)
+        if f.log:
+            x = np.sign(x) * np.log1p(np.abs(x))
+        mean, std = self.stats[f.name]
+        out = ((x - mean) / std).astype(np.float32)
+        if not np.isfinite(out).all():
+            i = int(np.flatnonzero(~np.isfinite(out))[0])
+            raise RequestError(422, where(i), f"{values[i]} is out of range (feature {f.name})")
+        return out
+
+    def _encode_sequence(self, values: list, f: FeatureSpec, where: Callable[[int], str]) -> np.ndarray:
+        types = set(map(type, values))
+        if not types <= _SEQ_TYPES:
+            self._bad_type(values, _SEQ_TYPES, where, "a list of ids, or null", f)
+        heads = [v[: f.max_len] for v in values] if NoneType not in types else [v[: f.max_len] if v else [] for v in values]
+        flat = list(chain.from_iterable(heads))
+        item_types = set(map(type, flat))
+        if not item_types <= _ITEM_TYPES or (float in item_types and not all(math.isfinite(v) for v in flat if isinstance(v, float))):
+            for i, head in enumerate(heads):
+                for k, v in enumerate(head):
+                    if type(v) not in _ITEM_TYPES or (isinstance(v, float) and not math.isfinite(v)):
+                        raise RequestError(
+                            422, f"{where(i)}[{k}]",
+                            f"expected a string or number id (feature {f.name}, sequence), got {_type_name(v) if type(v) not in _ITEM_TYPES else v}",
+                        )
+        lengths = np.fromiter(map(len, heads), np.int64, len(heads))
+        out = np.zeros((len(heads), f.max_len), dtype=np.int64)
+        if flat:
+            ids = _Vocab.lookup(self.vocab[f.name].sequence, flat)
+            rows = np.repeat(np.arange(len(heads)), lengths)
+            cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            out[rows, cols] = ids
+        return out
+
+    # ---- the whole request ---------------------------------------------------------------------------
+
+    def encode(self, body: Any) -> EncodedRequest:
+        """Validate a parsed request body and encode it; :class:`RequestError` names the first bad field."""
+        context, cands, own = self._structure(body)
+        n = len(cands)
+        sparse = np.empty((n, len(self.sparse)), dtype=np.int64)
+        dense = np.empty((n, len(self.dense)), dtype=np.float32)
+        sequences: dict[str, np.ndarray] = {}
+        given_once: set[str] = set()
+        own_set = set(own)
+        for column, features in self.columns.items():
+            if column in own_set:
+                try:
+                    values = [c[column] for c in cands]
+                except KeyError:
+                    self._explain_columns(context, cands, own)
+                    raise  # pragma: no cover - _explain_columns always raises here
+                where = _candidate_field(column)
+            else:
+                values = [context[column]]
+                where = _context_field(column)
+                given_once.update(f.name for f in features)
+            for f in features:
+                if f.type == "sparse":
+                    sparse[:, self._sparse_index[f.name]] = self._encode_sparse(values, f, where)
+                elif f.type == "dense":
+                    dense[:, self._dense_index[f.name]] = self._encode_dense(values, f, where)
+                else:
+                    sequences[f.name] = self._encode_sequence(values, f, where)
+        return EncodedRequest(n, sparse, dense, sequences, frozenset(given_once))
+
+
+def _candidate_field(column: str) -> Callable[[int], str]:
+    return lambda i: f"candidates[{i}].{column}"
+
+
+def _context_field(column: str) -> Callable[[int], str]:
+    return lambda i: f"context.{column}"
+
+
+def request_from_frame(frame: pl.DataFrame, schema: Schema, context_columns: Optional[list[str]] = None) -> dict:
+    """A ``/rank`` body from the rows of a ``predict`` input frame (e.g. :func:`mtrec.data.ingest.read_frame`):
+    ``context_columns`` (default none) taken once from the first row, every other column the schema's
+    features read per candidate; a column a dense feature reads as a JSON number (an integral one as an
+    integer), a sequence column split on its separator into a JSON list, the rest as they are."""
+    context_columns = list(context_columns or [])
+    kinds: dict[str, set[str]] = {}
+    separators: dict[str, str] = {}
+    for f in schema.features:
+        kinds.setdefault(f.source_column, set()).add(f.type)
+        if f.type == "sequence":
+            separators[f.source_column] = f.separator
+    unknown = [c for c in context_columns if c not in kinds]
+    if unknown:
+        raise ValueError(f"context column(s) {unknown} are not read by the schema's features")
+    columns = {}
+    for column, types in kinds.items():
+        series = frame.get_column(column)
+        if "dense" in types:
+            series = series.cast(pl.Float64, strict=False)
+            values = [int(v) if v is not None and v.is_integer() else v for v in series.to_list()]
+        elif "sequence" in types:
+            values = [[] if v is None or v == "" else v.split(separators[column]) for v in series.cast(pl.String).to_list()]
+        else:
+            values = series.to_list()
+        columns[column] = values
+    own = [c for c in kinds if c not in context_columns]
+    candidates = [dict(zip(own, row)) for row in zip(*(columns[c] for c in own))] if own else [{} for _ in range(frame.height)]
+    return {"context": {c: columns[c][0] for c in context_columns}, "candidates": candidates}

@@ -1,0 +1,468 @@
+"""The ranking service: the real ``mtrec serve`` process on a free localhost port, on small real runs.
+
+Checked against ``mtrec predict`` on the same rows (context columns copied into every row), the 4xx
+matrix, fuzzed request bodies (hypothesis), a burst of good and bad requests from several threads,
+the info endpoints, and a reload under load.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from conftest import write_census_slice
+from helpers import write_toy
+from mtrec.cli import app
+from mtrec.data.ingest import encode_file, read_frame
+from mtrec.data.store import load_store
+from mtrec.errors import MtrecError
+from mtrec.fusion.calibration import Calibrators
+from mtrec.fusion.io import run_predictions
+from mtrec.fusion.spec import FUSION_FILE, build_spec
+from mtrec.schema import load_schema
+from mtrec.serve.encoding import RequestEncoder, RequestError, request_from_frame
+from mtrec.train.run import load_run, predict_file, train_run
+from mtrec.train.trainer import TrainConfig
+
+CONTEXT = ["age", "sex", "race", "education", "citizenship"]  # the user side; "age" feeds a dense and a sparse feature
+MAX_CANDIDATES = 64
+MAX_BODY = 262144  # --max-body-mb 0.25
+PROCESSES: dict[str, subprocess.Popen] = {}  # base URL -> the server process
+
+
+def _train(schema_path: Path, model: str, out: Path) -> Path:
+    train_run(load_schema(schema_path), model, out, TrainConfig(epochs=1, batch_size=512, progress=False), tensorboard=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two Census runs (mmoe with a Platt calibrator and a weighted-product fusion spec; ple plain)."""
+    root = tmp_path_factory.mktemp("serve")
+    cache = root / "cache"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MTREC_CACHE", str(cache))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        schema_path = write_census_slice(root / "census", train_rows=2500, test_rows=300)
+        mmoe = _train(schema_path, "mmoe", root / "mmoe")
+        ple = _train(schema_path, "ple", root / "ple")
+        valid = run_predictions(mmoe, ("valid",), calibrated=False)["valid"]
+        calibrators = Calibrators.fit("platt", valid.scores, valid.labels, valid.layout)
+        calibrators.save(mmoe)
+        spec = build_spec("weighted_product", valid.layout, calibrators.apply(valid.scores), calibration="platt")
+        spec.with_weights([1.0, 0.5], biases=[0.05, 0.2]).save(mmoe / FUSION_FILE)
+    finally:
+        torch.set_num_threads(threads)
+        mp.undo()
+    schema = load_run(mmoe).schema
+    frame = read_frame(root / "census" / "test.csv.gz", schema)
+    return {"mmoe": mmoe, "ple": ple, "frame": frame, "schema": schema, "cache": cache, "root": root}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(runs: dict):
+    """``mtrec serve`` on run mmoe, as a real process; yields its base URL."""
+    port = _free_port()
+    env = {**os.environ, "MTREC_CACHE": str(runs["cache"])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mtrec.cli", "serve", "--run", str(runs["mmoe"]), "--port", str(port), "--threads", "1",
+         "--max-candidates", str(MAX_CANDIDATES), "--max-body-mb", str(MAX_BODY / (1 << 20)), "--timeout-ms", "30000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}: {proc.stderr.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.2)
+    PROCESSES[url] = proc
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    assert proc.returncode in (0, -15), proc.stderr.read()
+
+
+@pytest.fixture(scope="module")
+def client(server: str):
+    with httpx.Client(base_url=server, timeout=60) as c:
+        yield c
+
+
+def _rows(runs: dict, n: int) -> pl.DataFrame:
+    """``n`` real test rows, one with an id never seen in training and one with a missing id."""
+    frame = runs["frame"].head(n)
+    return frame.with_columns(
+        pl.when(pl.int_range(pl.len()) == 2).then(pl.lit("Astronaut")).otherwise(pl.col("class_of_worker")).alias("class_of_worker"),
+        pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col("major_industry")).alias("major_industry"),
+    )
+
+
+def _predict(run: Path, rows: pl.DataFrame, tmp: Path) -> pl.DataFrame:
+    """``mtrec predict`` on ``rows`` with the context columns copied from the first row into every row."""
+    rows = rows.with_columns([pl.lit(rows[c][0]).alias(c) for c in CONTEXT])
+    rows.write_parquet(tmp / "rows.parquet")
+    predict_file(run, tmp / "rows.parquet", tmp / "pred.parquet")
+    return pl.read_parquet(tmp / "pred.parquet")
+
+
+def _body(runs: dict, n: int) -> dict:
+    return request_from_frame(_rows(runs, n), runs["schema"], CONTEXT)
+
+
+def _check_against_predict(ranking: list[dict], pred: pl.DataFrame, score_column: str) -> None:
+    assert sorted(e["index"] for e in ranking) == list(range(pred.height))
+    expected = pred[score_column].to_numpy()
+    fused = np.array([e["score"] for e in ranking])
+    assert np.all(np.diff(fused) <= 0)  # best first
+    np.testing.assert_allclose(fused, expected[[e["index"] for e in ranking]], atol=1e-5, rtol=0)
+    # the order is predict's order up to ties within the tolerance
+    assert np.all(np.diff(expected[[e["index"] for e in ranking]]) <= 1e-5)
+    for task in ("income", "never_married"):
+        got = np.array([e["scores"][task] for e in ranking])
+        np.testing.assert_allclose(got, pred[task].to_numpy()[[e["index"] for e in ranking]], atol=1e-5, rtol=0)
+
+
+def test_rank_equals_predict(runs: dict, client: httpx.Client, tmp_path: Path) -> None:
+    rows = _rows(runs, 40)
+    response = client.post("/rank", json=request_from_frame(rows, runs["schema"], CONTEXT))
+    assert response.status_code == 200, response.text
+    assert {"parse", "encode", "model", "total"} <= {p.split(";")[0] for p in response.headers["server-timing"].split(", ")}
+    pred = _predict(runs["mmoe"], rows, tmp_path)
+    assert "score" in pred.columns  # the run's fusion.yaml, applied on calibrated scores
+    _check_against_predict(response.json()["ranking"], pred, "score")
+    # the same candidates, every column per candidate (empty context): the same answer
+    plain = request_from_frame(rows.with_columns([pl.lit(rows[c][0]).alias(c) for c in CONTEXT]), runs["schema"], [])
+    again = client.post("/rank", json=plain).json()["ranking"]
+    assert [e["index"] for e in again] == [e["index"] for e in response.json()["ranking"]]
+    np.testing.assert_allclose([e["score"] for e in again], [e["score"] for e in response.json()["ranking"]], atol=1e-6)
+
+
+def test_encoder_matches_ingest_with_sequences(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Column-wise request encoding (context broadcast, a sequence as a JSON list, ids as numbers or
+    text, unknown ids) equals the file encoding of the same rows."""
+    monkeypatch.setenv("MTREC_CACHE", str(tmp_path / "cache"))
+    schema = load_schema(write_toy(tmp_path / "toy", rows=120))
+    store = load_store(schema)
+    frame = read_frame(tmp_path / "toy" / "toy.csv", schema).head(12)
+    frame = frame.with_columns(pl.when(pl.int_range(pl.len()) == 4).then(pl.lit("atlantis")).otherwise(pl.col("city")).alias("city"))
+    body = request_from_frame(frame, schema, ["tags"])  # a sequence given once, in the context
+    body["candidates"][5]["city"] = None
+    body["candidates"][6]["age"] = float(body["candidates"][6]["age"])  # 30.0 and 30 are the same value
+    encoded = RequestEncoder(schema, store.encoders, 100).encode(body)
+    rows = frame.with_columns(pl.lit(frame["tags"][0]).alias("tags"),
+                              pl.when(pl.int_range(pl.len()) == 5).then(None).otherwise(pl.col("city")).alias("city"))
+    rows.write_csv(tmp_path / "rows.csv")
+    expected = encode_file(tmp_path / "rows.csv", schema, store.encoders, with_labels=False)
+    np.testing.assert_array_equal(encoded.sparse, expected["sparse"])
+    np.testing.assert_array_equal(encoded.dense, expected["dense"])
+    assert encoded.sequences["tags"].shape == (1, 3) and encoded.context == frozenset({"tags"})
+    np.testing.assert_array_equal(np.broadcast_to(encoded.sequences["tags"], (12, 3)), expected["seq.tags"])
+    assert encoded.sparse[4, 0] == 1  # the unknown city: the out-of-vocabulary id
+    # per candidate, with lists of ids, numbers among them, and one over max_len
+    body = request_from_frame(frame, schema, [])
+    body["candidates"][0]["tags"] = ["a", "b", "c", "d"]
+    rows = frame.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("a|b|c|d")).otherwise(pl.col("tags")).alias("tags"))
+    rows.write_csv(tmp_path / "rows2.csv")
+    expected = encode_file(tmp_path / "rows2.csv", schema, store.encoders, with_labels=False)
+    np.testing.assert_array_equal(RequestEncoder(schema, store.encoders, 100).encode(body).sequences["tags"], expected["seq.tags"])
+    with pytest.raises(RequestError, match=r"candidates\[1\]\.tags\[0\]"):
+        body["candidates"][1]["tags"] = [None]
+        RequestEncoder(schema, store.encoders, 100).encode(body)
+
+
+def _bad_cases(base: dict) -> list[tuple[str, bytes, int, str]]:
+    """(name, body, status, field the reason must name)."""
+    cases = []
+
+    def variant(name: str, status: int, field: str, change) -> None:
+        body = copy.deepcopy(base)
+        change(body)
+        cases.append((name, json.dumps(body).encode(), status, field))
+
+    cases.append(("malformed JSON", b'{"context": {"age": 3', 400, "body"))
+    cases.append(("not JSON at all", b"\xff\xfe garbage", 400, "body"))
+    marked = copy.deepcopy(base)
+    marked["candidates"][1]["capital_gains"] = 987654321
+    for name, literal in (("NaN", "NaN"), ("Infinity", "-Infinity")):
+        cases.append((name, json.dumps(marked).replace("987654321", literal).encode(), 422, "candidates[1].capital_gains"))
+    cases.append(("not an object", b"[1, 2]", 422, "body"))
+    variant("unknown top-level field", 422, "contxt", lambda b: b.update(contxt={}))
+    variant("context not an object", 422, "context", lambda b: b.update(context=[1]))
+    variant("no candidates", 422, "candidates", lambda b: b.pop("candidates"))
+    variant("empty candidates", 422, "candidates", lambda b: b.update(candidates=[]))
+    variant("too many candidates", 422, "candidates", lambda b: b.update(candidates=b["candidates"][:1] * (MAX_CANDIDATES + 1)))
+    variant("candidate not an object", 422, "candidates[1]", lambda b: b["candidates"].__setitem__(1, "x"))
+    variant("missing feature column", 422, "candidates[0].education", lambda b: b["context"].pop("education"))
+    variant("missing in one candidate", 422, "candidates[3].weeks_worked", lambda b: b["candidates"][3].pop("weeks_worked"))
+    variant("column on both sides", 422, "candidates[0].sex", lambda b: b["candidates"][0].update(sex="Male"))
+    variant("unknown column", 422, "context.nope", lambda b: b["context"].update(nope=1))
+    variant("unknown candidate column", 422, "candidates[1].nope", lambda b: b["candidates"][1].update(nope=1))
+    variant("dense as a string", 422, "candidates[1].wage_per_hour", lambda b: b["candidates"][1].update(wage_per_hour="12"))
+    variant("dense as a boolean", 422, "candidates[2].capital_losses", lambda b: b["candidates"][2].update(capital_losses=True))
+    variant("dense missing, no fill", 422, "candidates[4].weeks_worked", lambda b: b["candidates"][4].update(weeks_worked=None))
+    variant("dense too large", 422, "context.age", lambda b: b["context"].update(age=10**400))
+    variant("id as a list", 422, "candidates[0].class_of_worker", lambda b: b["candidates"][0].update(class_of_worker=["a"]))
+    variant("id as an object", 422, "context.race", lambda b: b["context"].update(race={"a": 1}))
+    variant("id as a boolean", 422, "context.sex", lambda b: b["context"].update(sex=False))
+    variant("dense out of range", 422, "candidates[0].num_persons_worked", lambda b: b["candidates"][0].update(num_persons_worked=1e308))
+    big = copy.deepcopy(base)
+    big["candidates"][0]["class_of_worker"] = "x" * (MAX_BODY + 10)
+    cases.append(("body above the size limit", json.dumps(big).encode(), 413, "body"))
+    return cases
+
+
+def test_bad_requests_get_4xx_naming_the_field(runs: dict, client: httpx.Client) -> None:
+    base = _body(runs, 6)
+    for name, body, status, field in _bad_cases(base):
+        response = client.post("/rank", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == status, (name, response.status_code, response.text)
+        detail = response.json()
+        assert detail["field"] == field and detail["detail"].startswith(field + ":"), (name, detail)
+    # a chunked upload (no Content-Length) above the limit is cut off too
+    chunks = iter([b'{"candidates": ["' + b"x" * 65536] * 5 + [b'"]}'])
+    assert client.post("/rank", content=chunks).status_code == 413
+    assert client.post("/rank", json=base).status_code == 200  # and the service still serves
+
+
+def test_fuzzed_bodies_never_get_5xx(runs: dict, client: httpx.Client) -> None:
+    base = _body(runs, 3)
+    columns = list(base["context"]) + list(base["candidates"][0]) + ["nope", ""]
+    leaf = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6)
+            | st.sampled_from(["Male", "?", "617.0", "Not in universe", "NaN"]))
+    value = st.recursive(leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+
+    @st.composite
+    def bodies(draw) -> bytes:
+        if draw(st.integers(0, 4)) == 0:
+            return json.dumps(draw(value)).encode()
+        body = copy.deepcopy(base)
+        for _ in range(draw(st.integers(1, 3))):
+            where = draw(st.sampled_from(["context", *range(len(body["candidates"]))]))
+            target = body["context"] if where == "context" else body["candidates"][where]
+            if not isinstance(target, dict):
+                continue
+            column = draw(st.sampled_from(columns))
+            op = draw(st.sampled_from(["set", "set", "delete", "shuffle"]))
+            if op == "set":
+                target[column] = draw(value)
+            elif op == "delete":
+                target.pop(column, None)
+            else:
+                body["candidates"] = draw(st.lists(st.sampled_from(body["candidates"]) | value, max_size=4))
+        raw = json.dumps(body).encode()
+        if draw(st.integers(0, 9)) == 0:
+            raw = raw[: draw(st.integers(0, len(raw)))]  # truncated
+        return raw
+
+    seen: dict[int, int] = {}
+
+    @settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(raw=bodies())
+    def fuzz(raw: bytes) -> None:
+        response = client.post("/rank", content=raw, headers={"content-type": "application/json"})
+        seen[response.status_code] = seen.get(response.status_code, 0) + 1
+        assert response.status_code in (200, 400, 422), (raw[:300], response.status_code, response.text)
+        data = response.json()
+        if response.status_code == 200:
+            assert all(np.isfinite(e["score"]) for e in data["ranking"])
+        else:
+            assert data["detail"].startswith(data["field"] + ":")
+
+    fuzz()
+    assert seen.get(200, 0) > 0 and seen.get(422, 0) > 0  # the fuzzing reached both sides
+
+
+def test_burst_of_good_and_bad_requests(runs: dict, client: httpx.Client, server: str) -> None:
+    goods = [_body(runs, n) for n in (8, 20)]
+    refs = [client.post("/rank", json=g).json() for g in goods]
+    bads = [body for _, body, status, _ in _bad_cases(goods[0]) if status != 413]
+    results: list[tuple[str, int, object]] = []
+    lock = threading.Lock()
+
+    def worker(k: int) -> None:
+        with httpx.Client(base_url=server, timeout=60) as c:
+            for i in range(10):
+                if (i + k) % 2:
+                    r = c.post("/rank", json=goods[(i + k) % 4 // 2])
+                    out = ("good", r.status_code, (r.json(), refs[(i + k) % 4 // 2]))
+                else:
+                    r = c.post("/rank", content=bads[(i * 7 + k) % len(bads)])
+                    out = ("bad", r.status_code, None)
+                with lock:
+                    results.append(out)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 80
+    good = [(s, pair) for kind, s, pair in results if kind == "good"]
+    assert len(good) == 40 and all(s == 200 and pair[0] == pair[1] for s, pair in good)
+    assert all(400 <= s < 500 for kind, s, _ in results if kind == "bad")
+
+
+def test_health_model_and_metrics(runs: dict, client: httpx.Client) -> None:
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == "mmoe"
+    info = client.get("/model").json()
+    metrics = json.loads((runs["mmoe"] / "metrics.json").read_text())
+    assert info["model"] == "mmoe" and [t["name"] for t in info["tasks"]] == ["income", "never_married"]
+    assert info["test_metrics"] == metrics["test"] and info["calibration"] == "platt"
+    assert info["fusion"]["formula"] == "weighted_product" and [t["weight"] for t in info["fusion"]["tasks"]] == [1.0, 0.5]
+    trained = datetime.fromisoformat(info["trained_at"]).timestamp()
+    assert info["version"]["mtrec"] and abs(trained - (runs["mmoe"] / "model.safetensors").stat().st_mtime) < 1
+    assert info["columns"]["age"] == [{"feature": "age", "type": "dense"}, {"feature": "age_bucket", "type": "sparse"}]
+
+    def counts() -> dict:
+        out = {}
+        for line in client.get("/metrics").text.splitlines():
+            for key in ('mtrec_requests_total{endpoint="/rank",status="200"}', 'mtrec_requests_total{endpoint="/rank",status="422"}',
+                        'mtrec_request_seconds_count{endpoint="/rank"}', "mtrec_candidates_ranked_total"):
+                if line.startswith(key + " "):
+                    out[key] = float(line.split()[-1])
+        return out
+
+    before = counts()
+    body = _body(runs, 5)
+    for _ in range(3):
+        assert client.post("/rank", json=body).status_code == 200
+    assert client.post("/rank", json={"candidates": []}).status_code == 422
+    after = counts()
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert delta['mtrec_requests_total{endpoint="/rank",status="200"}'] == 3
+    assert delta['mtrec_requests_total{endpoint="/rank",status="422"}'] == 1
+    assert delta['mtrec_request_seconds_count{endpoint="/rank"}'] == 4
+    assert delta["mtrec_candidates_ranked_total"] == 15
+    assert 'mtrec_request_seconds_bucket{endpoint="/rank",le="0.01"}' in client.get("/metrics").text
+
+
+def test_reload_under_load(runs: dict, client: httpx.Client, server: str, tmp_path: Path) -> None:
+    rows = _rows(runs, 12)
+    body = request_from_frame(rows, runs["schema"], CONTEXT)
+    before = client.post("/rank", json=body).json()
+    generation = client.get("/health").json()["generation"]
+    bad = client.post("/reload", json={"run": str(tmp_path / "missing")})
+    assert bad.status_code == 422 and bad.json()["field"] == "run" and "not found" in bad.json()["detail"]
+    assert client.post("/reload", json={"run": str(runs["ple"]), "extra": 1}).status_code == 422
+    answers: list[tuple[int, object]] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with httpx.Client(base_url=server, timeout=60) as c:
+            while not stop.is_set() and len(answers) < 400:
+                r = c.post("/rank", json=body)
+                answers.append((r.status_code, r.json()))
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    reloaded = client.post("/reload", json={"run": str(runs["ple"])})
+    time.sleep(0.3)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert reloaded.status_code == 200, reloaded.text
+    assert reloaded.json()["model"] == "ple" and reloaded.json()["generation"] == generation + 1
+    after = client.post("/rank", json=body).json()
+    assert client.get("/model").json()["model"] == "ple" and client.get("/model").json()["fusion"] is None
+    # every request in flight was answered, by one run or the other, never a mix or an error
+    assert answers and all(status == 200 for status, _ in answers)
+    assert all(a == before or a == after for _, a in answers)
+    assert after != before
+    # ple has no fusion.yaml: ranked by its first task, equal to predict
+    _check_against_predict(after["ranking"], _predict(runs["ple"], rows, tmp_path), "income")
+    assert client.post("/reload", json={"run": str(runs["mmoe"])}).json()["generation"] == generation + 2
+    assert client.post("/rank", json=body).json() == before
+    # SIGHUP: the serving run read again from disk, swapped in; the process lives on
+    PROCESSES[server].send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while client.get("/health").json()["generation"] != generation + 3:
+        assert time.monotonic() < deadline and PROCESSES[server].poll() is None
+        time.sleep(0.1)
+    assert client.post("/rank", json=body).json() == before
+
+
+def test_serve_option_errors(runs: dict, tmp_path: Path) -> None:
+    runner = CliRunner()
+    cases = [
+        (["--run", str(tmp_path / "missing")], "run directory not found"),
+        (["--run", str(runs["mmoe"]), "--backend", "tensorrt"], "--backend"),
+        (["--run", str(runs["mmoe"]), "--workers", "0"], "--workers"),
+        (["--run", str(runs["mmoe"]), "--port", "70000"], "--port"),
+        (["--run", str(runs["mmoe"]), "--fusion", str(tmp_path / "none.yaml")], "fusion spec not found"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["serve", *args])
+        assert isinstance(result.exception, MtrecError) and message in str(result.exception), (args, result.output)
+
+
+def test_onnx_backend_ranks_as_torch(runs: dict, one_thread) -> None:
+    """The ONNX Runtime scorer (the run's graph exported on first use) gives the torch ranking."""
+    from mtrec.serve.service import ServeSettings, load_ranker
+
+    body = json.dumps(_body(runs, 30)).encode()
+    answers = {}
+    for backend in ("torch", "onnx"):
+        ranker = load_ranker(ServeSettings(run=runs["mmoe"], backend=backend, threads=1))
+        assert type(ranker.scorer).__name__ == ("TorchScorer" if backend == "torch" else "OnnxRuntimeScorer")
+        answers[backend] = json.loads(ranker.rank(body)[0])["ranking"]
+    assert (runs["mmoe"] / "model.onnx").is_file()
+    torch_scores = {e["index"]: e["score"] for e in answers["torch"]}
+    np.testing.assert_allclose([e["score"] for e in answers["onnx"]], [torch_scores[e["index"]] for e in answers["onnx"]], atol=1e-5)
+    assert np.all(np.diff([e["score"] for e in answers["onnx"]]) <= 0)
+
+
+def test_request_timeout_gets_503_and_the_service_goes_on(runs: dict, one_thread) -> None:
+    """A request past the timeout gets a 503 naming the timeout; the next one is served. (In process,
+    through httpx's ASGI transport: the real app, only the transport differs.)"""
+    import asyncio
+
+    from mtrec.serve.service import ServeSettings, create_app
+
+    body = _body(runs, 40)
+
+    async def post(timeout_s: float) -> list[httpx.Response]:
+        app = create_app(ServeSettings(run=runs["mmoe"], threads=1, timeout_s=timeout_s))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve") as c:
+            return [await c.post("/rank", json=body), await c.get("/health")]
+
+    late, health = asyncio.run(post(1e-6))
+    assert late.status_code == 503 and "timed out" in late.json()["detail"] and health.status_code == 200
+    assert asyncio.run(post(30.0))[0].status_code == 200
