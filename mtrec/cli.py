@@ -78,8 +78,27 @@ def resolve_schema(schema: Optional[Path], dataset: Optional[str], dataset_args:
 
 
 def _set_threads(threads: Optional[int]) -> None:
+    if threads is not None and threads < 1:
+        raise MtrecError(f"--threads: {threads} is not a thread count (at least 1)")
     if threads:
         torch.set_num_threads(threads)
+
+
+def train_config(flags: dict[str, object], **fixed: object) -> TrainConfig:
+    """A :class:`TrainConfig` from command-line values (``flags``: field -> value); a value out of range
+    is one error naming its flag and the allowed range, checked before any data is read."""
+    from pydantic import ValidationError
+
+    try:
+        return TrainConfig(**flags, **fixed)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            field = str(e["loc"][0]) if e["loc"] else ""
+            flag = f"--{field.replace('_', '-')}" if field in flags else field
+            value = flags.get(field, e.get("input"))
+            problems.append(f"{flag}: {value!r} is not allowed ({e['msg'].removeprefix('Value error, ').lower()})")
+        raise MtrecError("; ".join(problems)) from None
 
 
 def _metrics_table(metrics: dict) -> str:
@@ -117,16 +136,22 @@ def train(
         TrainConfig.model_fields["monitor_every"].default,
         help="sample task-gradient cosines, norm ratios and learning velocity every K steps (0: off)",
     ),
+    overwrite: bool = typer.Option(False, help="replace the run already in --out (its files are removed first)"),
+    resume: bool = typer.Option(False, help="continue the interrupted run in --out from its checkpoint (same arguments)"),
+    checkpoint_every: int = typer.Option(0, help="also checkpoint every N steps within an epoch (0: after each epoch only)"),
 ) -> None:
-    """Train a model; write metrics.json, model.safetensors, config.json and history.json to --out."""
+    """Train a model; write metrics.json, model.safetensors, config.json and history.json to --out
+    (checkpoint.pt after every epoch while training: --resume continues an interrupted run)."""
     from mtrec.train.run import train_run
 
-    _set_threads(threads)
-    resolved = resolve_schema(schema, dataset, dataset_args)
-    config = TrainConfig(
+    if checkpoint_every < 0:
+        raise MtrecError(f"--checkpoint-every: {checkpoint_every} is negative (0: after each epoch only)")
+    config = train_config(dict(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed,
         monitor_every=monitor_every,
-    )
+    ))
+    _set_threads(threads)
+    resolved = resolve_schema(schema, dataset, dataset_args)
     result = train_run(
         resolved,
         model,
@@ -137,6 +162,11 @@ def train(
         balancer_options=parse_options(balancer_args, "--balancer-args"),
         task_weights=parse_weights(task_weights),
         tensorboard=tensorboard,
+        overwrite=overwrite,
+        resume=resume,
+        checkpoint_every=checkpoint_every,
+        threads=threads,
+        echo=typer.echo,
     )
     typer.echo(_metrics_table(result.metrics))
     typer.echo(f"best epoch {result.fit.best_epoch}; run written to {out}")
@@ -230,14 +260,18 @@ def predict(
     fusion: Optional[Path] = typer.Option(None, help="fusion spec to apply (default: the run's fusion.yaml, if any)"),
     backend: str = typer.Option("torch", help="torch, or onnx: ONNX Runtime on RUN/model.onnx (exported on first use)"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's choice)"),
+    keep: Optional[str] = typer.Option(None, help="comma-separated input columns copied into the output (e.g. ids), before the scores"),
 ) -> None:
     """Score a file with a trained run (calibrated when the run has a calibrator; a fused `score`
     column when it has a fusion.yaml or --fusion is given)."""
     from mtrec.train.run import predict_file
 
     _set_threads(threads)
+    kept = [c.strip() for c in keep.split(",")] if keep else []
+    if any(not c for c in kept):
+        raise MtrecError(f"--keep: '{keep}' has an empty column name")
     oov: dict[str, float] = {}
-    rows = predict_file(run, input, output, oov_rate=oov, fusion=fusion, backend=backend)
+    rows = predict_file(run, input, output, oov_rate=oov, fusion=fusion, backend=backend, keep=kept)
     _warn_oov(oov, str(input))
     if oov:
         typer.echo("out-of-vocabulary rate: " + ", ".join(f"{name} {rate:.1%}" for name, rate in oov.items()))

@@ -162,6 +162,13 @@ def test_resume_after_kill_matches_an_uninterrupted_grid(
     print(f"killed with {len(done)} cell(s) finished, in training: {partial}")
     assert 1 <= len(done) < 8, f"kill came too late or too early: {done}; output: {proc.stdout.read()}"
     before = {name: tree_hashes(out / "cells" / name) for name in done}
+    # what a kill mid-cell can leave, made certain here: a half-written cell directory (no metrics.json)
+    # and a partial one; both are removed and their cells redone
+    todo = [c.name for c in load_grid(grid)[1] if c.name not in done]
+    (out / "cells" / todo[0]).mkdir(exist_ok=True)
+    (out / "cells" / todo[0] / "config.json").write_text("{}")
+    (out / "cells" / ".partial" / todo[-1]).mkdir(parents=True, exist_ok=True)
+    (out / "cells" / ".partial" / todo[-1] / "history.json").write_text("[")
     mtimes = {name: (out / "cells" / name / "metrics.json").stat().st_mtime_ns for name in done}
 
     # resuming with another thread count would not reproduce the runs: refused
@@ -304,3 +311,25 @@ def test_report_in_headless_chromium(uninterrupted: tuple[Path, Path], tmp_path:
     assert pixels.shape[:2] == (2000, 1200)
     assert pixels.var() > 0.005, f"blank screenshot (variance {pixels.var():.5f})"
     assert (pixels < 0.5).mean() > 0.01  # text and figures: a white page has no dark pixels
+
+
+def test_rerun_of_a_finished_grid_redraws_the_report_with_relate_json(
+    uninterrupted: tuple[Path, Path], tmp_path: Path
+) -> None:
+    grid, reference = uninterrupted
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    cells_before = tree_hashes(out / "cells")
+    relate = {
+        "findings": ["income and never_married: related, MTL safe"],
+        "label_correlation": {"tasks": list(TASKS), "matrix": [[1.0, -0.21], [-0.21, 1.0]]},
+    }
+    (out / "relate.json").write_text(json.dumps(relate))
+    result = CliRunner().invoke(app, ["bench", str(grid), "--out", str(out), "--workers", "1", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "8 finished before, 0 to run" in result.output
+    assert tree_hashes(out / "cells") == cells_before
+    md = (out / "report.md").read_text()
+    section = md.split("## Task relatedness")[1]
+    assert "- income and never_married: related, MTL safe" in section
+    assert "report_files/relate-correlation.png" in section and '"label_correlation"' in section

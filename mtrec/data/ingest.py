@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import polars as pl
@@ -162,6 +162,12 @@ def _sequence_tokens(frame: pl.DataFrame, f: FeatureSpec) -> pl.Series:
 
 def _dense_values(frame: pl.DataFrame, f: FeatureSpec, path: Path) -> np.ndarray:
     values = _as_float(frame, f.source_column, path, f"feature {f.name}")
+    infinite = np.isinf(values)
+    if infinite.any():
+        raise MtrecError(
+            f"{path}: column '{f.source_column}' (feature {f.name}) has {int(infinite.sum())} infinite value(s) "
+            f"({values[infinite][0]}); replace them, or leave the cells blank and set 'fill:'"
+        )
     missing = np.isnan(values)
     if missing.any():
         if f.fill is None:
@@ -214,10 +220,26 @@ def _label_stats(frame: pl.DataFrame, schema: Schema, path: Path) -> dict[str, l
     return out
 
 
-def _lookup(tokens: pl.Series, vocab: list[str]) -> np.ndarray:
+_TABLES: dict[int, tuple[list[str], pl.DataFrame]] = {}  # id(vocab) -> (vocab, its token -> id table)
+
+
+def _vocab_table(vocab: list[str]) -> pl.DataFrame:
+    """The token -> id table of a fitted vocabulary, built once per vocabulary object (building it costs
+    about as much as looking a whole column up: predict and every service request reuse it)."""
+    hit = _TABLES.get(id(vocab))
+    if hit is not None and hit[0] is vocab:
+        return hit[1]
     # vocabularies fitted before ids were canonical may hold "617.0": read them the same way (first wins)
     table = pl.DataFrame({"token": canonical_ids(pl.Series(vocab, dtype=pl.String)), "id": np.arange(2, len(vocab) + 2)})
     table = table.unique("token", keep="first", maintain_order=True)
+    if len(_TABLES) >= 256:
+        _TABLES.clear()
+    _TABLES[id(vocab)] = (vocab, table)  # the vocabulary is kept alive with it, so its id stays its own
+    return table
+
+
+def _lookup(tokens: pl.Series, vocab: list[str]) -> np.ndarray:
+    table = _vocab_table(vocab)
     ids = tokens.replace_strict(table["token"], table["id"], default=OOV, return_dtype=pl.Int64)
     return ids.to_numpy()
 
@@ -384,9 +406,12 @@ def load_splits(schema: Schema) -> dict[str, tuple[pl.DataFrame, Path]]:
     return frames
 
 
-def ingest(schema: Schema) -> tuple[dict[str, dict[str, np.ndarray]], Encoders, FeatureLayout]:
-    """Read, split, fit on train, and encode every split."""
+def ingest(schema: Schema, echo: Optional[Callable[[str], None]] = None) -> tuple[dict[str, dict[str, np.ndarray]], Encoders, FeatureLayout]:
+    """Read, split, fit on train, and encode every split (``echo`` gets a line with the row counts)."""
     frames = load_splits(schema)
+    if echo is not None:
+        counts = ", ".join(f"{frame.height:,} {split}" for split, (frame, _) in frames.items())
+        echo(f"ingesting {sum(f.height for f, _ in frames.values()):,} rows ({counts}) of schema '{schema.name}'")
     train, train_path = frames["train"]
     enc = fit_encoders(train, schema, train_path)
     arrays = {split: encode(frame, schema, enc, path) for split, (frame, path) in frames.items()}
