@@ -258,7 +258,10 @@ def predict(
     input: Path = typer.Option(..., help="CSV or Parquet file with the schema's feature columns"),
     output: Path = typer.Option(..., help="file to write, .csv, .csv.gz or .parquet: one score column per task"),
     fusion: Optional[Path] = typer.Option(None, help="fusion spec to apply (default: the run's fusion.yaml, if any)"),
-    backend: str = typer.Option("torch", help="torch, or onnx: ONNX Runtime on RUN/model.onnx (exported on first use)"),
+    backend: str = typer.Option(
+        "torch", help="torch, or onnx: ONNX Runtime on RUN/model.onnx (exported on first use; the calibrator and "
+        "fusion it includes are used when they are the ones to apply, never twice)"
+    ),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's choice)"),
     keep: Optional[str] = typer.Option(None, help="comma-separated input columns copied into the output (e.g. ids), before the scores"),
 ) -> None:
@@ -282,19 +285,30 @@ def predict(
 def export(
     run: Path = typer.Option(..., help="run directory written by `mtrec train`"),
     format: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
-    out: Optional[Path] = typer.Option(None, help="file to write (default: RUN/model.onnx or RUN/model.torchscript.pt)"),
+    out: Optional[Path] = typer.Option(
+        None, help="file to write (default: RUN/model.onnx or RUN/model.torchscript.pt; RUN/model.context.onnx "
+        "or RUN/model.context.torchscript.pt with --context-features, the graph the service uses)"
+    ),
     context_features: Optional[str] = typer.Option(
         None, help="comma-separated features given once per request (batch-1 inputs broadcast inside the graph)"
     ),
+    no_calibration: bool = typer.Option(
+        False, "--no-calibration", help="leave the run's calibrator out (included by default when the run has calibration.json)"
+    ),
+    fusion: bool = typer.Option(False, "--fusion", help="include the run's fusion.yaml: a fused `score` output"),
+    fusion_file: Optional[Path] = typer.Option(None, help="include this fusion spec instead: a fused `score` output"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's choice)"),
 ) -> None:
-    """Export the run's model (encoded inputs in, per-task logits and scores out) after a parity check
-    against PyTorch on the run's validation rows."""
+    """Export the run's model (encoded inputs in, per-task logits and scores out; calibrated scores and
+    a fused score when included) after a parity check against PyTorch on the run's validation rows."""
     from mtrec.serve.export import export_run
 
+    if fusion and fusion_file is not None:
+        raise MtrecError("--fusion and --fusion-file: give one (--fusion takes the run's fusion.yaml)")
     _set_threads(threads)
     context = [c.strip() for c in context_features.split(",") if c.strip()] if context_features else []
-    path, report = export_run(run, format, out, context)
+    spec = fusion_file if fusion_file is not None else (True if fusion else None)
+    path, report = export_run(run, format, out, context, calibration=False if no_calibration else None, fusion=spec)
     typer.echo(f"wrote {path} ({format}); {report.summary()}")
 
 

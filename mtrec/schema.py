@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import typing
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -87,6 +89,17 @@ class FeatureSpec(_Strict):
     separator: str = "|"
     max_len: int = Field(20, ge=1)
     vocab: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _fill_is_a_number(self) -> "FeatureSpec":
+        # checked here, not at prediction time: a fill the encoder cannot use is a schema mistake
+        if self.fill is not None:
+            if self.type != "dense":
+                raise ValueError(f"feature {self.name}: 'fill' only applies to dense features (a missing "
+                                 f"{self.type} value is its own token)")
+            if isinstance(self.fill, bool) or not isinstance(self.fill, (int, float)) or not math.isfinite(self.fill):
+                raise ValueError(f"feature {self.name}: fill {self.fill!r} is not a finite number")
+        return self
 
     @property
     def source_column(self) -> str:
@@ -292,3 +305,105 @@ def load_schema(path: Union[str, Path]) -> Schema:
     except yaml.YAMLError as err:
         raise MtrecError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
     return schema_from_dict(data, str(p), base_dir=p.resolve().parent)
+
+
+# ---- the reference table of every schema key (README.md holds its output; a test keeps them equal) ----
+
+KEY_DOCS: dict[str, str] = {
+    "name": "name of the data set (store and run names)",
+    "source": "the data files",
+    "source.train": "training file (CSV, CSV.gz or Parquet), relative to the schema file or absolute",
+    "source.valid": "validation file; without it the validation rows are carved from train",
+    "source.test": "test file; without it, `split.test` carves one from train (or there is none)",
+    "format": "how the files are read",
+    "format.type": "`csv` (plain or gzipped) or `parquet`",
+    "format.header": "whether the first CSV line names the columns",
+    "format.delimiter": "CSV delimiter; a multi-character one (`\", \"`) is its first character with blanks stripped",
+    "format.names": "column names of a CSV without header (required then)",
+    "format.null_values": "strings read as missing",
+    "valid_fraction": "share of train carved out as validation (default 0.1); not with `split`",
+    "split": "shares carved from train: `valid` and `test`; not with `valid_fraction`",
+    "split.valid": "validation share",
+    "split.test": "test share (not with `source.test`)",
+    "split_seed": "seed of the carving (fixed, so the validation rows never move)",
+    "features": "the input features (at least one)",
+    "features[].name": "feature name (unique)",
+    "features[].type": "`sparse` (categorical id), `dense` (number) or `sequence` (separated ids)",
+    "features[].column": "source column (default: the name)",
+    "features[].embed_dim": "embedding size (sparse, sequence)",
+    "features[].min_freq": "ids seen fewer times in train are out of vocabulary (sparse, sequence)",
+    "features[].fill": "value of a missing dense cell (a finite number; without it a missing value is an error)",
+    "features[].log": "`sign(x) log1p(|x|)` before standardising (dense)",
+    "features[].separator": "separator of a sequence cell",
+    "features[].max_len": "tokens kept per sequence (first ones; padded and masked)",
+    "features[].vocab": "sparse feature whose vocabulary and embedding a sequence shares",
+    "tasks": "the prediction targets (at least one)",
+    "tasks[].name": "task name (unique)",
+    "tasks[].type": "`binary` or `regression`",
+    "tasks[].label": "label column",
+    "tasks[].positive": "values meaning 1 (binary; default: the column is 0/1)",
+    "tasks[].negative": "values meaning 0 (with `strict`, any other value is an error)",
+    "tasks[].strict": "refuse label values that are neither positive nor negative (or not 0/1)",
+    "tasks[].weight": "the task's weight in the business score",
+    "tasks[].space": "task whose positives are where this label is observed (CVR on clicks)",
+    "tasks[].sample_weight": "numeric column weighing this task's loss per sample",
+    "tasks[].sample_weight_on": "`all` samples or `positives` only (binary)",
+    "tasks[].standardize": "regression: train on the label standardised with train statistics (default true)",
+    "user": "user id column: enables uAUC / GAUC and per-user objectives",
+    "sample_weight": "numeric column weighing every task's loss per sample",
+}
+
+
+def _type_name(annotation: object) -> str:
+    """A readable type for the reference table."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Union:
+        args = tuple(a for a in args if a is not type(None))  # Optional: the default column says so
+        if set(args) == {str, int, float, bool}:
+            return "scalar"
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, object]]:
+    out = []
+    for name, info in model.model_fields.items():
+        if info.exclude:
+            continue
+        key = f"{prefix}{name}"
+        out.append((key, info))
+        nested = info.annotation
+        if typing.get_origin(nested) is Union:  # Optional[X] -> X
+            nested = next(a for a in typing.get_args(nested) if a is not type(None))
+        args = typing.get_args(nested) if typing.get_origin(nested) is list else ()
+        target = args[0] if args else nested
+        if isinstance(target, type) and issubclass(target, BaseModel):
+            out.extend(_rows(target, f"{key}[]." if args else f"{key}."))
+    return out
+
+
+def schema_reference() -> str:
+    """The Markdown table of every schema key (type, default, meaning), generated from the pydantic
+    models and :data:`KEY_DOCS`; a key without a description is an error, so the table cannot drift."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, info in _rows(Schema, ""):
+        if key not in KEY_DOCS:
+            raise KeyError(f"schema key {key} has no description in KEY_DOCS")
+        if info.is_required():
+            default = "required"
+        else:
+            value = info.get_default(call_default_factory=True)
+            default = "" if value is None or isinstance(value, BaseModel) else f"`{json.dumps(value)}`"
+        cells = (f"`{key}`", _type_name(info.annotation), default.replace("|", "\\|"), KEY_DOCS[key].replace("|", "\\|"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m mtrec.schema: print the reference table (README.md holds it)
+    print(schema_reference(), end="")

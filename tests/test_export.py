@@ -17,11 +17,14 @@ from typer.testing import CliRunner
 from mtrec.cli import app
 from mtrec.data.tables import FeatureLayout, SequenceField, SparseField, TaskField, TensorTable
 from mtrec.errors import MtrecError
+from mtrec.fusion.calibration import Calibrators, apply_calibrator_torch, fit_calibrator
+from mtrec.fusion.io import run_predictions
+from mtrec.fusion.spec import FUSION_FILE, apply_fusion, build_spec
 from mtrec.models import MODELS, build_model
 from mtrec.models.funnel import FunnelModel
 from mtrec.models.shared_bottom import SharedBottom
 from mtrec.schema import load_schema
-from mtrec.serve.export import ONNX_FILE, export_model, with_unknown_ids
+from mtrec.serve.export import CONTEXT_ONNX_FILE, ONNX_FILE, export_model, with_unknown_ids
 from mtrec.train.run import train_run
 from mtrec.train.trainer import TrainConfig
 from tests.helpers import write_toy
@@ -170,6 +173,81 @@ def test_context_inputs_have_batch_one_and_are_broadcast(fmt: str, tmp_path, one
     assert len(set(np.round(got[2], 6))) > 5  # candidates still differ from each other
 
 
+# ---- calibration and fusion inside the graph ----------------------------------------------------------
+
+
+def test_isotonic_torch_matches_numpy_at_the_edges() -> None:
+    """The broadcast-comparison isotonic map against values worked by hand and np.interp: below the first
+    threshold, above the last, exactly at thresholds (tied ones too), between them, ties in the input."""
+    xs, ys = [0.2, 0.4, 0.4, 0.7], [0.1, 0.3, 0.5, 0.9]  # a tie at 0.4: numpy takes the last of the tied
+    p = np.array([0.0, 0.19999, 0.2, 0.3, 0.3, 0.4, 0.4, 0.55, 0.7, 0.70001, 1.0, np.nan])
+    by_hand = np.array([0.1, 0.1, 0.1, 0.2, 0.2, 0.5, 0.5, 0.5 + (0.4 / 0.3) * 0.15, 0.9, 0.9, 0.9, np.nan])
+    got = apply_calibrator_torch("isotonic", {"x": xs, "y": ys}, torch.tensor(p)).numpy()
+    np.testing.assert_allclose(got, by_hand, rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(got, np.interp(p, xs, ys))  # bit for bit: the same formula as numpy's
+    # a real fit on float32 scores, evaluated on the thresholds themselves, beside them and far outside
+    rng = np.random.default_rng(3)
+    fit_p = rng.random(400).astype(np.float32)
+    params = fit_calibrator("isotonic", fit_p, (rng.random(400) < fit_p).astype(float))
+    t = np.array(params["x"], np.float32)
+    probe = np.concatenate([t, np.nextafter(t, 0), np.nextafter(t, 1), [-1.0, 0.0, 1.0, 2.0], fit_p]).astype(np.float32)
+    got = apply_calibrator_torch("isotonic", params, torch.from_numpy(probe)).numpy()
+    np.testing.assert_array_equal(got, np.interp(probe.astype(np.float64), params["x"], params["y"]))
+
+
+CAL_CASES = [  # model, calibrator, fusion formula and normalisation, format
+    ("mmoe", "isotonic", "weighted_product", "none", "onnx"),
+    ("ple", "platt", "weighted_sum", "rank", "onnx"),
+    ("shared_bottom", "temperature", "weighted_sum", "z", "torchscript"),
+]
+
+
+@pytest.mark.parametrize("name,method,formula,normalize,fmt", CAL_CASES)
+def test_calibrated_and_fused_export_matches_the_numpy_path(
+    name: str, method: str, formula: str, normalize: str, fmt: str, census_store, census_rows, tmp_path, one_thread
+) -> None:
+    layout = census_store.layout
+    model = trained(name, layout, census_store.split("train").slice(0, 128))
+    fit_rows = census_store.split("valid").slice(80, 480)  # fitted on other rows than those checked
+    _, fit_scores = torch_outputs(model, fit_rows)
+    calibrators = Calibrators.fit(method, fit_scores, fit_rows.labels.numpy(), layout)
+    spec = build_spec(formula, layout, calibrators.apply(fit_scores), normalize=normalize, calibration=method)
+    spec = spec.with_weights([1.0, 0.4], biases=[0.05, 0.1] if formula == "weighted_product" else None)
+    path = tmp_path / f"m.{fmt}"
+    report = export_model(model, fmt, path, census_rows, calibrators=calibrators, fusion=spec)
+    assert report.calibration == method and report.max_rel_fused is not None and report.max_rel_fused <= TOL
+
+    tasks = layout.task_names
+    names = [f"logit.{t}" for t in tasks] + [f"score.{t}" for t in tasks] + [f"raw.{t}" for t in tasks] + ["score"]
+    table = census_rows.slice(3, 60)
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [o.name for o in session.get_outputs()] == names
+        meta = json.loads(session.get_modelmeta().custom_metadata_map["mtrec"])
+        assert meta["calibration"]["method"] == method and meta["fusion"]["formula"] == formula
+        got = dict(zip(names, session.run(None, {"sparse": table.sparse.numpy(), "dense": table.dense.numpy()})))
+    else:
+        with torch.no_grad():
+            got = dict(zip(names, [o.numpy() for o in torch.jit.load(str(path))(table.sparse, table.dense)]))
+    _, raw_torch = torch_outputs(model, table)
+    raw = np.stack([got[f"raw.{t}"] for t in tasks], 1)
+    calibrated = np.stack([got[f"score.{t}"] for t in tasks], 1)
+    assert np.abs(raw - raw_torch).max() <= TOL  # the model's scores, before the calibrator
+    # the calibrator: the numpy map on the graph's own raw scores, and end to end on PyTorch's
+    assert np.abs(calibrated - calibrators.apply(raw)).max() <= TOL
+    assert np.abs(calibrated - calibrators.apply(raw_torch)).max() <= TOL
+    assert np.abs(calibrated - raw).max() > 1e-3  # it did change the scores
+    # the fused score: relative to numpy's on the graph's own calibrated scores. End to end the steep parts of
+    # the maps (an isotonic step, a rank CDF over a Platt map that stretches these barely trained scores
+    # 100-fold) amplify the model's float32 noise, hence the looser bound there
+    assert got["score"].dtype == np.float64
+    own = apply_fusion(calibrated, spec)
+    assert (np.abs(got["score"] - own) / np.abs(own)).max() <= TOL
+    assert np.abs(got["score"] - apply_fusion(calibrators.apply(raw_torch), spec)).max() <= 1e-4
+    assert np.abs(got["score"] - apply_fusion(calibrators.apply(raw_torch), build_spec(
+        formula, layout, calibrators.apply(fit_scores), normalize=normalize, calibration=method))).max() > 1e-6  # weights matter
+
+
 # ---- loud failures ----------------------------------------------------------------------------------
 
 
@@ -265,3 +343,86 @@ def test_cli_export_and_predict_with_the_onnx_backend(tmp_path: Path, one_thread
     assert result.exit_code == 0, result.output
     assert (run / ONNX_FILE).is_file()
     assert np.abs(pl.read_csv(tmp_path / "onnx2.csv")["click"].to_numpy() - by_torch["click"].to_numpy()).max() <= TOL
+
+
+def test_cli_calibrated_fused_export_and_predict_apply_each_step_once(tmp_path: Path, one_thread) -> None:
+    """`predict --backend onnx` equals torch whether the graph includes the calibrator and the fusion (taken
+    from the graph), includes a stale calibrator (its raw scores re-calibrated) or none; export options."""
+    schema = write_toy(tmp_path / "toy", rows=300)
+    run = tmp_path / "run"
+    # trained enough that Platt's slope stays moderate (about 5 here; on a barely trained model it is in the
+    # hundreds, which turns the float32 noise of the model's score into differences above the tolerance)
+    train_run(load_schema(schema), "mmoe", run, TrainConfig(epochs=8, batch_size=32, lr=0.01, progress=False),
+              model_options={"num_experts": 2, "expert_hidden": [16], "tower_hidden": [8]}, tensorboard=False)
+    runner = CliRunner()
+    ok = lambda args: runner.invoke(app, args)  # noqa: E731
+    result = ok(["calibrate", "--run", str(run), "--method", "platt"])
+    assert result.exit_code == 0, result.output
+    valid = run_predictions(run, ("valid",))["valid"]  # calibrated, as predict gives them
+    spec = build_spec("weighted_sum", valid.layout, valid.scores, regression_transform="log1p", calibration="platt")
+    spec.with_weights([1.0, 0.3]).save(run / FUSION_FILE)
+    args = ["predict", "--run", str(run), "--input", str(tmp_path / "toy" / "toy.csv"), "--threads", "1"]
+
+    def predict(backend: str) -> pl.DataFrame:
+        out = tmp_path / f"{backend}.csv"
+        result = ok([*args, "--output", str(out), "--backend", backend])
+        assert result.exit_code == 0, result.output
+        return pl.read_csv(out)
+
+    def same(a: pl.DataFrame, b: pl.DataFrame) -> None:
+        assert a.columns == b.columns == ["click", "watch", "score"]
+        for c in ("click", "score"):
+            assert np.abs(a[c].to_numpy() - b[c].to_numpy()).max() <= TOL, c
+        w = b["watch"].to_numpy()
+        assert (np.abs(a["watch"].to_numpy() - w) / np.maximum(1.0, np.abs(w))).max() <= TOL
+
+    def meta(path: Path) -> dict:
+        return json.loads(ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map["mtrec"])
+
+    by_torch = predict("torch")
+    platt = by_torch
+    same(predict("onnx"), by_torch)  # model.onnx exported on first use: calibrator included, fusion applied outside
+    assert meta(run / ONNX_FILE)["calibration"]["method"] == "platt" and meta(run / ONNX_FILE)["fusion"] is None
+
+    result = ok(["export", "--run", str(run), "--fusion", "--threads", "1"])  # calibrator and fusion in the graph
+    assert result.exit_code == 0, result.output
+    assert "calibrated (platt)" in result.output and "fused score" in result.output
+    assert meta(run / ONNX_FILE)["fusion"]["formula"] == "weighted_sum"
+    assert "score" in [o.name for o in ort.InferenceSession(str(run / ONNX_FILE)).get_outputs()]
+    same(predict("onnx"), by_torch)  # taken from the graph: applied once
+
+    # the run recalibrated after the export: the graph's calibrator is stale, its raw scores are calibrated anew
+    (run / FUSION_FILE).unlink()
+    result = ok(["calibrate", "--run", str(run), "--method", "temperature"])
+    assert result.exit_code == 0, result.output
+    by_torch = predict("torch")
+    assert np.abs(by_torch["click"].to_numpy() - platt["click"].to_numpy()).max() > 1e-4  # the calibrator changed
+    onnx = predict("onnx")
+    for c in ("click", "watch"):
+        assert np.abs(onnx[c].to_numpy() - by_torch[c].to_numpy()).max() <= TOL * max(1.0, np.abs(by_torch[c].to_numpy()).max())
+
+    # a context graph goes to its own file; batch scoring neither uses nor overwrites it
+    before = (run / ONNX_FILE).read_bytes()
+    result = ok(["export", "--run", str(run), "--context-features", "age", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert (run / CONTEXT_ONNX_FILE).is_file() and (run / ONNX_FILE).read_bytes() == before
+    assert [i["features"] for i in meta(run / CONTEXT_ONNX_FILE)["inputs"] if i["context"]] == [["age"]]
+    context_bytes = (run / CONTEXT_ONNX_FILE).read_bytes()
+    predict("onnx")
+    assert (run / CONTEXT_ONNX_FILE).read_bytes() == context_bytes
+
+    # option errors: one clear error, nothing written
+    (run / ONNX_FILE).unlink()
+    spec.save(tmp_path / "f.yaml")  # fitted on platt scores, the run now has temperature
+    for extra, message in (
+        (["--fusion"], "has no fusion.yaml"),
+        (["--fusion", "--fusion-file", str(tmp_path / "f.yaml")], "give one"),
+        (["--fusion-file", str(tmp_path / "f.yaml")], "calibration platt"),
+        (["--fusion-file", str(tmp_path / "none.yaml")], "not found"),
+    ):
+        result = ok(["export", "--run", str(run), *extra])
+        assert isinstance(result.exception, MtrecError) and message in str(result.exception), (extra, result.output)
+    (run / "calibration.json").unlink()
+    result = ok(["export", "--run", str(run), "--no-calibration"])
+    assert isinstance(result.exception, MtrecError) and "--no-calibration" in str(result.exception)
+    assert not (run / ONNX_FILE).exists()

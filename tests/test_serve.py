@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, settings, example
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -282,8 +282,9 @@ def test_fuzzed_bodies_never_get_5xx(runs: dict, client: httpx.Client) -> None:
                 target[column] = draw(value)
             elif op == "delete":
                 target.pop(column, None)
-            else:
-                body["candidates"] = draw(st.lists(st.sampled_from(body["candidates"]) | value, max_size=4))
+            else:  # (an earlier shuffle may have left no candidate to sample from)
+                pool = st.sampled_from(body["candidates"]) | value if body["candidates"] else value
+                body["candidates"] = draw(st.lists(pool, max_size=4))
         raw = json.dumps(body).encode()
         if draw(st.integers(0, 9)) == 0:
             raw = raw[: draw(st.integers(0, len(raw)))]  # truncated
@@ -293,6 +294,7 @@ def test_fuzzed_bodies_never_get_5xx(runs: dict, client: httpx.Client) -> None:
 
     @settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(raw=bodies())
+    @example(raw=json.dumps(base).encode())  # the unmodified body: the run always holds one good answer
     def fuzz(raw: bytes) -> None:
         response = client.post("/rank", content=raw, headers={"content-type": "application/json"})
         seen[response.status_code] = seen.get(response.status_code, 0) + 1
@@ -447,6 +449,50 @@ def test_onnx_backend_ranks_as_torch(runs: dict, one_thread) -> None:
     torch_scores = {e["index"]: e["score"] for e in answers["torch"]}
     np.testing.assert_allclose([e["score"] for e in answers["onnx"]], [torch_scores[e["index"]] for e in answers["onnx"]], atol=1e-5)
     assert np.all(np.diff([e["score"] for e in answers["onnx"]]) <= 0)
+
+
+def test_onnx_context_graph_ranks_as_torch(runs: dict, one_thread) -> None:
+    """With RUN/model.context.onnx (`mtrec export --context-features`), the ONNX scorer feeds the request's
+    context once (batch-1 inputs) when it gives every context feature of the graph, the full-batch graph
+    otherwise; both rank as torch does (calibrated by the service, fused, never twice)."""
+    from mtrec.serve.export import CONTEXT_ONNX_FILE, ONNX_FILE
+    from mtrec.serve.service import ServeSettings, load_ranker
+
+    run = runs["mmoe"]
+    features = [f.name for f in runs["schema"].features if f.source_column in CONTEXT]
+    assert len(features) == len(CONTEXT) + 1  # age feeds two features
+    result = CliRunner().invoke(app, ["export", "--run", str(run), "--context-features", ",".join(features), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    try:
+        rows = _rows(runs, 30)
+        bodies = {
+            "context": request_from_frame(rows, runs["schema"], CONTEXT),
+            "partial": request_from_frame(rows.with_columns([pl.lit(rows[c][0]).alias(c) for c in CONTEXT]), runs["schema"], CONTEXT[:2]),
+        }
+        torch_ranker = load_ranker(ServeSettings(run=run, backend="torch", threads=1))
+        onnx_ranker = load_ranker(ServeSettings(run=run, backend="onnx", threads=1))
+        scorer = onnx_ranker.scorer
+        assert scorer.context_graph is not None and scorer.context_graph.path == run / CONTEXT_ONNX_FILE
+        assert scorer.context_graph.context_features == set(features) and scorer.batch_graph.path == run / ONNX_FILE
+        assert scorer.context_graph.calibration["method"] == "platt"  # included: the scorer reads raw.<task>
+        for kind, body in bodies.items():
+            batch = onnx_ranker.encoder.encode(body)
+            graph = scorer.graph_for(batch)
+            assert graph is (scorer.context_graph if kind == "context" else scorer.batch_graph), kind
+            feed = graph.feed(batch.sparse, batch.dense, batch.sequences)
+            assert all(feed[i.name].shape[0] == (1 if i.context else 30) for i in graph.inputs)
+            raw = json.dumps(body).encode()
+            want = json.loads(torch_ranker.rank(raw)[0])["ranking"]
+            got = json.loads(onnx_ranker.rank(raw)[0])["ranking"]
+            by_index = {e["index"]: e for e in want}
+            np.testing.assert_allclose([e["score"] for e in got], [by_index[e["index"]]["score"] for e in got], atol=1e-5, rtol=0)
+            for task in ("income", "never_married"):
+                np.testing.assert_allclose([e["scores"][task] for e in got], [by_index[e["index"]]["scores"][task] for e in got], atol=1e-5)
+            assert np.all(np.diff([e["score"] for e in got]) <= 0)
+            want_scores = np.array([e["score"] for e in want])
+            assert [e["index"] for e in got] == [e["index"] for e in want] or np.min(np.abs(np.diff(want_scores))) < 1e-5
+    finally:
+        (run / CONTEXT_ONNX_FILE).unlink(missing_ok=True)
 
 
 def test_request_timeout_gets_503_and_the_service_goes_on(runs: dict, one_thread) -> None:

@@ -11,8 +11,10 @@ of the shared parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
+import numpy as np
+import torch
 from torch import Tensor, nn
 
 from mtrec.balancing.options import BalancerConfig
@@ -41,6 +43,9 @@ class Balancer(nn.Module):
     """
 
     Config: ClassVar[type[BalancerConfig]] = BalancerConfig
+    # plain Python attributes that carry state from step to step (besides parameters, buffers and random
+    # generators, which are found by themselves): saved in checkpoints through get_extra_state
+    checkpointed: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, *,
                  config: Optional[BalancerConfig] = None, **options: object) -> None:
@@ -53,6 +58,32 @@ class Balancer(nn.Module):
         elif options or task_weights is not None:
             raise TypeError("give a validated config or raw options, not both")
         self.config = config
+
+    def get_extra_state(self) -> dict:
+        """State kept outside parameters and buffers, for checkpoints: the state of every random
+        generator attribute (numpy or torch; e.g. PCGrad's projection order) and the attributes named
+        in ``checkpointed``; numpy arrays as tensors, so ``torch.load(weights_only=True)`` reads it."""
+        out: dict[str, Any] = {}
+        for name, value in vars(self).items():
+            if isinstance(value, np.random.Generator):
+                out[name] = {"numpy_generator": value.bit_generator.state}
+            elif isinstance(value, torch.Generator):
+                out[name] = {"torch_generator": value.get_state()}
+        for name in self.checkpointed:
+            value = getattr(self, name)
+            out[name] = {"array": torch.from_numpy(np.array(value))} if isinstance(value, np.ndarray) else {"value": value}
+        return out
+
+    def set_extra_state(self, state: dict) -> None:
+        for name, entry in state.items():
+            if "numpy_generator" in entry:
+                getattr(self, name).bit_generator.state = entry["numpy_generator"]
+            elif "torch_generator" in entry:
+                getattr(self, name).set_state(entry["torch_generator"])
+            elif "array" in entry:
+                setattr(self, name, entry["array"].numpy().copy())
+            else:
+                setattr(self, name, entry["value"])
 
     def combine(self, losses: Tensor, context: StepContext) -> Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -57,6 +57,7 @@ class CAGrad(GradientBalancer):
         c: float = Field(0.5, ge=0.0, allow_inf_nan=False)
 
     config: Config
+    checkpointed = ("_w",)  # the warm start of the dual solver, carried from step to step
 
     def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
         super().__init__(task_names, task_weights, **options)

@@ -3,18 +3,22 @@
 A store is keyed by the schema's fingerprint (schema content plus each source
 file's path, size and modification time), so it is rebuilt exactly when the
 data or the schema change, and reused otherwise. It is built in a temporary
-folder and renamed into place, so a failed ingestion leaves nothing behind.
+folder and renamed into place, so a failed ingestion leaves nothing behind; the temporary folder's
+name holds the pid of the process building it, and one whose process is gone (killed mid-ingestion)
+is removed by the next :func:`load_store`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -57,10 +61,44 @@ class Store:
         return self.splits.get(name)
 
 
-def _write_store(target: Path, schema: Schema) -> None:
-    arrays, enc, layout = ingest(schema)  # raises MtrecError before anything is written
+TMP_PID = re.compile(r"^\..+\.pid(\d+)\.[^.]+\.tmp$")  # .<store>.pid<pid>.<random>.tmp
+STALE_UNKNOWN_S = 24 * 3600  # a temporary without a pid (older mtrec) is stale after a day
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another user
+        return True
+    return True
+
+
+def clean_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary store folders in ``folder`` whose building process is gone (a kill during
+    ingestion leaves them); returns what was removed."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(".*.tmp"):
+        if not path.is_dir():
+            continue
+        match = TMP_PID.match(path.name)
+        try:
+            stale = not _pid_alive(int(match.group(1))) if match else time.time() - path.stat().st_mtime > STALE_UNKNOWN_S
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _write_store(target: Path, schema: Schema, echo: Optional[Callable[[str], None]] = None) -> None:
+    arrays, enc, layout = ingest(schema, echo=echo)  # raises MtrecError before anything is written
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.pid{os.getpid()}.", suffix=".tmp"))
     try:
         for split, cols in arrays.items():
             for key, value in cols.items():
@@ -101,13 +139,19 @@ def store_path(schema: Schema) -> Path:
     return cache_root() / "stores" / f"{schema.name}-{schema.fingerprint()[:20]}"
 
 
-def load_store(schema: Schema, rebuild: bool = False) -> Store:
-    """Open the store of ``schema``, building it first when missing or stale."""
+def load_store(schema: Schema, rebuild: bool = False, echo: Optional[Callable[[str], None]] = None) -> Store:
+    """Open the store of ``schema``, building it first when missing or stale (``echo`` gets one line
+    saying which)."""
     path = store_path(schema)
+    clean_stale_temporaries(path.parent)
     if rebuild and path.exists():
         shutil.rmtree(path)
     if (path / "meta.json").is_file() and json.loads((path / "meta.json").read_text()).get("version") != STORE_VERSION:
         shutil.rmtree(path)  # written by another version of mtrec: encoded differently, rebuild it
     if not (path / "meta.json").is_file():
-        _write_store(path, schema)
+        _write_store(path, schema, echo)
+        if echo is not None:
+            echo(f"store written to {path}")
+    elif echo is not None:
+        echo(f"using cached store {path}")
     return open_store(path)

@@ -99,6 +99,18 @@ class ConflictMonitor(Callback):
         record["monitor"] = self.summary(trainer.model.task_names)
         self.samples = []
 
+    def state_dict(self) -> dict:
+        """This epoch's samples so far and the first losses (arrays as tensors), for checkpoints."""
+        def tensors(sample: dict) -> dict:
+            return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in sample.items()}
+
+        return {"samples": [tensors(s) for s in self.samples],
+                "initial": None if self.initial is None else torch.from_numpy(self.initial)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.samples = [{k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in s.items()} for s in state["samples"]]
+        self.initial = None if state["initial"] is None else state["initial"].numpy()
+
     def summary(self, tasks: list[str]) -> dict:
         """Per-epoch figures of the samples taken since the last summary."""
         if not self.samples:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import numpy as np
+import torch
 from scipy.optimize import minimize_scalar
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
@@ -109,6 +110,55 @@ def apply_calibrator(method: str, params: dict, p: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown calibration method {method!r}")
 
 
+# ---- torch forms (for the exported graph): the same maps, export-friendly --------------------------------
+
+
+def _isotonic_torch(p: torch.Tensor, xs: Sequence[float], ys: Sequence[float]) -> torch.Tensor:
+    """``np.interp(p, xs, ys)`` in float64 with broadcast comparisons and gathers only (no
+    ``searchsorted``, so it exports to ONNX opset 17), following numpy's rule case by case: below
+    ``xs[0]`` -> ``ys[0]``; at or above ``xs[-1]`` -> ``ys[-1]``; otherwise the last ``j`` with
+    ``xs[j] <= p`` (the last of tied thresholds), ``ys[j]`` when ``p == xs[j]``, else
+    ``ys[j] + slope_j * (p - xs[j])`` with numpy's slope; NaN stays NaN."""
+    x = np.asarray(xs, np.float64)
+    y = np.asarray(ys, np.float64)
+    fp = torch.tensor(y, dtype=torch.float64)
+    if len(x) == 1:
+        return torch.where(torch.isnan(p), p, fp[0].expand_as(p))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = (y[1:] - y[:-1]) / (x[1:] - x[:-1])  # numpy's own formula, in float64
+    slope[~np.isfinite(slope)] = 0.0  # tied thresholds: a segment no value falls strictly inside
+    xp = torch.tensor(x, dtype=torch.float64)
+    j = (p.unsqueeze(-1) >= xp).sum(-1) - 1  # the last threshold at or below p; -1 below the first
+    jc = j.clamp(0, len(x) - 2)
+    x0, y0, s = xp[jc], fp[jc], torch.tensor(slope, dtype=torch.float64)[jc]
+    inner = torch.where(p == x0, y0, s * (p - x0) + y0)
+    out = torch.where(j < 0, fp[0], torch.where(j >= len(x) - 1, fp[-1], inner))
+    return torch.where(torch.isnan(p), p, out)
+
+
+def _logit_torch(p: torch.Tensor) -> torch.Tensor:
+    # log(1 - p) rather than log1p(-p): 1 - p is exact in float64 for a float32 p, and Log exports everywhere
+    p = p.clamp(EPS, 1 - EPS)
+    return torch.log(p) - torch.log(1.0 - p)
+
+
+def _sigmoid_torch(z: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(0.5 * z))  # as _sigmoid
+
+
+def apply_calibrator_torch(method: str, params: dict, p: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_calibrator` in torch, computed in float64 (returned in float64): temperature and
+    Platt are affine maps of the logit, isotonic the piecewise-linear map of its thresholds."""
+    p = p.double()
+    if method == "temperature":
+        return _sigmoid_torch(_logit_torch(p) / float(params["temperature"]))
+    if method == "platt":
+        return _sigmoid_torch(float(params["a"]) * _logit_torch(p) + float(params["b"]))
+    if method == "isotonic":
+        return _isotonic_torch(p, params["x"], params["y"])
+    raise ValueError(f"unknown calibration method {method!r}")
+
+
 class Calibrators:
     """The calibrators of a run: one per binary task (None for regression tasks or without a file).
 
@@ -157,6 +207,20 @@ class Calibrators:
             if self.params.get(name) is not None:
                 out[:, t] = apply_calibrator(self.method, self.params[name], out[:, t])
         return out.astype(scores.dtype, copy=False)
+
+    def apply_torch(self, scores: torch.Tensor) -> torch.Tensor:
+        """:meth:`apply` in torch (for the exported graph): ``[N, T]`` scores to calibrated ones in the
+        input's dtype, each calibrator computed in float64 and rounded back, as :meth:`apply` does."""
+        if scores.dim() != 2 or scores.shape[1] != len(self.task_names):
+            raise ValueError(f"scores must be [N, {len(self.task_names)}], got {list(scores.shape)}")
+        if not self.active:
+            return scores
+        cols = [
+            apply_calibrator_torch(self.method, self.params[name], scores[:, t]).to(scores.dtype)
+            if self.params.get(name) is not None else scores[:, t]
+            for t, name in enumerate(self.task_names)
+        ]
+        return torch.stack(cols, dim=1)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "fitted_on": "valid", "task_names": self.task_names, "tasks": self.params}

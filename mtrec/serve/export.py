@@ -11,10 +11,25 @@ and returns ``logit.<task>`` and ``score.<task>`` (``[B]`` each, ``score = model
 for a binary task, the value for a regression task). The batch dimension is dynamic. A kind without
 features has no input.
 
+Optionally the graph also holds what turns those scores into a ranking score, so a consumer needs
+nothing but the graph:
+
+- the run's calibrator (``calibration.json``, included by default when the run has one): then
+  ``score.<task>`` is the calibrated score and ``raw.<task>`` the model's score before it
+  (:meth:`~mtrec.fusion.calibration.Calibrators.apply_torch`, the numpy map in float64);
+- a fusion spec (``fusion.yaml``): then ``score`` (``[B]``, float64) is the fused ranking score of the
+  (calibrated) ``score.<task>`` columns (:func:`~mtrec.fusion.spec.apply_fusion_torch`).
+
+The graph's metadata (``mtrec`` key) says what it includes: ``calibration`` and ``fusion`` (each
+``null`` or with the method / formula and the SHA-256 of the parameters), the inputs, their columns,
+the outputs; consumers (``predict --backend onnx``, the service) read it so nothing is applied twice.
+
 For the ranking service, features named in ``context_features`` (the user side of a request, the same
 for every candidate) move to inputs ``context.sparse``, ``context.dense`` and ``context.seq.<name>`` of
 batch 1, which the graph broadcasts to the candidates' batch; the candidate inputs then hold only the
-other columns, still in layout order.
+other columns, still in layout order. The run's graph for the service is ``RUN/model.context.onnx``
+(:data:`CONTEXT_ONNX_FILE`, what ``mtrec export --context-features ...`` writes by default); the
+batch-scoring graph ``RUN/model.onnx`` never has context inputs, so neither overwrites the other.
 
 :class:`EncodedInputModel` is the thin wrapper that rebuilds the batch from those tensors; it is what is
 traced. Export is trace-based (TorchScript ``torch.jit.trace``; ONNX through the TorchScript-based
@@ -25,8 +40,12 @@ take another code path for speed in training (the folded first layer of
 Before anything is written, the exported artefact is run on real rows (the run's validation split, with
 ids forced to the out-of-vocabulary id on some rows) at several batch sizes, and its logits must match
 PyTorch's to ``1e-5`` (absolute for binary tasks; relative to ``max(1, |value|)`` for regression tasks);
-otherwise :class:`~mtrec.errors.MtrecError` names the model, the task and the difference. Files are
-written to a temporary name and renamed into place.
+otherwise :class:`~mtrec.errors.MtrecError` names the model, the task and the difference. A calibrated
+score must match the numpy calibrator applied to the graph's own ``raw.<task>`` on the same rows to
+``1e-5`` (absolute), the fused score :func:`~mtrec.fusion.spec.apply_fusion` of the graph's own
+``score.<task>`` to ``1e-5`` relative: each stage is checked on the same inputs, since a step of an
+isotonic map amplifies a one-ulp difference of its input. Files are written to a temporary name and
+renamed into place.
 """
 
 from __future__ import annotations
@@ -39,9 +58,9 @@ import os
 import re
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -51,6 +70,8 @@ from mtrec import __version__
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.errors import MtrecError
 from mtrec.files import write_bytes_atomic
+from mtrec.fusion.calibration import Calibrators
+from mtrec.fusion.spec import FusionSpec, apply_fusion, apply_fusion_torch
 from mtrec.models.base import MultiTaskModel
 
 if TYPE_CHECKING:
@@ -59,6 +80,9 @@ if TYPE_CHECKING:
 FORMATS = ("onnx", "torchscript")
 ONNX_FILE = "model.onnx"  # the run directory's ONNX export, used by `predict --backend onnx`
 TORCHSCRIPT_FILE = "model.torchscript.pt"
+CONTEXT_ONNX_FILE = "model.context.onnx"  # the run's graph with batch-1 context inputs, used by the service
+CONTEXT_TORCHSCRIPT_FILE = "model.context.torchscript.pt"
+FUSED_OUTPUT = "score"  # the fused ranking score's output, when the graph includes a fusion spec
 OPSET = 17
 TOLERANCE = 1e-5
 PARITY_ROWS = 256  # rows of the validation split the parity check scores
@@ -112,23 +136,54 @@ def graph_inputs(layout: FeatureLayout, context_features: Sequence[str] = ()) ->
     return out
 
 
-def output_names(layout: FeatureLayout) -> list[str]:
-    """``logit.<task>`` for every task, then ``score.<task>``, in layout task order."""
-    return [f"logit.{t}" for t in layout.task_names] + [f"score.{t}" for t in layout.task_names]
+def output_names(layout: FeatureLayout, calibrated: bool = False, fused: bool = False) -> list[str]:
+    """``logit.<task>`` for every task, then ``score.<task>``, in layout task order; then, for a graph
+    with a calibrator, ``raw.<task>`` (the scores before it), and for one with a fusion spec ``score``."""
+    tasks = layout.task_names
+    names = [f"logit.{t}" for t in tasks] + [f"score.{t}" for t in tasks]
+    if calibrated:
+        names += [f"raw.{t}" for t in tasks]
+    return names + ([FUSED_OUTPUT] if fused else [])
+
+
+def calibration_digest(calibrators: Calibrators) -> str:
+    """SHA-256 of a run's calibrators (method, tasks, parameters): what a graph records of the
+    calibrator it includes, so a consumer knows whether it is the run's current one."""
+    return hashlib.sha256(json.dumps(calibrators.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def fusion_digest(spec: FusionSpec) -> str:
+    """SHA-256 of a fusion spec's scoring content (formula, calibration, task terms; not ``search``)."""
+    return hashlib.sha256(spec.model_dump_json(exclude={"search"}).encode()).hexdigest()
 
 
 class EncodedInputModel(nn.Module):
-    """``forward(*inputs)`` in :func:`graph_inputs` order -> per-task logits, then per-task scores (``[B]`` each).
+    """``forward(*inputs)`` in :func:`graph_inputs` order -> the outputs of :func:`output_names`
+    (``[B]`` each): per-task logits, per-task scores (calibrated when ``calibrators`` is given and
+    active), the scores before calibration, the fused score when ``fusion`` is given.
 
     Rebuilds the :class:`TensorTable` batch the model reads (context columns broadcast to the batch and
     put back at their layout columns) and applies ``model.predict``.
     """
 
-    def __init__(self, model: MultiTaskModel, context_features: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        context_features: Sequence[str] = (),
+        calibrators: Optional[Calibrators] = None,
+        fusion: Optional[FusionSpec] = None,
+    ) -> None:
         super().__init__()
         self.model = model
         layout: FeatureLayout = model.layout
         self.inputs = graph_inputs(layout, context_features)
+        self.calibrators = calibrators if calibrators is not None and calibrators.active else None
+        self.fusion = fusion
+        if self.calibrators is not None and self.calibrators.task_names != layout.task_names:
+            raise MtrecError(f"calibration: fitted for tasks {self.calibrators.task_names}, the model has {layout.task_names}")
+        if fusion is not None and fusion.task_names != layout.task_names:
+            raise MtrecError(f"fusion: the spec's tasks {fusion.task_names} are not the model's {layout.task_names}")
+        self.output_names = output_names(layout, self.calibrators is not None, fusion is not None)
         self.num_tasks = layout.num_tasks
         self.sequence_names = [s.name for s in layout.sequences]
         self.columns = {"sparse": [f.name for f in layout.sparse], "dense": list(layout.dense)}
@@ -185,8 +240,17 @@ class EncodedInputModel(nn.Module):
             sequences=sequences,
         )
         out = self.model(batch)
-        scores = self.model.predict(out)
-        return (*out.logits.unbind(1), *scores.unbind(1))
+        raw = self.model.predict(out)
+        outputs = list(out.logits.unbind(1))
+        if self.calibrators is None:
+            scores = raw
+            outputs += scores.unbind(1)
+        else:
+            scores = self.calibrators.apply_torch(raw)  # float64 inside, float32 out, as the numpy path
+            outputs += [*scores.unbind(1), *raw.unbind(1)]
+        if self.fusion is not None:
+            outputs.append(apply_fusion_torch(scores.double(), self.fusion))  # as apply_fusion: float64
+        return tuple(outputs)
 
 
 # ---- parity ----------------------------------------------------------------------------------------
@@ -230,13 +294,17 @@ def _broadcast_context(table: TensorTable, wrapper: EncodedInputModel) -> Tensor
 
 @dataclass
 class ParityReport:
-    """Largest differences between the exported artefact and PyTorch, per task, over every checked batch."""
+    """Largest differences between the exported artefact and PyTorch, per task, over every checked batch;
+    for a graph with a calibrator or a fusion spec, also between those outputs and the numpy path."""
 
     max_abs: dict[str, float]  # logits
     max_rel: dict[str, float]  # logits and scores, relative to max(1, |PyTorch value|)
     max_abs_score: dict[str, float]
     binary: dict[str, bool]
     batch_sizes: list[int]
+    calibration: Optional[str] = None  # the included calibrator's method
+    max_abs_calibrated: dict[str, float] = field(default_factory=dict)  # score.<task> vs numpy on raw.<task>
+    max_rel_fused: Optional[float] = None  # score vs apply_fusion of score.<task>, relative to |numpy value|
 
     def worst(self, task: str) -> float:
         """What the tolerance applies to: absolute on a binary task's logits and probabilities,
@@ -245,17 +313,38 @@ class ParityReport:
 
     def summary(self) -> str:
         diffs = ", ".join(f"{t} {self.worst(t):.2g}" for t in self.max_abs)
-        return f"parity with PyTorch on batches of {self.batch_sizes} rows, max difference per task: {diffs}"
+        text = f"parity with PyTorch on batches of {self.batch_sizes} rows, max difference per task: {diffs}"
+        if self.calibration is not None:
+            cal = ", ".join(f"{t} {d:.2g}" for t, d in self.max_abs_calibrated.items())
+            text += f"; calibrated ({self.calibration}) scores against numpy: {cal}"
+        if self.max_rel_fused is not None:
+            text += f"; fused score against numpy: max relative difference {self.max_rel_fused:.2g}"
+        return text
+
+
+def _fail(model: MultiTaskModel, fmt: str, what: str, sizes: list[int]) -> MtrecError:
+    return MtrecError(
+        f"model '{model_name(model)}' exported to {fmt}: parity check failed on {what} (batch sizes {sizes}); nothing written"
+    )
 
 
 def _check(model: MultiTaskModel, fmt: str, run_graph, wrapper: EncodedInputModel, rows: TensorTable,
            sizes: Sequence[int]) -> ParityReport:
-    """Run the exported graph (``run_graph(inputs) -> list of arrays``) on ``rows`` split into ``sizes``
-    and compare with PyTorch; raise :class:`MtrecError` when a task is off by more than the tolerance."""
+    """Run the exported graph (``run_graph(inputs) -> {output name: array}``) on ``rows`` split into
+    ``sizes`` and compare with PyTorch (logits, model scores) and with the numpy calibrator and fusion
+    (on the graph's own inputs to them); raise :class:`MtrecError` when an output is off by more than
+    the tolerance."""
     tasks = model.layout.task_names
     binary = [t.type == "binary" for t in model.layout.tasks]
+    calibrators, spec = wrapper.calibrators, wrapper.fusion
     report = ParityReport({t: 0.0 for t in tasks}, {t: 0.0 for t in tasks}, {t: 0.0 for t in tasks},
                           dict(zip(tasks, binary)), [])
+    if calibrators is not None:
+        report.calibration = calibrators.method
+        report.max_abs_calibrated = {t: 0.0 for t in tasks}
+    if spec is not None:
+        report.max_rel_fused = 0.0
+    raw_name = "raw" if calibrators is not None else "score"
     start = 0
     for size in sizes:
         table = _broadcast_context(rows.slice(start, start + size), wrapper)
@@ -266,8 +355,8 @@ def _check(model: MultiTaskModel, fmt: str, run_graph, wrapper: EncodedInputMode
             ref_scores = model.predict(out).double().numpy()
         got = run_graph(wrapper.feed(table))
         for t, name in enumerate(tasks):
-            logit = np.asarray(got[t], dtype=np.float64).reshape(-1)
-            score = np.asarray(got[len(tasks) + t], dtype=np.float64).reshape(-1)
+            logit = np.asarray(got[f"logit.{name}"], dtype=np.float64).reshape(-1)
+            score = np.asarray(got[f"{raw_name}.{name}"], dtype=np.float64).reshape(-1)
             if logit.shape != (len(table),):
                 raise MtrecError(
                     f"model '{model_name(model)}' exported to {fmt}: output 'logit.{name}' has shape {logit.shape} "
@@ -284,16 +373,36 @@ def _check(model: MultiTaskModel, fmt: str, run_graph, wrapper: EncodedInputMode
                     f"model '{model_name(model)}' exported to {fmt}: parity check failed on task '{name}': "
                     f"non-finite logits where PyTorch's are finite; nothing written"
                 )
+        scores = np.stack([np.asarray(got[f"score.{n}"]).reshape(-1) for n in tasks], axis=1).astype(np.float32)
+        if calibrators is not None:  # the numpy calibrator on the graph's own raw scores
+            raw = np.stack([np.asarray(got[f"raw.{n}"]).reshape(-1) for n in tasks], axis=1).astype(np.float32)
+            want = calibrators.apply(raw).astype(np.float64)
+            for t, name in enumerate(tasks):
+                d = np.abs(scores[:, t].astype(np.float64) - want[:, t])
+                d = np.where(np.isnan(d), np.where(np.isnan(want[:, t]) & np.isnan(scores[:, t]), 0.0, np.inf), d)
+                if not binary[t]:
+                    d = d / np.maximum(1.0, np.abs(want[:, t]))
+                report.max_abs_calibrated[name] = max(report.max_abs_calibrated[name], float(d.max(initial=0.0)))
+        if spec is not None:  # the numpy fusion on the graph's own (calibrated) scores
+            fused = np.asarray(got[FUSED_OUTPUT], dtype=np.float64).reshape(-1)
+            want = apply_fusion(scores, spec)
+            d = np.abs(fused - want) / np.maximum(np.abs(want), 1e-300)
+            d = np.where(fused == want, 0.0, d)  # equal infinities, both zero
+            d = np.where(np.isnan(d), np.inf, d)
+            report.max_rel_fused = max(report.max_rel_fused, float(d.max(initial=0.0)))
         report.batch_sizes.append(len(table))
     for t, name in enumerate(tasks):
         worst = report.worst(name)
         if not worst <= TOLERANCE:
             kind = "absolute" if binary[t] else "relative"
-            raise MtrecError(
-                f"model '{model_name(model)}' exported to {fmt}: parity check failed on task '{name}': "
-                f"max {kind} difference {worst:.3g} from PyTorch exceeds {TOLERANCE:g} "
-                f"(batch sizes {report.batch_sizes}); nothing written"
-            )
+            raise _fail(model, fmt, f"task '{name}': max {kind} difference {worst:.3g} from PyTorch exceeds {TOLERANCE:g}",
+                        report.batch_sizes)
+        if calibrators is not None and not report.max_abs_calibrated[name] <= TOLERANCE:
+            raise _fail(model, fmt, f"the calibrated score of task '{name}' ({calibrators.method}): max difference "
+                        f"{report.max_abs_calibrated[name]:.3g} from the numpy calibrator exceeds {TOLERANCE:g}", report.batch_sizes)
+    if spec is not None and not report.max_rel_fused <= TOLERANCE:
+        raise _fail(model, fmt, f"the fused score ({spec.formula}): max relative difference {report.max_rel_fused:.3g} "
+                    f"from the numpy fusion exceeds {TOLERANCE:g}", report.batch_sizes)
     return report
 
 
@@ -324,7 +433,19 @@ def _description(model: MultiTaskModel, wrapper: EncodedInputModel, extra: Optio
         "inputs": [
             {"name": i.name, "kind": i.kind, "features": list(i.features), "context": i.context} for i in wrapper.inputs
         ],
-        "outputs": output_names(model.layout),
+        "columns": {  # the layout's columns, so a consumer can build the inputs from full encoded arrays
+            "sparse": [f.name for f in model.layout.sparse],
+            "dense": list(model.layout.dense),
+            "sequences": [q.name for q in model.layout.sequences],
+        },
+        "outputs": wrapper.output_names,
+        "calibration": (
+            {"method": wrapper.calibrators.method, "sha256": calibration_digest(wrapper.calibrators)}
+            if wrapper.calibrators is not None else None
+        ),
+        "fusion": (
+            {"formula": wrapper.fusion.formula, "sha256": fusion_digest(wrapper.fusion)} if wrapper.fusion is not None else None
+        ),
         **(extra or {}),
     }
 
@@ -403,7 +524,7 @@ def _register_symbolics() -> None:
 def _to_onnx(model: MultiTaskModel, wrapper: EncodedInputModel, example: dict[str, Tensor], description: dict) -> bytes:
     import onnx
 
-    names = output_names(model.layout)
+    names = wrapper.output_names
     dynamic = {i.name: {0: "batch"} for i in wrapper.inputs if not i.context} | {n: {0: "batch"} for n in names}
     _register_symbolics()
     buf = io.BytesIO()
@@ -457,38 +578,42 @@ def export_model(
     context_features: Sequence[str] = (),
     metadata: Optional[dict] = None,
     sizes: Optional[Sequence[int]] = None,
+    calibrators: Optional[Calibrators] = None,
+    fusion: Optional[FusionSpec] = None,
 ) -> ParityReport:
     """Export ``model`` (put in eval mode) to ``path`` in ``fmt`` after checking parity on ``rows``.
 
     ``rows`` are encoded rows (use :func:`with_unknown_ids` to include unknown ids); ``sizes`` the
-    batch sizes checked (default :func:`parity_sizes`). Writes nothing when the export or the check
-    fails (:class:`MtrecError` naming the model and the operator or the difference).
+    batch sizes checked (default :func:`parity_sizes`). ``calibrators`` (when active) and ``fusion``
+    go into the graph (see the module docstring; the spec must be fitted on the scores those
+    calibrators give). Writes nothing when the export or the check fails (:class:`MtrecError` naming
+    the model and the operator or the difference).
     """
     if fmt not in FORMATS:
         raise MtrecError(f"--format: unknown export format '{fmt}'; choose one of: {', '.join(FORMATS)}")
     if len(rows) == 0:
         raise MtrecError(f"model '{model_name(model)}': no rows to check the export against")
     model.eval()
-    wrapper = EncodedInputModel(model, context_features).eval()
+    wrapper = EncodedInputModel(model, context_features, calibrators, fusion).eval()
     description = _description(model, wrapper, metadata)
     example = wrapper.feed(rows.slice(0, min(len(rows), 37)))
     sizes = list(sizes) if sizes is not None else parity_sizes(len(rows))
+    outputs = wrapper.output_names
     if fmt == "onnx":
         data = _to_onnx(model, wrapper, example, description)
         session = ort_session(data)
-        outputs = output_names(model.layout)
 
-        def run_graph(inputs: dict[str, Tensor]) -> list[np.ndarray]:
-            return session.run(outputs, {k: v.numpy() for k, v in inputs.items()})
+        def run_graph(inputs: dict[str, Tensor]) -> dict[str, np.ndarray]:
+            return dict(zip(outputs, session.run(outputs, {k: v.numpy() for k, v in inputs.items()})))
     else:
         data = _to_torchscript(model, wrapper, example, description)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still supported
             loaded = torch.jit.load(io.BytesIO(data))
 
-        def run_graph(inputs: dict[str, Tensor]) -> list[np.ndarray]:
+        def run_graph(inputs: dict[str, Tensor]) -> dict[str, np.ndarray]:
             with torch.no_grad():
-                return [o.numpy() for o in loaded(*inputs.values())]
+                return dict(zip(outputs, [o.numpy() for o in loaded(*inputs.values())]))
 
     try:
         report = _check(model, fmt, run_graph, wrapper, rows, sizes)
@@ -525,25 +650,57 @@ def parity_rows(run: Path, loaded: "LoadedRun", limit: int = PARITY_ROWS) -> Ten
     return with_unknown_ids(table)
 
 
+def default_export_path(run: Path, fmt: str, context_features: Sequence[str] = ()) -> Path:
+    """Where ``mtrec export`` writes by default: ``model.onnx`` / ``model.torchscript.pt`` in the run,
+    or ``model.context.onnx`` / ``model.context.torchscript.pt`` for a graph with context inputs."""
+    if context_features:
+        return run / (CONTEXT_ONNX_FILE if fmt == "onnx" else CONTEXT_TORCHSCRIPT_FILE)
+    return run / (ONNX_FILE if fmt == "onnx" else TORCHSCRIPT_FILE)
+
+
 def export_run(
     run: Path,
     fmt: str,
     out: Optional[Path] = None,
     context_features: Sequence[str] = (),
     fallback_rows: Optional[TensorTable] = None,
+    calibration: Optional[bool] = None,
+    fusion: Union[None, bool, Path] = None,
 ) -> tuple[Path, ParityReport]:
-    """Export a run directory's model (default file: ``model.onnx`` / ``model.torchscript.pt`` in the run).
+    """Export a run directory's model (default file: :func:`default_export_path`).
 
+    ``calibration``: include the run's calibrator (``None``: when the run has ``calibration.json``;
+    ``False``: leave it out, an error when the run has none). ``fusion``: ``True`` includes the run's
+    ``fusion.yaml``, a path that spec (checked against the run's tasks and calibrator), ``None`` none.
     The parity check runs on the run's validation rows; when the run's data can no longer be read,
     on ``fallback_rows`` (encoded with the run's encoders, e.g. the rows about to be scored) if given.
     """
+    from mtrec.fusion.spec import FUSION_FILE, fusion_for_run
     from mtrec.train.run import load_run
 
     if fmt not in FORMATS:
         raise MtrecError(f"--format: unknown export format '{fmt}'; choose one of: {', '.join(FORMATS)}")
     loaded = load_run(run)
-    out = out if out is not None else run / (ONNX_FILE if fmt == "onnx" else TORCHSCRIPT_FILE)
-    graph_inputs(loaded.model.layout, context_features)  # a bad feature name fails before any data is read
+    layout = loaded.model.layout
+    out = out if out is not None else default_export_path(run, fmt, context_features)
+    graph_inputs(layout, context_features)  # a bad feature name fails before any data is read
+    calibrators = Calibrators.load(run)
+    if calibration is False and not calibrators.active:
+        raise MtrecError(f"--no-calibration: {run} has no calibration.json; there is no calibrator to leave out")
+    if calibration is True and not calibrators.active:
+        raise MtrecError(f"--calibration: {run} has no calibration.json; run mtrec calibrate first")
+    included = calibrators if calibration is not False and calibrators.active else None
+    spec = None
+    if fusion is not None and fusion is not False:
+        source = None if fusion is True else Path(fusion)
+        spec = fusion_for_run(run, layout, calibrators.method, source)  # checked against the run's tasks and calibrator
+        if spec is None:
+            raise MtrecError(f"--fusion: {run} has no {FUSION_FILE}; run mtrec fuse, or give a spec file (--fusion FILE)")
+        if spec.calibration is not None and included is None:
+            raise MtrecError(
+                f"--fusion {source or run / FUSION_FILE}: fitted on scores calibrated with {spec.calibration}; "
+                f"it cannot go into a graph exported with --no-calibration"
+            )
     try:
         rows = parity_rows(run, loaded)
     except MtrecError:
@@ -551,7 +708,7 @@ def export_run(
             raise
         rows = with_unknown_ids(fallback_rows.slice(0, PARITY_ROWS))
     metadata = {"run": str(run.resolve()), "weights_sha256": weights_digest(run)}
-    report = export_model(loaded.model, fmt, out, rows, context_features, metadata)
+    report = export_model(loaded.model, fmt, out, rows, context_features, metadata, calibrators=included, fusion=spec)
     return out, report
 
 
@@ -559,51 +716,126 @@ def export_run(
 
 
 class OnnxScorer:
-    """Scores encoded tables with an exported ONNX graph through ONNX Runtime."""
+    """Scores encoded rows with an exported ONNX graph through ONNX Runtime.
+
+    Two ways in: :meth:`outputs` / :meth:`scores` score a :class:`TensorTable` in chunks (a graph
+    without context inputs: batch scoring); :meth:`feed` + :meth:`run` (or :meth:`model_scores`) score
+    one request given as full encoded arrays, ``sparse`` ``[B, F]`` and ``dense`` ``[B, D]`` in layout
+    order and ``sequences`` ``[B, L]`` or ``[1, L]``: candidate inputs take their columns from every
+    row, context inputs (batch 1) from the first row, so the caller must give the context features
+    the same value on every row (or batch 1 for a sequence).
+    """
 
     def __init__(self, path: Path, threads: Optional[int] = None) -> None:
-        self.session = ort_session(Path(path), threads)
+        self.path = Path(path)
+        self.session = ort_session(self.path, threads)
         meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if meta is None:
             raise MtrecError(f"{path}: not an ONNX file exported by mtrec (no '{METADATA_KEY}' metadata)")
         self.description = json.loads(meta)
         self.tasks = [t["name"] for t in self.description["tasks"]]
         self.inputs = [GraphInput(i["name"], i["kind"], tuple(i["features"]), i["context"]) for i in self.description["inputs"]]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.calibration: Optional[dict] = self.description.get("calibration")  # {"method", "sha256"} or None
+        self.fusion: Optional[dict] = self.description.get("fusion")  # {"formula", "sha256"} or None
+        self.context_features = frozenset(f for i in self.inputs if i.context for f in i.features)
+        columns = self.description.get("columns")
+        if columns is None and not self.has_context:  # an older graph: one input per kind, every column in order
+            columns = {k: list(next((i.features for i in self.inputs if i.kind == k), ())) for k in ("sparse", "dense")}
+        self._select: Optional[dict[str, Optional[np.ndarray]]] = None
+        if columns is not None:
+            self._select = {}
+            for spec in self.inputs:
+                if spec.kind == "sequence":
+                    continue
+                names = columns[spec.kind]
+                idx = np.array([names.index(n) for n in spec.features], dtype=np.int64)
+                self._select[spec.name] = None if len(idx) == len(names) and (idx == np.arange(len(names))).all() else idx
 
     @property
     def has_context(self) -> bool:
         return any(i.context for i in self.inputs)
 
-    def scores(self, table: TensorTable, batch_size: int = 16384) -> np.ndarray:
-        """``[N, T]`` scores (``score.<task>`` outputs) of every row of ``table``; no context inputs."""
+    @property
+    def model_score_outputs(self) -> list[str]:
+        """The outputs holding the model's own scores (before any calibrator the graph includes)."""
+        prefix = "raw" if self.calibration is not None else "score"
+        return [f"{prefix}.{t}" for t in self.tasks]
+
+    def feed(self, sparse: np.ndarray, dense: np.ndarray, sequences: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The graph's inputs for one batch of full encoded arrays (see the class docstring)."""
+        if self._select is None:
+            raise MtrecError(f"{self.path}: the graph's metadata has no column list; export it again with this mtrec")
+        n = sparse.shape[0]
+        out: dict[str, np.ndarray] = {}
+        for spec in self.inputs:
+            if spec.kind == "sequence":
+                value = sequences[spec.features[0]]
+                if spec.context:
+                    value = value[:1]
+                elif value.shape[0] != n:  # a [1, L] context sequence read by a candidate input
+                    value = np.broadcast_to(value, (n, value.shape[1]))
+            else:
+                source = sparse if spec.kind == "sparse" else dense
+                idx = self._select[spec.name]
+                value = source if idx is None else source[:, idx]
+                if spec.context:
+                    value = value[:1]
+            out[spec.name] = np.ascontiguousarray(value)
+        return out
+
+    def run(self, feed: Mapping[str, np.ndarray], outputs: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+        """``{output: array}`` of the graph on ``feed`` (default: every output); a context input must be batch 1."""
+        for spec in self.inputs:
+            if spec.context and feed[spec.name].shape[0] != 1:
+                raise MtrecError(f"{self.path}: context input '{spec.name}' takes one row, got {feed[spec.name].shape[0]}")
+        names = list(outputs) if outputs is not None else self.output_names
+        return dict(zip(names, self.session.run(names, dict(feed))))
+
+    def model_scores(self, sparse: np.ndarray, dense: np.ndarray, sequences: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``[B, T]`` float32: the model's scores (before any calibrator in the graph) of one batch."""
+        out = self.run(self.feed(sparse, dense, sequences), self.model_score_outputs)
+        return np.stack(list(out.values()), axis=1).astype(np.float32, copy=False)
+
+    def outputs(self, table: TensorTable, names: Sequence[str], batch_size: int = 16384) -> dict[str, np.ndarray]:
+        """The ``names`` outputs for every row of ``table`` (scored in chunks); no context inputs."""
         if self.has_context:
             raise MtrecError("this ONNX graph takes batch-1 context inputs; batch scoring needs one without")
-        names = [f"score.{t}" for t in self.tasks]
-        out = []
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
         for start in range(0, len(table), batch_size):
-            feed = {}
-            for spec in self.inputs:
-                if spec.kind == "sequence":
-                    value = table.sequences[spec.features[0]][start : start + batch_size]
-                else:
-                    value = (table.sparse if spec.kind == "sparse" else table.dense)[start : start + batch_size]
-                feed[spec.name] = np.ascontiguousarray(value.numpy())
-            out.append(np.stack(self.session.run(names, feed), axis=1))
-        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, len(self.tasks)), np.float32)
+            end = start + batch_size
+            sequences = {k: v[start:end].numpy() for k, v in table.sequences.items()}
+            got = self.run(self.feed(table.sparse[start:end].numpy(), table.dense[start:end].numpy(), sequences), names)
+            for k in names:
+                parts[k].append(got[k])
+        return {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in parts.items()}
+
+    def scores(self, table: TensorTable, batch_size: int = 16384) -> np.ndarray:
+        """``[N, T]`` ``score.<task>`` outputs of every row of ``table`` (calibrated when the graph
+        includes a calibrator: see :attr:`calibration`); no context inputs."""
+        names = [f"score.{t}" for t in self.tasks]
+        out = self.outputs(table, names, batch_size)
+        return np.stack([out[k] for k in names], axis=1).astype(np.float32) if len(table) else np.zeros((0, len(self.tasks)), np.float32)
+
+
+def _graph_meta(path: Path) -> dict:
+    """The ``mtrec`` metadata of an ONNX file ({} when unreadable)."""
+    import onnx
+
+    try:
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        return json.loads(props.get(METADATA_KEY, "{}"))
+    except Exception:
+        return {}
 
 
 def run_onnx(run: Path, fallback_rows: Optional[TensorTable] = None) -> Path:
-    """The run's ONNX file, exported (with its parity check, see :func:`export_run` for
-    ``fallback_rows``) when absent, stale (other weights) or exported with context inputs."""
-    import onnx
-
+    """The run's ONNX file for batch scoring (``model.onnx``), exported (with its parity check, see
+    :func:`export_run` for ``fallback_rows``; with the run's calibrator when it has one) when absent,
+    stale (other weights) or exported with context inputs."""
     path = run / ONNX_FILE
     if path.is_file():
-        try:
-            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-            meta = json.loads(props.get(METADATA_KEY, "{}"))
-        except Exception:  # unreadable: export it again
-            meta = {}
+        meta = _graph_meta(path)
         fresh = meta.get("weights_sha256") == weights_digest(run)
         if fresh and not any(i.get("context") for i in meta.get("inputs", [])):
             return path
@@ -611,6 +843,47 @@ def run_onnx(run: Path, fallback_rows: Optional[TensorTable] = None) -> Path:
     return path
 
 
-def predict_onnx(run: Path, table: TensorTable) -> np.ndarray:
-    """``[N, T]`` scores of ``table`` (encoded with the run's encoders) through ONNX Runtime."""
-    return OnnxScorer(run_onnx(run, fallback_rows=table)).scores(table)
+def run_context_onnx(run: Path) -> Optional[Path]:
+    """The run's graph with context inputs (``model.context.onnx``, written by ``mtrec export
+    --context-features``), or None when the run has none. A stale one (other weights, or exported
+    before the column list was recorded) is exported again with the same context features."""
+    path = run / CONTEXT_ONNX_FILE
+    if not path.is_file():
+        return None
+    meta = _graph_meta(path)
+    features = [f for i in meta.get("inputs", []) if i.get("context") for f in i.get("features", [])]
+    if not features:
+        return None
+    if meta.get("weights_sha256") != weights_digest(run) or "columns" not in meta:
+        export_run(run, "onnx", path, context_features=features)
+    return path
+
+
+def predict_onnx(
+    run: Path, table: TensorTable, calibrators: Optional[Calibrators] = None, fusion: Optional[FusionSpec] = None,
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Scores of ``table`` (encoded with the run's encoders) through ONNX Runtime: ``[N, T]`` scores
+    calibrated with ``calibrators`` (default: the run's), and the fused score ``[N]`` under ``fusion``
+    (None without a spec). What the graph includes is taken from it when it is the same calibrator
+    (by digest) and the same spec; anything else is applied here, on the graph's uncalibrated scores,
+    so nothing is applied twice."""
+    calibrators = calibrators if calibrators is not None else Calibrators.load(run)
+    scorer = OnnxScorer(run_onnx(run, fallback_rows=table))
+    graph_cal = scorer.calibration
+    if graph_cal is None:
+        same_cal = not calibrators.active
+    else:
+        same_cal = calibrators.active and graph_cal.get("sha256") == calibration_digest(calibrators)
+    names = [f"score.{t}" for t in scorer.tasks] if same_cal else scorer.model_score_outputs
+    use_fused = (
+        fusion is not None and same_cal and scorer.fusion is not None and scorer.fusion.get("sha256") == fusion_digest(fusion)
+    )
+    out = scorer.outputs(table, names + ([FUSED_OUTPUT] if use_fused else []))
+    scores = np.stack([out[k] for k in names], axis=1).astype(np.float32) if len(table) else np.zeros((0, len(names)), np.float32)
+    if not (same_cal and graph_cal is not None):  # the graph gave the model's own scores
+        scores = calibrators.apply(scores)
+    if use_fused:
+        fused = out[FUSED_OUTPUT].astype(np.float64)
+    else:
+        fused = apply_fusion(scores, fusion) if fusion is not None else None
+    return scores, fused

@@ -8,7 +8,7 @@ scores (before calibration and fusion, which the service applies the same way fo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ import torch
 from mtrec.data.tables import TensorTable
 from mtrec.models.base import MultiTaskModel
 from mtrec.serve.encoding import EncodedRequest
+
+if TYPE_CHECKING:
+    from mtrec.serve.export import OnnxScorer
 
 BACKENDS = ("torch", "onnx")
 
@@ -53,27 +56,32 @@ class TorchScorer:
 
 
 class OnnxRuntimeScorer:
-    """ONNX Runtime on the run's ``model.onnx`` (exported, with its parity check, on first use by
-    :func:`mtrec.serve.export.run_onnx`). The graph takes full batches, so a context sequence is
-    broadcast to the batch here (ONNX Runtime reads contiguous arrays)."""
+    """ONNX Runtime on the run's graphs (:mod:`mtrec.serve.export`): ``model.context.onnx`` when the run
+    has one (``mtrec export --context-features ...``) and the request gives every one of its context
+    features in ``context`` (so they are the same for every candidate): its context inputs then take
+    one row, broadcast inside the graph; otherwise ``model.onnx`` (exported with its parity check on
+    first use), fed full batches (a context sequence broadcast here). Either way the model's own
+    scores come back (``raw.<task>`` of a graph that includes a calibrator): the service calibrates
+    and fuses them, the same way for every backend."""
 
     backend = "onnx"
 
     def __init__(self, run: Path, threads: Optional[int] = None) -> None:
-        from mtrec.serve.export import OnnxScorer, run_onnx
+        from mtrec.serve.export import OnnxScorer, run_context_onnx, run_onnx
 
-        self._inner = OnnxScorer(run_onnx(run), threads=threads)
-        self._outputs = [f"score.{t}" for t in self._inner.tasks]
+        self.batch_graph = OnnxScorer(run_onnx(run), threads=threads)
+        context = run_context_onnx(run)
+        self.context_graph = OnnxScorer(context, threads=threads) if context is not None else None
+
+    def graph_for(self, batch: EncodedRequest) -> "OnnxScorer":
+        """The graph that scores ``batch``: the context graph when the request gives all its context features once."""
+        graph = self.context_graph
+        if graph is not None and graph.context_features <= batch.context:
+            return graph
+        return self.batch_graph
 
     def score(self, batch: EncodedRequest) -> np.ndarray:
-        feed = {}
-        for spec in self._inner.inputs:
-            if spec.kind == "sequence":
-                value = batch.sequences[spec.features[0]]
-                feed[spec.name] = np.ascontiguousarray(np.broadcast_to(value, (batch.size, value.shape[1])))
-            else:
-                feed[spec.name] = batch.sparse if spec.kind == "sparse" else batch.dense
-        return np.stack(self._inner.session.run(self._outputs, feed), axis=1).astype(np.float32, copy=False)
+        return self.graph_for(batch).model_scores(batch.sparse, batch.dense, batch.sequences)
 
 
 def build_scorer(backend: str, run: Path, model: MultiTaskModel, threads: Optional[int] = None) -> Scorer:

@@ -8,26 +8,38 @@ A run directory holds everything needed to rebuild and use the model:
 - ``history.json``: per-epoch training losses, validation metrics and balancer statistics;
 - ``metrics.json``: ``{"model", "seed", "valid": {task: {metric: value}}, "test": {...}}``.
 
+While training, the directory also holds ``incomplete.json`` (removed when the run is complete: a
+run that has it was interrupted, or is still training) and ``checkpoint.pt`` (written atomically
+after every epoch and every ``checkpoint_every`` steps; ``--resume`` continues from it, bit-identical
+to an uninterrupted run; removed when the run is complete), and a lock file (``.lock``) held while a
+process trains into it. ``config.json`` records the run format (:data:`RUN_FORMAT`).
+
 Every file is written to a temporary name and renamed into place, ``metrics.json``
 last, so an interrupted or failed run never leaves a partial ``metrics.json``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
+import os
+import shutil
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import polars as pl
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mtrec import __version__
 from mtrec.balancing import build_balancer, validate_balancer_options
-from mtrec.data.ingest import Encoders, encode, encode_file, load_splits, oov_rates
+from mtrec.data.ingest import Encoders, encode, load_splits, oov_rates, read_frame
 from mtrec.data.store import load_store, table_from_arrays
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.errors import MtrecError
@@ -42,6 +54,24 @@ from mtrec.schema import Schema, schema_from_dict
 from mtrec.train.trainer import FitResult, TrainConfig, Trainer, seed_everything
 
 WEIGHTS = "model.safetensors"
+CHECKPOINT = "checkpoint.pt"
+INCOMPLETE = "incomplete.json"
+LOCK = ".lock"
+# The layout of a run directory (file names, config.json keys); config.json records it. Bump it when a
+# change makes older runs unreadable, and say in load_run what to do with them.
+RUN_FORMAT = 1
+# What mtrec writes into a run directory (train, and the commands that add to a finished run): what
+# --overwrite removes. Anything else in the directory is the user's and stays.
+RUN_FILES = (
+    "config.json", "encoders.json", WEIGHTS, "history.json", "metrics.json", CHECKPOINT, INCOMPLETE,
+    "diagnostics.json", "calibration.json", "fusion.yaml", "fusion_study.db", "fusion_pareto.png",
+    "model.onnx", "model.torchscript.pt", "model.context.onnx", "model.context.torchscript.pt", "relate.json", "tensorboard",
+)
+# memory a run may plan to use: this share of MemAvailable (the rest for data, activations, the OS)
+MEMORY_MARGIN = 0.7
+# bytes per parameter while training: the weights, their gradients, Adam's two moments, the best
+# weights kept for early stopping, and the checkpoint's copy being serialised (float32 each)
+BYTES_PER_PARAMETER = 4 * 6
 
 
 @dataclass
@@ -56,6 +86,160 @@ def _save_weights(model: MultiTaskModel, path: Path) -> None:
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"mtrec": __version__}))
 
 
+def memory_available() -> Optional[int]:
+    """``MemAvailable`` from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def count_parameters(model_name: str, layout: FeatureLayout, model_options: Optional[dict]) -> int:
+    """Parameters of the model, counted on the meta device (shapes only, no memory allocated)."""
+    try:
+        with torch.device("meta"):
+            model = build_model(model_name, layout, model_options)
+        return sum(p.numel() for p in model.parameters())
+    except MtrecError:
+        raise
+    except Exception:  # a model whose construction needs real tensors: its embedding tables, a lower bound
+        return sum(f.vocab_size * f.embed_dim for f in layout.sparse) + sum(
+            f.vocab_size * f.embed_dim for f in layout.sequences if f.shares is None
+        )
+
+
+def check_memory(model_name: str, layout: FeatureLayout, model_options: Optional[dict]) -> int:
+    """Refuse a model whose training state would not fit in the memory available (with a margin),
+    before allocating it; returns the estimate in bytes."""
+    params = count_parameters(model_name, layout, model_options)
+    need = params * BYTES_PER_PARAMETER
+    available = memory_available()
+    if available is not None and need > MEMORY_MARGIN * available:
+        gib = 1 << 30
+        raise MtrecError(
+            f"model '{model_name}' has {params:,} parameters: training needs about {need / gib:.1f} GiB "
+            f"(weights, gradients, Adam's two moments, best weights and checkpoint, {BYTES_PER_PARAMETER} bytes "
+            f"each), more than {MEMORY_MARGIN:.0%} of the {available / gib:.1f} GiB available; lower embed_dim "
+            f"or the layer sizes (--model-args), or raise min_freq"
+        )
+    return need
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``RUN/.lock`` while a process trains into ``RUN``: a second training
+    into the same directory fails at once instead of both writing it. Released when the process ends,
+    however it ends."""
+
+    def __init__(self, run: Path) -> None:
+        self.path = run / LOCK
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "?"
+            self.handle.close()
+            raise MtrecError(
+                f"{run}: another training (pid {holder}) is writing this run directory; wait for it to end "
+                f"or give another --out"
+            ) from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+
+    def release(self) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def _clear_run(out: Path) -> None:
+    """Remove what mtrec wrote into ``out`` (``RUN_FILES``, TensorBoard events included); keep the rest."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def _run_state(out: Path) -> str:
+    """``"empty"`` (no run files), ``"finished"``, or ``"interrupted"`` (files of a run that did not end)."""
+    if (out / INCOMPLETE).is_file() or ((out / CHECKPOINT).is_file() and not (out / "metrics.json").is_file()):
+        return "interrupted"
+    if (out / "metrics.json").is_file() or (out / "config.json").is_file():
+        return "finished"
+    if any((out / name).exists() for name in RUN_FILES):
+        return "interrupted"
+    return "empty"
+
+
+def _arguments(model_name: str, model_options: Optional[dict], balancer_name: str, balancer_options: Optional[dict],
+               task_weights: Optional[Sequence[float]], train_config: TrainConfig, schema: Schema) -> dict:
+    """What a resumed run must be given again, as recorded in its checkpoint (the schema with its
+    data files' fingerprint: the same data, unchanged)."""
+    train = train_config.model_dump(mode="json")
+    train.pop("progress", None)
+    return {
+        "model": model_name,
+        "model_args": dict(model_options or {}),
+        "balancer": balancer_name,
+        "balancer_args": dict(balancer_options or {}),
+        "task_weights": None if task_weights is None else [float(w) for w in task_weights],
+        **train,
+        "schema": schema.fingerprint(),
+    }
+
+
+def _check_same_arguments(recorded: dict, given: dict, out: Path) -> None:
+    diffs = [f"{key} {recorded.get(key)!r} in the run, {given.get(key)!r} now"
+             for key in sorted(set(recorded) | set(given)) if recorded.get(key) != given.get(key)]
+    if diffs:
+        diffs = [d if not d.startswith("schema ") else "the schema or its data files changed" for d in diffs]
+        raise MtrecError(f"--resume {out}: the run was started with other arguments ({'; '.join(diffs)}); "
+                         f"give the same ones, or train again with --overwrite")
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged file (the write is atomic, so only a disk problem or an edit)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MtrecError(f"{path}: cannot read the checkpoint ({first[:200]}); train again with --overwrite") from None
+
+
+_checkpoints_written = 0
+
+
+def _test_pause(when: str) -> None:
+    """Test hook: ``MTREC_TEST_CHECKPOINT_PAUSE=N:before`` (or ``N:after``) stops the N-th checkpoint write
+    of this process before (after) its rename and waits, so a test can kill the process right there."""
+    spec = os.environ.get("MTREC_TEST_CHECKPOINT_PAUSE")
+    if not spec:
+        return
+    number, _, point = spec.partition(":")
+    if int(number) == _checkpoints_written and point == when:
+        print(f"test hook: paused in checkpoint {_checkpoints_written} ({when} rename)", file=sys.stderr, flush=True)
+        time.sleep(600)
+
+
+def _write_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save`` to a temporary file renamed over ``path``: a kill at any point leaves the previous
+    checkpoint whole."""
+    global _checkpoints_written
+    _checkpoints_written += 1
+
+    def write(tmp: Path) -> None:
+        torch.save(state, tmp)
+        _test_pause("before")
+
+    write_atomic(path, write)
+    _test_pause("after")
+
+
 def train_run(
     schema: Schema,
     model_name: str,
@@ -66,16 +250,94 @@ def train_run(
     balancer_options: Optional[dict] = None,
     task_weights: Optional[Sequence[float]] = None,
     tensorboard: bool = True,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    checkpoint_every: int = 0,
+    threads: Optional[int] = None,
+    echo: Optional[Callable[[str], None]] = None,
 ) -> RunResult:
     """Train ``model_name`` on ``schema`` and, when ``out`` is given, write the run directory
-    (with TensorBoard curves under ``out/tensorboard`` unless ``tensorboard`` is False)."""
+    (with TensorBoard curves under ``out/tensorboard`` unless ``tensorboard`` is False).
+
+    ``out`` is locked while training. A directory holding a run is refused unless ``overwrite`` (its
+    run files are removed first) or, for an interrupted run, ``resume`` (continue from its checkpoint,
+    with the same arguments and the thread count recorded there). ``echo`` gets progress lines."""
     # unknown names and bad options fail before any data is read
     validate_model_options(model_name, model_options)
     validate_balancer_options(balancer_name, schema.task_names, balancer_options, task_weights)
-    store = load_store(schema)
+    if out is None:
+        if resume or overwrite:
+            raise MtrecError("--resume and --overwrite need a run directory (--out)")
+        return _train(schema, model_name, None, train_config, model_options, balancer_name, balancer_options,
+                      task_weights, tensorboard, None, checkpoint_every, echo)
+    if overwrite and resume:
+        raise MtrecError("--overwrite starts the run again and --resume continues it: give one of them")
+    if out.exists() and not out.is_dir():
+        raise MtrecError(f"--out {out}: is a file, not a directory; give a directory for the run")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MtrecError(f"--out {out}: cannot create the run directory ({err.strerror})") from None
+    lock = RunLock(out)
+    try:
+        for name in RUN_FILES:  # temporaries of atomic writes a kill interrupted (we hold the lock)
+            for tmp in out.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+        state = _run_state(out)
+        checkpoint = None
+        if resume:
+            if state == "finished":
+                raise MtrecError(f"--resume {out}: the run is finished; nothing to resume (--overwrite trains it again)")
+            if not (out / CHECKPOINT).is_file():
+                raise MtrecError(f"--resume {out}: no {CHECKPOINT} here (the run stopped before its first checkpoint, "
+                                 "or was never started); train again with --overwrite")
+            checkpoint = _load_checkpoint(out / CHECKPOINT)
+        elif state == "finished" and not overwrite:
+            raise MtrecError(f"--out {out}: a finished run is here; give --overwrite to replace it, or another --out")
+        elif state == "interrupted" and not overwrite:
+            raise MtrecError(f"--out {out}: an interrupted run is here; --resume continues it, --overwrite starts again")
+        result = _train(schema, model_name, out, train_config, model_options, balancer_name, balancer_options,
+                        task_weights, tensorboard, checkpoint, checkpoint_every, echo, overwrite=overwrite,
+                        threads=threads)
+    except MtrecError:
+        if created:  # nothing of a run that failed on the user's input is left behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        lock.release()
+    return result
+
+
+def _train(
+    schema: Schema, model_name: str, out: Optional[Path], train_config: TrainConfig, model_options: Optional[dict],
+    balancer_name: str, balancer_options: Optional[dict], task_weights: Optional[Sequence[float]], tensorboard: bool,
+    checkpoint: Optional[dict], checkpoint_every: int, echo: Optional[Callable[[str], None]], overwrite: bool = False,
+    threads: Optional[int] = None,
+) -> RunResult:
+    store = load_store(schema, echo=echo)
     train, valid, test = store.split("train"), store.split("valid"), store.split("test")
     if valid is None or len(valid) == 0:
         raise MtrecError(f"schema '{schema.name}': no validation rows; set valid_fraction > 0 or source.valid")
+    check_memory(model_name, store.layout, model_options)
+    arguments = _arguments(model_name, model_options, balancer_name, balancer_options, task_weights, train_config, schema)
+    if checkpoint is not None:
+        _check_same_arguments(checkpoint.get("arguments", {}), arguments, out)
+        recorded = int(checkpoint["trainer"]["threads"])
+        if threads is not None and threads != recorded:
+            raise MtrecError(f"--resume {out}: the run trains on {recorded} thread(s) (--threads {threads} given); "
+                             f"a resumed run uses the recorded count to stay bit-identical: drop --threads")
+        torch.set_num_threads(recorded)
+        if echo is not None:
+            t = checkpoint["trainer"]
+            echo(f"resuming from epoch {t['epoch']} step {t['batch']} (global step {t['step']})")
+    if out is not None:
+        if overwrite:
+            _clear_run(out)
+        if checkpoint is None:
+            write_json_atomic(out / INCOMPLETE, {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                 "arguments": arguments})
     seed_everything(train_config.seed)
     model = build_model(model_name, store.layout, model_options)
     balancer = build_balancer(balancer_name, store.layout.task_names, balancer_options, task_weights)
@@ -84,9 +346,15 @@ def train_run(
     if train_config.monitor_every:
         writer = loggers[0].writer if loggers else None
         callbacks.append(ConflictMonitor(train_config.monitor_every, writer=writer))
-    trainer = Trainer(model, balancer, train_config, callbacks=callbacks)
+    save = None
+    if out is not None:
+        def save(state: dict) -> None:
+            _write_checkpoint(out / CHECKPOINT, {"arguments": arguments, "trainer": state})
+
+    trainer = Trainer(model, balancer, train_config, callbacks=callbacks, checkpoint=save,
+                      checkpoint_every=checkpoint_every, echo=echo)
     try:
-        fit = trainer.fit(train, valid)
+        fit = trainer.fit(train, valid, resume=None if checkpoint is None else checkpoint["trainer"])
     finally:
         for logger in loggers:
             logger.close()
@@ -99,8 +367,8 @@ def train_run(
         "test": trainer.evaluate(test) if test is not None and len(test) else {},
     }
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         config = {
+            "run_format": RUN_FORMAT,
             "mtrec_version": __version__,
             "model": model_name,
             "model_options": model.config.model_dump(mode="json"),
@@ -114,6 +382,8 @@ def train_run(
         _save_weights(model, out / WEIGHTS)
         write_json_atomic(out / "history.json", fit.history)
         write_json_atomic(out / "metrics.json", metrics)
+        (out / INCOMPLETE).unlink(missing_ok=True)  # the run is complete
+        (out / CHECKPOINT).unlink(missing_ok=True)
     return RunResult(metrics=metrics, fit=fit, model=model)
 
 
@@ -126,22 +396,49 @@ class LoadedRun:
 
 
 def load_run(run: Path) -> LoadedRun:
-    """Rebuild the model of a run directory with its best weights."""
+    """Rebuild the model of a run directory with its best weights; a run that is incomplete, of
+    another format, or damaged is one :class:`MtrecError` saying which file and what to do."""
     if not run.is_dir():
         raise MtrecError(f"{run}: run directory not found")
+    if (run / INCOMPLETE).is_file():
+        raise MtrecError(f"{run}: incomplete run (its training was interrupted, or is still going); "
+                         f"continue it with `mtrec train ... --out {run} --resume` (the same arguments)")
     for name in ("config.json", "encoders.json", WEIGHTS):
         if not (run / name).is_file():
             raise MtrecError(f"{run}: no {name} here; not a finished mtrec run (train with --out {run})")
-    config = json.loads((run / "config.json").read_text())
-    layout = FeatureLayout.from_dict(config["layout"])
-    model = build_model(config["model"], layout, config["model_options"])
-    state = load_file(str(run / WEIGHTS))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        config = json.loads((run / "config.json").read_text())
+        encoders = json.loads((run / "encoders.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MtrecError(f"{run}: config.json or encoders.json is not valid JSON ({err}); the run is damaged, "
+                         f"train it again") from None
+    fmt = config.get("run_format", RUN_FORMAT) if isinstance(config, dict) else None
+    if fmt != RUN_FORMAT:
+        raise MtrecError(f"{run}: written by mtrec {config.get('mtrec_version', '?') if isinstance(config, dict) else '?'} "
+                         f"in run format {fmt}; this mtrec ({__version__}) reads format {RUN_FORMAT}: train the run "
+                         f"again with this version, or use the version that wrote it")
+    try:
+        layout = FeatureLayout.from_dict(config["layout"])
+        model = build_model(config["model"], layout, config["model_options"])
+        schema = schema_from_dict(config["schema"], str(run / "config.json"))
+        loaded_encoders = Encoders.from_dict(encoders)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise MtrecError(f"{run / 'config.json'}: missing or malformed entry ({type(err).__name__}: {err}); "
+                         f"the run is damaged, train it again") from None
+    try:
+        state = load_file(str(run / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise MtrecError(f"{run / WEIGHTS}: cannot read the weights ({err}); the file is damaged, train the run again") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
+        raise MtrecError(f"{run / WEIGHTS}: weights of another model ({detail[:200]})") from None
     if missing or unexpected:
-        raise MtrecError(f"{run / WEIGHTS}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise MtrecError(f"{run / WEIGHTS}: weights of another model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.eval()
-    schema = schema_from_dict(config["schema"], str(run / "config.json"))
-    return LoadedRun(model, schema, Encoders.from_dict(json.loads((run / "encoders.json").read_text())), config)
+    return LoadedRun(model, schema, loaded_encoders, config)
 
 
 @torch.no_grad()
@@ -218,7 +515,7 @@ def output_format(path: Path) -> str:
 
 def predict_file(
     run: Path, input_path: Path, output_path: Path, oov_rate: Optional[dict] = None, fusion: Optional[Path] = None,
-    backend: str = "torch",
+    backend: str = "torch", keep: Sequence[str] = (),
 ) -> int:
     """Score every row of ``input_path``; write one column per task to ``output_path`` (CSV, gzipped
     CSV or Parquet by its suffix), plus ``<task>@all`` (the entire-space probability, e.g. pCTCVR) for
@@ -226,15 +523,22 @@ def predict_file(
     ``fusion`` names a spec; scores go through the run's calibrator if it has one. Returns rows;
     fills ``oov_rate`` (when given) with the out-of-vocabulary rate of each sparse and sequence feature.
     ``backend``: ``torch``, or ``onnx`` (ONNX Runtime on the run's ``model.onnx``, exported with its parity
-    check on first use)."""
+    check on first use). ``keep``: input columns copied into the output, first, as they were read."""
     if backend not in ("torch", "onnx"):
         raise MtrecError(f"--backend: unknown backend '{backend}'; choose torch or onnx")
     kind = output_format(output_path)
+    if output_path.resolve() == input_path.resolve() or (
+        output_path.exists() and input_path.exists() and os.path.samefile(output_path, input_path)
+    ):
+        raise MtrecError(f"--output {output_path}: is the input file; write the scores to another file")
     loaded = load_run(run)
     schema = loaded.schema
     if input_path.suffix == ".parquet" and schema.format.type != "parquet":
         schema = schema.model_copy(update={"format": schema.format.model_copy(update={"type": "parquet"})})
-    arrays = encode_file(input_path, schema, loaded.encoders, with_labels=False)
+    frame_in = read_frame(input_path, schema)
+    if missing := [c for c in keep if c not in frame_in.columns]:
+        raise MtrecError(f"--keep: column(s) {', '.join(missing)} not in {input_path}")
+    arrays = encode(frame_in, schema, loaded.encoders, input_path, with_labels=False)
     if oov_rate is not None:
         oov_rate.update(oov_rates(arrays, schema))
     table = table_from_arrays(arrays)
@@ -243,15 +547,21 @@ def predict_file(
     if backend == "onnx":
         from mtrec.serve.export import predict_onnx
 
-        raw = predict_onnx(run, table)
+        # calibrated, and fused: by the graph when it includes this calibrator / spec, else applied there
+        scores, fused = predict_onnx(run, table, calibrators, spec)
     else:
-        raw = predict_table(loaded.model, table)
-    scores = calibrators.apply(raw)  # identity without calibration.json
+        scores = calibrators.apply(predict_table(loaded.model, table))  # identity without calibration.json
+        fused = apply_fusion(scores, spec) if spec is not None else None
     columns = {name: scores[:, t] for t, name in enumerate(loaded.model.task_names)}
     columns.update(joint_scores(scores, loaded.model.layout))  # e.g. purchase@all = pCTCVR
-    if spec is not None:
-        columns["score"] = apply_fusion(scores, spec)  # the fused ranking score (fusion.yaml or --fusion)
+    if fused is not None:
+        columns["score"] = fused  # the fused ranking score (fusion.yaml or --fusion)
+    if clash := [c for c in keep if c in columns]:
+        raise MtrecError(f"--keep: column(s) {', '.join(clash)} have the name of a score column")
     frame = pl.DataFrame(columns)
+    if keep:
+        frame = pl.concat([frame_in.select(list(keep)), frame], how="horizontal")
+
     def write(tmp: Path) -> None:
         if kind == "parquet":
             frame.write_parquet(tmp)

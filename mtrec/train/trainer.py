@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -84,6 +85,33 @@ class Callback:
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int, record: dict) -> None: ...
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold for a resumed run to continue exactly (default: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (called after ``on_fit_start`` when a run resumes)."""
+
+
+CHECKPOINT_FORMAT = 1  # the layout of Trainer.state_dict(); a checkpoint of another format is refused
+
+
+def _random_states() -> dict:
+    """Python's, numpy's global and torch's CPU generator states, in types ``torch.load(weights_only=True)`` reads."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def _set_random_states(states: dict) -> None:
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+
 
 @dataclass
 class FitResult:
@@ -99,11 +127,28 @@ class Trainer:
         balancer: Balancer,
         config: TrainConfig,
         callbacks: Sequence[Callback] = (),
+        checkpoint: Optional[Callable[[dict], None]] = None,
+        checkpoint_every: int = 0,
+        echo: Optional[Callable[[str], None]] = None,
     ) -> None:
+        """``checkpoint`` receives :meth:`state_dict` after every epoch and, when ``checkpoint_every``
+        is positive, every that many steps; ``echo`` receives one line per epoch."""
         self.model = model
         self.balancer = balancer
         self.config = config
         self.callbacks = list(callbacks)
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
+        self.echo = echo
+        # where the loop is, for checkpoints: the epoch in progress, the batches of it done, the batch-order
+        # generator's state when the epoch began (the epoch's shuffle is drawn from it), the running sums
+        self._epoch, self._batch = 1, 0
+        self._epoch_generator: Optional[torch.Tensor] = None
+        self._sums = torch.zeros(model.num_tasks)
+        self._stat_sums: dict[str, float] = {}
+        self._best: tuple[float, int, Optional[dict]] = (-float("inf"), 0, None)
+        self._history: list[dict] = []
+        self._stopped = False
         params = list(model.parameters()) + list(balancer.parameters())
         self.optimizer = _adam(params, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
@@ -137,21 +182,27 @@ class Trainer:
             raise TrainingDiverged(f"training diverged: metrics not finite ({', '.join(bad[:3])}); {advice}")
         return metrics
 
-    def _train_epoch(self, train: TensorTable, epoch: int, generator: torch.Generator) -> torch.Tensor:
+    def _train_epoch(self, train: TensorTable, epoch: int, generator: torch.Generator, skip: int = 0) -> torch.Tensor:
+        """One epoch; ``skip`` batches of it were done before a checkpoint (their sums are in ``self._sums``)."""
         self.model.train()
-        sums = torch.zeros(self.model.num_tasks)
-        stat_sums: dict[str, float] = {}
-        batches = 0
+        if not skip:
+            self._sums = torch.zeros(self.model.num_tasks)
+            self._stat_sums = {}
+        self._epoch, self._batch = epoch, skip
+        self._epoch_generator = generator.get_state()
+        total = -(-len(train) // self.config.batch_size)
         show = self.config.progress
         bar = tqdm(
-            iterate_batches(train, self.config.batch_size, shuffle=True, generator=generator),
-            total=-(-len(train) // self.config.batch_size),
+            total=total,
+            initial=skip,
             desc=f"epoch {epoch}",
             disable=None if show is None else not show,
             leave=False,
             dynamic_ncols=True,
         )
-        for batch in bar:
+        for index, batch in enumerate(iterate_batches(train, self.config.batch_size, shuffle=True, generator=generator)):
+            if index < skip:  # done before the checkpoint this run resumed from (the shuffle is the same)
+                continue
             output = self.model(batch)
             losses = self.model.losses(output, batch)  # [T]
             self._check_losses(losses.detach(), epoch)
@@ -162,19 +213,24 @@ class Trainer:
             self.balancer.backward(losses, context, output.aux_loss)
             self.optimizer.step()
             detached = losses.detach()
-            sums += detached
+            self._sums += detached
             self.step_stats = self.balancer.stats()  # this step's weights (and cosines), read by callbacks
             for key, value in self.step_stats.items():
-                stat_sums[key] = stat_sums.get(key, 0.0) + float(value)
-            batches += 1
+                self._stat_sums[key] = self._stat_sums.get(key, 0.0) + float(value)
+            self._batch += 1
             self.step += 1
             for cb in self.callbacks:
                 cb.on_batch_end(self, self.step, detached)
-            if batches % 20 == 0:
-                bar.set_postfix({n: f"{v:.4f}" for n, v in zip(self.model.task_names, (sums / batches).tolist())})
+            bar.update(1)
+            if self._batch % 20 == 0:
+                bar.set_postfix({n: f"{v:.4f}" for n, v in zip(self.model.task_names, (self._sums / self._batch).tolist())})
+            if self.checkpoint is not None and self.checkpoint_every and self._batch % self.checkpoint_every == 0 \
+                    and self._batch < total:
+                self.checkpoint(self.state_dict())
         bar.close()
-        self.epoch_stats = {k: v / max(batches, 1) for k, v in stat_sums.items()}
-        return sums / max(batches, 1)
+        batches = max(self._batch, 1)
+        self.epoch_stats = {k: v / batches for k, v in self._stat_sums.items()}
+        return self._sums / batches
 
     def _check_losses(self, losses: torch.Tensor, epoch: int) -> None:
         """Stop with :class:`TrainingDiverged` when a task loss is non-finite or has exploded."""
@@ -191,15 +247,84 @@ class Trainer:
             f"lower the learning rate (lr {self.config.lr:g})"
         )
 
-    def fit(self, train: TensorTable, valid: TensorTable) -> FitResult:
-        """Train until ``epochs`` or ``patience`` epochs without a better validation score; keep the best weights."""
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue bit-identically: the model, the optimiser, the
+        balancer (with its random generators), every random state, where the loop is (epoch, batches
+        done, the batch-order generator at the epoch's start), the running sums, early stopping (best
+        score, epoch and weights), the history, the divergence reference and the thread count."""
+        best_score, best_epoch, best_state = self._best
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": self._epoch,
+            "batch": self._batch,
+            "step": self.step,
+            "stopped": self._stopped,
+            "epoch_generator": self._epoch_generator,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
+            "random": _random_states(),
+            "sums": self._sums.clone(),
+            "stat_sums": dict(self._stat_sums),
+            "best_score": best_score,
+            "best_epoch": best_epoch,
+            "best_state": best_state,
+            "history": copy.deepcopy(self._history),
+            "first_losses": self.first_losses,
+            "threads": torch.get_num_threads(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (after ``on_fit_start``); :meth:`fit` then continues from there."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise MtrecError(f"checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}: "
+                             "written by another version of mtrec; train again with --overwrite")
+        self.model.load_state_dict(state["model"])
+        self.balancer.load_state_dict(state["balancer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for cb in self.callbacks:
+            if type(cb).__name__ in state["callbacks"]:
+                cb.load_state_dict(state["callbacks"][type(cb).__name__])
+        self._epoch, self._batch, self.step = int(state["epoch"]), int(state["batch"]), int(state["step"])
+        self._stopped = bool(state["stopped"])
+        self._epoch_generator = state["epoch_generator"]
+        self._sums = state["sums"].clone()
+        self._stat_sums = dict(state["stat_sums"])
+        self._best = (float(state["best_score"]), int(state["best_epoch"]), state["best_state"])
+        self._history = list(state["history"])
+        self.first_losses = state["first_losses"]
+        _set_random_states(state["random"])
+
+    def _epoch_line(self, record: dict, seconds: float) -> str:
+        """``epoch 3/30  train income 0.2012 ...  valid income auc 0.9412 ...  score 0.9399  4.1 s``."""
+        losses = "  ".join(f"{k} {v:.4f}" for k, v in record["train_loss"].items())
+        valid = []
+        for task, values in record["valid"].items():
+            name, value = next(((m, values[m]) for m in ("auc", "mse") if isinstance(values.get(m), float)), (None, None))
+            if name is not None:
+                valid.append(f"{task} {name} {value:.4f}")
+        return (f"epoch {record['epoch']}/{self.config.epochs}  train loss {losses}  valid {'  '.join(valid)}  "
+                f"score {record['score']:.4f}  {seconds:.1f} s")
+
+    def fit(self, train: TensorTable, valid: TensorTable, resume: Optional[dict] = None) -> FitResult:
+        """Train until ``epochs`` or ``patience`` epochs without a better validation score; keep the best
+        weights. ``resume``: a :meth:`state_dict` to continue from (a checkpoint of an interrupted run)."""
         generator = torch.Generator().manual_seed(self.config.seed)
         for cb in self.callbacks:
             cb.on_fit_start(self)
-        best_score, best_epoch, best_state = -float("inf"), 0, None
-        history: list[dict] = []
-        for epoch in range(1, self.config.epochs + 1):
-            train_losses = self._train_epoch(train, epoch, generator)
+        first, skip = 1, 0
+        self._best, self._history, self._stopped = (-float("inf"), 0, None), [], False
+        if resume is not None:
+            self.load_state_dict(resume)
+            first, skip = self._epoch, self._batch
+            generator.set_state(self._epoch_generator)
+        for epoch in range(first, self.config.epochs + 1):
+            if self._stopped:
+                break
+            started = time.perf_counter()
+            train_losses = self._train_epoch(train, epoch, generator, skip)
+            skip = 0
             self.balancer.on_epoch_end(epoch, train_losses)
             metrics = self.evaluate(valid)
             score = mean_auc(metrics, self.model.layout)
@@ -211,14 +336,24 @@ class Trainer:
                 "weights": self.balancer.weights(),
                 "balancer": self.epoch_stats,  # per-epoch means of the balancer's per-step stats
             }
-            history.append(record)
+            self._history.append(record)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, record)
+            best_score, best_epoch, _ = self._best
             if score > best_score:
-                best_score, best_epoch = score, epoch
-                best_state = copy.deepcopy(self.model.state_dict())
+                self._best = (score, epoch, copy.deepcopy(self.model.state_dict()))
             elif epoch - best_epoch >= self.config.patience:
-                break
+                self._stopped = True
+            if self.echo is not None:
+                self.echo(self._epoch_line(record, time.perf_counter() - started))
+            # the next epoch starts here: its shuffle comes from the generator as it is now
+            self._epoch, self._batch = epoch + 1, 0
+            self._epoch_generator = generator.get_state()
+            self._sums = torch.zeros(self.model.num_tasks)
+            self._stat_sums = {}
+            if self.checkpoint is not None:
+                self.checkpoint(self.state_dict())
+        best_score, best_epoch, best_state = self._best
         if best_state is not None:
             self.model.load_state_dict(best_state)
-        return FitResult(best_epoch=best_epoch, best_score=best_score, history=history)
+        return FitResult(best_epoch=best_epoch, best_score=best_score, history=self._history)
