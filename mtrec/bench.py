@@ -41,12 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtrec.config import RunConfig, run_config, validation_message
 from mtrec.errors import MtrecError
-from mtrec.files import write_json_atomic
+from mtrec.files import read_yaml, write_json_atomic
 from mtrec.train.trainer import TrainConfig
 
 CELLS = "cells"
@@ -190,12 +189,7 @@ def _slug(text: str) -> str:
 def load_grid(path: Path) -> tuple[Grid, list[Cell]]:
     """Read and validate a grid file; return it and its cells in order (data set, model, balancer, seed)."""
     path = Path(path)
-    if not path.is_file():
-        raise MtrecError(f"{path}: grid file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise MtrecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    data = read_yaml(path, "grid file")
     if not isinstance(data, dict):
         raise MtrecError(f"{path}: a grid file is a mapping (datasets, models, balancers, seeds, train)")
     try:

@@ -1,4 +1,5 @@
-"""Writing files others can rely on: whole or not at all, readable as the umask says.
+"""Writing files others can rely on (whole or not at all, readable as the umask says), and reading the
+JSON and YAML files a user or a run hands back (a missing file or a syntax error is one user error).
 
 Every file mtrec writes into a run directory, a cache or a user's output path goes through
 :func:`write_atomic`: the content goes to a temporary file beside the target, which gets the
@@ -13,7 +14,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import yaml
+
+from mtrec.errors import MtrecError
 
 
 def umask() -> int:
@@ -48,3 +53,27 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, data: object) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False))
+
+
+def read_json(path: Path, what: str) -> Any:
+    """The parsed content of the JSON file ``path``. A missing file is ``{path}: {what} not found`` and
+    a syntax error ``{path}: not valid JSON (reason, line N)``, both as :class:`MtrecError` (no traceback)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MtrecError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise MtrecError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """The parsed content of the YAML file ``path``. A missing file is ``{path}: {what} not found`` and
+    a syntax error ``{path}: not valid YAML (the parser's first line)``, both as :class:`MtrecError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MtrecError(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise MtrecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None

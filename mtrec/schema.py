@@ -15,10 +15,10 @@ import typing
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtrec.errors import MtrecError
+from mtrec.files import read_yaml
 
 Scalar = Union[str, int, float, bool]
 
@@ -298,12 +298,7 @@ def schema_from_dict(data: object, origin: str, base_dir: Optional[Path] = None)
 def load_schema(path: Union[str, Path]) -> Schema:
     """Read and validate a YAML/JSON schema file."""
     p = Path(path)
-    if not p.is_file():
-        raise MtrecError(f"{p}: schema file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise MtrecError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+    data = read_yaml(p, "schema file")
     return schema_from_dict(data, str(p), base_dir=p.resolve().parent)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import shutil
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import pytest
 import torch
@@ -14,6 +14,7 @@ import yaml
 from mtrec.data.store import Store, load_store
 from mtrec.datasets import dataset_schema_path
 from mtrec.schema import Schema, load_schema
+from tests.helpers import CliResult, run_main
 
 CENSUS_DIR = dataset_schema_path("census").parent
 REPO = Path(__file__).resolve().parents[1]
@@ -88,3 +89,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture, one_thread) -> Callable[..., CliResult]:
+    """``cli(*args)`` runs ``mtrec ARGS`` in this process on one torch thread (see
+    :func:`tests.helpers.run_main`) and returns its exit code, stdout and stderr, without what was
+    printed before the call."""
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        return run_main(capsys, *args)
+
+    return run

@@ -6,9 +6,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
+import pytest
 import yaml
 
 
@@ -48,6 +49,44 @@ def write_toy(folder: Path, rows: int = 400, seed: int = 0, extra: Optional[dict
     path = folder / "schema.yaml"
     path.write_text(yaml.safe_dump(schema, sort_keys=False))
     return path
+
+
+class CliResult(NamedTuple):
+    """What ``mtrec ARGS`` run in this process gave: exit code, stdout, stderr."""
+
+    code: int
+    out: str
+    err: str
+
+
+def run_main(capsys: pytest.CaptureFixture, *args: str) -> CliResult:
+    """``mtrec ARGS`` in this process through the console entry point ``mtrec.cli.main`` (its
+    MtrecError handling included). The result unpacks as ``code, out, err``; out and err hold what
+    ``capsys`` caught since its last read. An exception escaping ``main()`` (a traceback the user
+    would see) is not caught: it fails the test."""
+    from mtrec.cli import main
+
+    old, sys.argv = sys.argv, ["mtrec", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return CliResult(code, captured.out, captured.err)
+
+
+def assert_user_error(result: CliResult, *needles: str) -> None:
+    """A user error as the CLI must report it: exit code 2, one ``error:`` line holding every needle,
+    no traceback."""
+    assert result.code == 2, (result.code, result.out, result.err)
+    assert "Traceback" not in result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
 
 
 def run_cli(*args: str, cache: Optional[Path] = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -14,40 +13,7 @@ import polars as pl
 import pytest
 import yaml
 
-from mtrec.cli import main
-from tests.helpers import write_toy
-
-
-class Result:
-    def __init__(self, code: int, out: str, err: str) -> None:
-        self.code, self.out, self.err = code, out, err
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, one_thread):
-    """Run ``mtrec ARGS`` in this process; returns its exit code, stdout and stderr."""
-
-    def run(*args: str) -> Result:
-        monkeypatch.setattr(sys, "argv", ["mtrec", *args])
-        capsys.readouterr()
-        code: Optional[int] = None
-        try:
-            main()
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        captured = capsys.readouterr()
-        return Result(code if code is not None else 0, captured.out, captured.err)
-
-    return run
-
-
-def assert_user_error(result: Result, *needles: str) -> None:
-    assert result.code == 2, (result.code, result.err)
-    assert "Traceback" not in result.err
-    lines = result.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+from tests.helpers import assert_user_error, write_toy
 
 
 # ---- 1. a regression label on its raw scale must not wreck the binary tasks -------------------------

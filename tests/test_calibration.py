@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,24 +13,10 @@ import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mtrec.cli import main
 from mtrec.data.tables import FeatureLayout, TaskField
 from mtrec.errors import MtrecError
 from mtrec.fusion.calibration import Calibrators, calibration_curve, expected_calibration_error
-
-
-def run_main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """The real console entry point in-process: (exit code, stdout, stderr)."""
-    old, sys.argv = sys.argv, ["mtrec", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from tests.helpers import run_main
 
 
 def test_ece_and_curve_against_the_formula_on_hand_data() -> None:

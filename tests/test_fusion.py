@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import sqlite3
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,29 +15,15 @@ import torch
 import yaml
 from sklearn.metrics import ndcg_score, roc_auc_score
 
-from mtrec.cli import main
 from mtrec.data.tables import FeatureLayout, TaskField
 from mtrec.errors import MtrecError
 from mtrec.fusion.io import SplitPredictions
 from mtrec.fusion.objectives import Objective, evaluate, paired_bootstrap
 from mtrec.fusion.search import pareto_mask
 from mtrec.fusion.spec import Cdf, FusionSpec, TaskTerm, apply_fusion, apply_fusion_torch, load_fusion
+from tests.helpers import run_main
 
 TASKS = ["click", "like", "finish"]
-
-
-def run_main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """The real console entry point in-process: (exit code, stdout, stderr)."""
-    old, sys.argv = sys.argv, ["mtrec", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def write_multitask_log(folder: Path, rows: int = 3000, users: int = 120, items: int = 150, seed: int = 0) -> Path:

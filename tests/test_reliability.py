@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 import click
 import polars as pl
@@ -23,40 +22,7 @@ from mtrec.cli import app, main
 from mtrec.data.store import cache_root, clean_stale_temporaries, load_store
 from mtrec.schema import load_schema
 from mtrec.train.run import RUN_FORMAT, WEIGHTS
-from tests.helpers import write_toy
-
-
-class Result:
-    def __init__(self, code: int, out: str, err: str) -> None:
-        self.code, self.out, self.err = code, out, err
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, one_thread):
-    """``mtrec ARGS`` in this process through ``main()`` (its MtrecError handling included): exit code,
-    stdout, stderr. An exception escaping ``main()`` (a traceback the user would see) fails the test."""
-
-    def run(*args: str) -> Result:
-        monkeypatch.setattr(sys, "argv", ["mtrec", *args])
-        capsys.readouterr()
-        code: Optional[int] = None
-        try:
-            main()
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        captured = capsys.readouterr()
-        return Result(code or 0, captured.out, captured.err)
-
-    return run
-
-
-def assert_user_error(result: Result, *needles: str) -> None:
-    assert result.code == 2, (result.code, result.out, result.err)
-    assert "Traceback" not in result.err
-    lines = result.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+from tests.helpers import assert_user_error, write_toy
 
 
 SMALL = ["--model", "shared_bottom", "--model-args", "bottom_hidden=[8],tower_hidden=[4]", "--epochs", "2",
@@ -166,6 +132,30 @@ def test_damaged_runs_are_clear_errors(cli, toy_run: Path, toy: Path, tmp_path: 
     assert done.code == 0, done.err
     swapped = damaged("swapped", lambda r: shutil.copy(other / WEIGHTS, r / WEIGHTS))
     assert_user_error(cli("evaluate", "--run", str(swapped)), WEIGHTS, "weights of another model")
+
+
+def test_missing_and_broken_yaml_and_json_files_are_one_error_naming_the_file(cli, toy_run: Path, toy: Path,
+                                                                              tmp_path: Path) -> None:
+    """Each file mtrec parses (schema, grid, fusion spec: YAML; a run's history: JSON) reports a missing
+    file and a syntax error as one error line naming the file (and, for JSON, the line)."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("tasks: [click\nfeatures: x\n")  # an unclosed flow sequence
+    missing = tmp_path / "missing.yaml"
+    commands = {
+        "schema file": ["train", "--out", str(tmp_path / "run"), *SMALL, "--schema"],
+        "grid file": ["bench", "--out", str(tmp_path / "bench")],
+        "fusion spec": ["predict", "--run", str(toy_run), "--input", str(toy.parent / "toy.csv"),
+                        "--output", str(tmp_path / "p.csv"), "--fusion"],
+    }
+    for what, args in commands.items():
+        assert_user_error(cli(*args, str(missing)), f"{missing}: {what} not found")
+        assert_user_error(cli(*args, str(broken)), f"{broken}: not valid YAML (")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "p.csv").exists()
+
+    run = tmp_path / "copy"
+    shutil.copytree(toy_run, run)
+    (run / "history.json").write_text('[\n  {"epoch": 1,\n')
+    assert_user_error(cli("diagnose", "--run", str(run)), f"{run / 'history.json'}: not valid JSON (", "line 3)")
 
 
 def test_a_model_too_big_for_memory_is_refused_before_allocation(cli, toy: Path, tmp_path: Path) -> None:

@@ -14,37 +14,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
 
-from mtrec.cli import main
 from mtrec.train.run import CHECKPOINT, INCOMPLETE
 from tests.conftest import REPO, write_census_slice
-
-
-class Result:
-    def __init__(self, code: int, out: str, err: str) -> None:
-        self.code, self.out, self.err = code, out, err
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, one_thread):
-    """``mtrec ARGS`` in this process through the console entry point: exit code, stdout, stderr."""
-
-    def run(*args: str) -> Result:
-        monkeypatch.setattr(sys, "argv", ["mtrec", *args])
-        capsys.readouterr()
-        code: Optional[int] = None
-        try:
-            main()
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        captured = capsys.readouterr()
-        return Result(code or 0, captured.out, captured.err)
-
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,13 @@ No number measured on this data says anything about a real feed; it is a test be
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from mtrec.files import write_atomic, write_text_atomic
+from mtrec.datasets.cache import write_once
 
 
 class FeedArgs(BaseModel):
@@ -75,13 +72,6 @@ def generate(args: FeedArgs) -> pl.DataFrame:
 
 def schema_path(args: FeedArgs, cache: Path) -> Path:
     """Write the rows (Parquet) and their schema once per argument set; return the schema's path."""
-    key = hashlib.sha1(json.dumps(args.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache / "datasets" / f"feed-{key}"
-    schema = folder / "schema.yaml"
-    if schema.is_file():
-        return schema
-    frame = generate(args)
-    write_atomic(folder / "rows.parquet", lambda tmp: frame.write_parquet(tmp))
     tasks = [{"name": t, "type": "binary", "label": t} for t in ("click", "like", "finish")]
     if args.watch_time:
         tasks.append({"name": "watch_time", "type": "regression", "label": "watch_time"})
@@ -100,6 +90,4 @@ def schema_path(args: FeedArgs, cache: Path) -> Path:
         "tasks": tasks,
         "user": "user",
     }
-    header = "# generated short-video feed (mtrec.datasets.feed), arguments: " + json.dumps(args.model_dump()) + "\n"
-    write_text_atomic(schema, header + yaml.safe_dump(spec, sort_keys=False))
-    return schema
+    return write_once(cache, "feed", args, lambda: generate(args), spec, "generated short-video feed")

@@ -20,16 +20,13 @@ deviation). Everything (``u1, u2``, ``alpha``, ``beta``, the rows) comes from on
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from mtrec.files import write_atomic, write_text_atomic
+from mtrec.datasets.cache import write_once
 
 
 class SyntheticArgs(BaseModel):
@@ -64,14 +61,11 @@ def generate(args: SyntheticArgs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def schema_path(args: SyntheticArgs, cache: Path) -> Path:
     """Write the rows (Parquet) and their schema once per argument set; return the schema's path."""
-    key = hashlib.sha1(json.dumps(args.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache / "datasets" / f"synthetic-{key}"
-    schema = folder / "schema.yaml"
-    if schema.is_file():
-        return schema
-    x, y, _ = generate(args)
-    columns = {f"x{i}": x[:, i] for i in range(args.dim)} | {"y1": y[:, 0], "y2": y[:, 1]}
-    write_atomic(folder / "rows.parquet", lambda tmp: pl.DataFrame(columns).write_parquet(tmp))
+
+    def rows() -> pl.DataFrame:
+        x, y, _ = generate(args)
+        return pl.DataFrame({f"x{i}": x[:, i] for i in range(args.dim)} | {"y1": y[:, 0], "y2": y[:, 1]})
+
     spec = {
         "name": f"synthetic_p{args.correlation:g}_n{args.rows}_s{args.seed}",
         "source": {"train": "rows.parquet"},
@@ -80,6 +74,4 @@ def schema_path(args: SyntheticArgs, cache: Path) -> Path:
         "features": [{"name": f"x{i}", "type": "dense"} for i in range(args.dim)],
         "tasks": [{"name": "y1", "type": "regression", "label": "y1"}, {"name": "y2", "type": "regression", "label": "y2"}],
     }
-    header = "# MMoE paper synthetic data (mtrec.datasets.synthetic), arguments: " + json.dumps(args.model_dump()) + "\n"
-    write_text_atomic(schema, header + yaml.safe_dump(spec, sort_keys=False))
-    return schema
+    return write_once(cache, "synthetic", args, rows, spec, "MMoE paper synthetic data")

@@ -7,13 +7,12 @@ atomically) and a few plain-language lines.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 from mtrec.data.ingest import encode, load_splits
 from mtrec.data.store import table_from_arrays
-from mtrec.files import write_json_atomic
+from mtrec.files import read_json, write_json_atomic
 from mtrec.diagnostics.gates import findings as gate_findings
 from mtrec.diagnostics.gates import gate_utilisation
 from mtrec.errors import MtrecError
@@ -80,10 +79,7 @@ def diagnose_run(run: Path) -> dict:
     history_path = run / "history.json"
     if not history_path.is_file():
         raise MtrecError(f"{run}: no history.json here; not a finished mtrec run")
-    try:
-        history = json.loads(history_path.read_text())
-    except json.JSONDecodeError as err:
-        raise MtrecError(f"{history_path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    history = read_json(history_path, "history")
     monitor = monitor_summary(history)
     splits = load_splits(loaded.schema)
     if "valid" not in splits:

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mtrec.data.tables import FeatureLayout
 from mtrec.errors import MtrecError
+from mtrec.files import read_yaml
 
 FUSION_FILE = "fusion.yaml"
 GRID_POINTS = 201  # quantile levels of an empirical CDF stored in the spec
@@ -280,12 +281,7 @@ def _field(loc: tuple, data: Any) -> str:
 
 def load_fusion(path: Path) -> FusionSpec:
     """Read and validate a fusion spec; every problem is one error naming the file and field."""
-    if not path.is_file():
-        raise MtrecError(f"{path}: fusion spec not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise MtrecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    data = read_yaml(path, "fusion spec")
     if not isinstance(data, dict):
         raise MtrecError(f"{path}: expected a mapping with 'formula' and 'tasks'")
     try:
