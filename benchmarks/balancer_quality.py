@@ -84,7 +84,7 @@ def render(runs: list[dict], models: list[str], balancers: list[str], meta: str)
     lines = [
         meta,
         "",
-        f"| model | balancer | seeds | income AUC | never_married AUC | Δ income | Δ never_married | verdict | verdict beyond seed std |",
+        "| model | balancer | seeds | income AUC | never_married AUC | Δ income | Δ never_married | verdict | verdict beyond seed std |",
         "|---|---|---:|---:|---:|---:|---:|---|---|",
         f"| `{BASELINE[0]}` | `{BASELINE[1]}` | {len(base[TASKS[0]])} | {mean_std(base[TASKS[0]])} | "
         f"{mean_std(base[TASKS[1]])} | | | baseline | baseline |",

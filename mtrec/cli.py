@@ -9,18 +9,21 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
 import typer
 import yaml
 
-from mtrec.balancing import BALANCERS
 from mtrec.datasets import DATASETS, dataset_schema_path
 from mtrec.errors import MtrecError
-from mtrec.models import MODELS
-from mtrec.schema import Schema, load_schema
-from mtrec.train.trainer import TrainConfig
+from mtrec.train.options import TrainConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mtrec.schema import Schema
+
+# Start-up: `mtrec --help`, `mtrec COMMAND --help` and argument errors must not pay for torch or polars
+# (about 2-4 s). Module-level imports here stay light (typer, yaml, pydantic configs); each command
+# imports what it runs inside its body. tests/test_startup.py checks it; benchmarks/startup.py times it.
 
 app = typer.Typer(
     add_completion=False,
@@ -72,6 +75,8 @@ def resolve_schema(schema: Optional[Path], dataset: Optional[str], dataset_args:
         raise MtrecError(f"give --schema FILE or --dataset NAME (embedded: {', '.join(sorted(DATASETS))})")
     if dataset_args and dataset is None:
         raise MtrecError("--dataset-args goes with --dataset (a schema file has no arguments)")
+    from mtrec.schema import load_schema
+
     if schema is not None:
         return load_schema(schema)
     return load_schema(dataset_schema_path(dataset, parse_options(dataset_args, "--dataset-args")))
@@ -81,6 +86,8 @@ def _set_threads(threads: Optional[int]) -> None:
     if threads is not None and threads < 1:
         raise MtrecError(f"--threads: {threads} is not a thread count (at least 1)")
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
 
 
@@ -142,8 +149,6 @@ def train(
 ) -> None:
     """Train a model; write metrics.json, model.safetensors, config.json and history.json to --out
     (checkpoint.pt after every epoch while training: --resume continues an interrupted run)."""
-    from mtrec.train.run import train_run
-
     if checkpoint_every < 0:
         raise MtrecError(f"--checkpoint-every: {checkpoint_every} is negative (0: after each epoch only)")
     config = train_config(dict(
@@ -152,6 +157,8 @@ def train(
     ))
     _set_threads(threads)
     resolved = resolve_schema(schema, dataset, dataset_args)
+    from mtrec.train.run import train_run  # torch: only once the arguments are known to be good
+
     result = train_run(
         resolved,
         model,
@@ -244,6 +251,7 @@ def evaluate(
     schema: Optional[Path] = typer.Option(None, help="evaluate on this schema's valid/test data instead of the run's"),
 ) -> None:
     """Print the run's metrics on the valid and test splits as JSON."""
+    from mtrec.schema import load_schema
     from mtrec.train.run import evaluate_run
 
     metrics = evaluate_run(run, load_schema(schema) if schema else None)
@@ -301,10 +309,10 @@ def export(
 ) -> None:
     """Export the run's model (encoded inputs in, per-task logits and scores out; calibrated scores and
     a fused score when included) after a parity check against PyTorch on the run's validation rows."""
-    from mtrec.serve.export import export_run
-
     if fusion and fusion_file is not None:
         raise MtrecError("--fusion and --fusion-file: give one (--fusion takes the run's fusion.yaml)")
+    from mtrec.serve.export import export_run
+
     _set_threads(threads)
     context = [c.strip() for c in context_features.split(",") if c.strip()] if context_features else []
     spec = fusion_file if fusion_file is not None else (True if fusion else None)
@@ -362,8 +370,6 @@ def fuse(
 ) -> None:
     """Search fusion weights on the validation split (Optuna TPE, resumable study in RUN);
     write RUN/fusion.yaml and RUN/fusion_pareto.png; print the test-split figures."""
-    from mtrec.fusion.search import fuse_run, report
-
     if normalize is not None and formula == "weighted_product":
         raise MtrecError("--normalize applies to --formula weighted_sum only (the product works on probabilities)")
     normalize = normalize or ("rank" if formula == "weighted_sum" else "none")
@@ -372,6 +378,8 @@ def fuse(
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             raise MtrecError(f"{flag}: '{value}' is not one of {', '.join(allowed)}")
+    from mtrec.fusion.search import fuse_run, report
+
     result = fuse_run(run, objective, parse_task_values(importance, "--importance"), parse_task_values(floor, "--floor"),
                       trials, seed=seed, formula=formula, normalize=normalize, regression_transform=regression_transform)
     typer.echo(report(result, objective))
@@ -393,9 +401,6 @@ def serve(
 ) -> None:
     """Serve the run's ranking over HTTP (FastAPI + uvicorn): POST /rank, GET /health, /model, /metrics,
     POST /reload."""
-    from mtrec.serve.service import ServeSettings, default_threads
-    from mtrec.serve.service import serve as run_service
-
     checks = {
         "--backend": (backend in ("torch", "onnx"), f"unknown backend '{backend}'; choose torch or onnx"),
         "--port": (1 <= port <= 65535, f"{port} is not a TCP port (1-65535)"),
@@ -409,6 +414,9 @@ def serve(
     for flag, (ok, why) in checks.items():
         if not ok:
             raise MtrecError(f"{flag}: {why}")
+    from mtrec.serve.service import ServeSettings, default_threads
+    from mtrec.serve.service import serve as run_service
+
     settings = ServeSettings(
         run=run, fusion=fusion, backend=backend, threads=threads or default_threads(workers),
         max_candidates=max_candidates, max_body_bytes=int(max_body_mb * (1 << 20)), timeout_s=timeout_ms / 1000.0,
@@ -419,6 +427,8 @@ def serve(
 @app.command()
 def models() -> None:
     """List the registered models."""
+    from mtrec.models import MODELS
+
     for name, description in MODELS.describe().items():
         typer.echo(f"{name:<20} {description}")
 
@@ -426,6 +436,8 @@ def models() -> None:
 @app.command()
 def balancers() -> None:
     """List the registered loss-balancing strategies."""
+    from mtrec.balancing import BALANCERS
+
     for name, description in BALANCERS.describe().items():
         typer.echo(f"{name:<20} {description}")
 

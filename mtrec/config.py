@@ -15,7 +15,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from mtrec.errors import MtrecError
 from mtrec.schema import Schema, load_schema
-from mtrec.train.trainer import TrainConfig
+from mtrec.train.options import TrainConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from mtrec.train.run import RunResult

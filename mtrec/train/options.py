@@ -1,0 +1,32 @@
+"""Training options as a pydantic model, kept apart from the training loop.
+
+This module imports neither torch nor numpy, so the command line can read the defaults of its
+options (``mtrec train --help``) without paying for torch's start-up. :mod:`mtrec.train.trainer`
+re-exports :class:`TrainConfig`; both import paths name the same class.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainConfig(BaseModel):
+    """Training options; the defaults reach the Census targets with ``mmoe`` and ``ple``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(30, ge=1)  # an upper bound: early stopping usually ends Census runs in 5-12 epochs
+    batch_size: int = Field(1024, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    patience: int = Field(3, ge=1)  # epochs without a better validation score before stopping
+    seed: int = 0
+    eval_batch_size: int = Field(16384, ge=1)  # evaluation has no backward pass: big batches are cheap
+    progress: Optional[bool] = None  # None: a progress bar only on a terminal
+    # The gradient conflict monitor samples every this many steps (0: off). At 24: 4.6% more CPU time per
+    # step on mmoe / Census (benchmarks/monitor_overhead.py, BENCHMARKS.md), about 7 samples per Census epoch
+    # of 175 steps. A sample costs about one training step (two backward passes to the shared layers), so
+    # 20 samples an epoch (every 8) costs 13%: pass --monitor-every 8 for denser curves.
+    monitor_every: int = Field(24, ge=0)
