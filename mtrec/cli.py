@@ -367,6 +367,9 @@ def fuse(
     formula: str = typer.Option("weighted_sum", help="weighted_sum | weighted_product"),
     normalize: Optional[str] = typer.Option(None, help="weighted_sum per-task normalisation: none | rank (default) | z"),
     regression_transform: str = typer.Option("percentile", help="regression tasks enter as: log1p | percentile"),
+    list_size: Optional[int] = typer.Option(
+        None, help="data without a user column: ndcg@K / recall@K per list of N random rows (a request's candidates)"
+    ),
 ) -> None:
     """Search fusion weights on the validation split (Optuna TPE, resumable study in RUN);
     write RUN/fusion.yaml and RUN/fusion_pareto.png; print the test-split figures."""
@@ -381,7 +384,8 @@ def fuse(
     from mtrec.fusion.search import fuse_run, report
 
     result = fuse_run(run, objective, parse_task_values(importance, "--importance"), parse_task_values(floor, "--floor"),
-                      trials, seed=seed, formula=formula, normalize=normalize, regression_transform=regression_transform)
+                      trials, seed=seed, formula=formula, normalize=normalize, regression_transform=regression_transform,
+                      list_size=list_size)
     typer.echo(report(result, objective))
 
 

@@ -118,6 +118,32 @@ def test_ndcg_and_recall_match_explicit_formulas(k: int) -> None:
     assert all(a == pytest.approx(b, abs=1e-12) for a, b in sk)  # the explicit formula is sklearn's nDCG
 
 
+def test_random_lists_deal_every_row_once_into_lists_of_the_size() -> None:
+    """Data without a user column: ndcg@K per list of N random rows equals the per-list formula."""
+    from dataclasses import replace
+
+    from mtrec.fusion.objectives import random_lists
+
+    group = random_lists(1003, 100, seed=5)
+    sizes = np.bincount(group)
+    assert len(sizes) == 11 and (sizes[:-1] == 100).all() and sizes[-1] == 3
+    assert not np.array_equal(group, np.arange(1003) // 100)  # shuffled, not the file's order
+    assert np.array_equal(group, random_lists(1003, 100, seed=5))  # seeded
+    preds, fused = _random_split(2, with_user=False)
+    lists = random_lists(len(fused), 50, seed=0)
+    rel = preds.labels[:, 0] + 2.0 * preds.labels[:, 1]
+    values = []
+    for g in np.unique(lists):
+        r, s = rel[lists == g], fused[lists == g]
+        if r.sum() == 0:
+            continue
+        ranked, ideal = r[np.argsort(-s, kind="stable")], np.sort(r)[::-1]
+        disc = 1 / np.log2(np.arange(2, 12))
+        values.append((ranked[:10] * disc[: len(ranked[:10])]).sum() / (ideal[:10] * disc[: len(ideal[:10])]).sum())
+    got = evaluate(Objective.parse("ndcg@10", {"click": 1.0, "like": 2.0}, preds.layout), fused, replace(preds, user=lists))
+    assert got.value == pytest.approx(np.mean(values), abs=1e-12)
+
+
 def test_paired_bootstrap_is_centred_on_the_difference() -> None:
     preds, fused = _random_split(2)
     obj = Objective.parse("gauc", {"click": 1.0}, preds.layout)
@@ -319,6 +345,7 @@ def test_fuse_ndcg_product_and_floors(feed_run: Path, tmp_path: Path, capsys: py
     (["--floor", "click=1.5"], "not an AUC"),
     (["--formula", "weighted_product", "--normalize", "rank"], "--normalize applies to --formula weighted_sum only"),
     (["--normalize", "minmax"], "'minmax' is not one of"),
+    (["--list-size", "50"], "has a user column"),
 ])
 def test_fuse_argument_errors(extra: list[str], needle: str, feed_run: Path, capsys: pytest.CaptureFixture) -> None:
     args = {"--objective": "gauc", "--importance": "click=1", "--trials": "2"}

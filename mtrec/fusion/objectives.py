@@ -7,8 +7,9 @@
   being ``sum_t importance_t * label_t``; users without any relevant row are skipped.
 - ``recall@K``: mean over users of the relevance in the top K over the user's total relevance.
 
-Without a user column, ``ndcg@K`` and ``recall@K`` treat the whole split as one list. Rows with
-equal fused scores keep their order in the split.
+Without a user column, ``ndcg@K`` and ``recall@K`` treat the whole split as one list, unless the rows
+are dealt into lists of a fixed size (:func:`random_lists`, ``mtrec fuse --list-size``), the candidate
+lists a ranking request brings. Rows with equal fused scores keep their order in the split.
 
 Every value is assembled from per-unit parts (``sum numer / sum denom`` per component; a unit is
 a user, or the whole split), which makes the paired bootstrap over users a matrix product.
@@ -72,6 +73,15 @@ def dense_groups(user: Optional[np.ndarray], n: int) -> tuple[np.ndarray, int]:
         return np.zeros(n, np.int64), 1
     keys, inverse = np.unique(user, return_inverse=True)
     return inverse.astype(np.int64), len(keys)
+
+
+def random_lists(n: int, size: int, seed: int) -> np.ndarray:
+    """``[n]`` list index of every row: the rows in a seeded random order, dealt into lists of ``size``
+    (the last one shorter), for ranking objectives on data without a user column."""
+    order = np.random.default_rng(seed).permutation(n)
+    group = np.empty(n, np.int64)
+    group[order] = np.arange(n) // size
+    return group
 
 
 def auc_parts(score: np.ndarray, y: np.ndarray, group: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Optional
@@ -28,7 +28,7 @@ from mtrec.errors import MtrecError
 from mtrec.fusion.calibration import Calibrators
 from mtrec.files import write_atomic
 from mtrec.fusion.io import run_predictions
-from mtrec.fusion.objectives import Objective, check_binary_tasks, evaluate, paired_bootstrap
+from mtrec.fusion.objectives import Objective, check_binary_tasks, evaluate, paired_bootstrap, random_lists
 from mtrec.fusion.spec import FUSION_FILE, FusionSpec, apply_fusion, build_spec
 
 STUDY_FILE = "fusion_study.db"
@@ -125,8 +125,10 @@ def fuse_run(
     normalize: str = "rank",
     regression_transform: str = "percentile",
     bootstrap: int = 200,
+    list_size: Optional[int] = None,
 ) -> FuseResult:
-    """Search the weights of a fusion spec for ``run`` (see the module docstring)."""
+    """Search the weights of a fusion spec for ``run`` (see the module docstring). ``list_size``: on data
+    without a user column, rank lists of that many random rows (per split, seeded) instead of one list."""
     import optuna
 
     if trials < 1:
@@ -140,6 +142,16 @@ def fuse_run(
     valid, test = preds["valid"], preds.get("test")
     layout = valid.layout
     objective = Objective.parse(objective_text, importance, layout)
+    if list_size is not None:
+        if list_size < 2:
+            raise MtrecError("--list-size must be at least 2")
+        if valid.user is not None:
+            raise MtrecError("--list-size: the run's schema has a user column; the ranking objectives are per user")
+        if objective.kind == "gauc":
+            raise MtrecError("--list-size goes with ndcg@K or recall@K; gauc without a user column is the global AUC")
+        valid = replace(valid, user=random_lists(len(valid.labels), list_size, seed))
+        if test is not None:
+            test = replace(test, user=random_lists(len(test.labels), list_size, seed + 1))
     if floors:
         check_binary_tasks(floors, layout, "--floor")
     calibration = Calibrators.load(run).method
@@ -147,6 +159,8 @@ def fuse_run(
 
     setup = {"objective": objective.label, "importance": objective.importance, "floor": floors, "formula": formula,
              "normalize": normalize, "regression_transform": regression_transform, "calibration": calibration}
+    if list_size is not None:
+        setup["list_size"] = list_size
     study_name = f"fuse-{objective.label}-{_setup_key(setup)}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{(run / STUDY_FILE).resolve()}"
@@ -199,12 +213,14 @@ def fuse_run(
         ce, ee = evaluate(objective, chosen_fused, test), evaluate(objective, equal_fused, test)
         test_fig = {"value": ce.value, "task_auc": ce.task_auc,
                     "equal_weights": {"value": ee.value, "task_auc": ee.task_auc},
-                    "bootstrap": {"reps": bootstrap, "unit": "user" if test.user is not None else "row",
+                    "bootstrap": {"reps": bootstrap, "unit": ("list" if list_size else "user") if test.user is not None else "row",
                                   **paired_bootstrap(objective, chosen_fused, equal_fused, test, bootstrap, seed)}}
     else:
         notes.append("the run's schema has no test split: no test figures")
     if valid.user is None and objective.kind != "gauc":
-        notes.append(f"no user column: {objective.label} ranks the whole split as one list")
+        notes.append(f"no user column: {objective.label} ranks the whole split as one list (see --list-size)")
+    elif list_size is not None:
+        notes.append(f"no user column: {objective.label} per list of {list_size} random rows (bootstrap over lists)")
     spec = spec.model_copy(update={"search": {
         "objective": objective.label, "importance": objective.importance, "floor": floors,
         "study": study_name, "storage": STUDY_FILE, "trials": len(complete), "best_trial": best.number,
