@@ -2,7 +2,7 @@
 
 Run by hand (not part of the tests); it trains the runs it lacks on the embedded Census data:
 
-    .venv/bin/python benchmarks/serve.py --runs runs/bench --duration 10
+    .venv/bin/python benchmarks/serve.py --runs runs/bench --duration 3 --rounds 3   # medians of 3 rounds
     .venv/bin/python benchmarks/serve.py --runs runs/bench --models mmoe --candidates 10 --clients 1,8 --duration 2  # smoke
 
 For every model x backend it starts the real server (``mtrec serve``, one worker by default) and, for the
@@ -232,6 +232,21 @@ def bodies(run: Path, sizes: list[int], context: list[str]) -> dict[int, tuple[b
     return out
 
 
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (model, server, candidates, clients): the median over rounds of every figure."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["server"], r["candidates"], r["clients"]), []).append(r)
+    out = []
+    for (model, server, n, clients), rs in groups.items():
+        med = lambda key: float(np.median([r[key] for r in rs]))  # noqa: E731
+        timing = {k: float(np.median([r["server_ms"].get(k, np.nan) for r in rs])) for k in ("parse", "encode", "model", "total")}
+        out.append({"model": model, "server": server, "candidates": n, "clients": clients, "rounds": len(rs),
+                    "rps": med("rps"), "candidates_per_s": med("candidates_per_s"), "p50_ms": med("p50_ms"),
+                    "p99_ms": med("p99_ms"), "server_ms": timing, "errors": sum(r["errors"] for r in rs)})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=REPO / "runs" / "bench_serve", help="folder of the runs (trained when missing)")
@@ -241,6 +256,8 @@ def main() -> None:
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per cell")
     ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat every server's cells this many times, the servers in a "
+                    "rotated order each round; figures are medians over the rounds")
     ap.add_argument("--epochs", type=int, default=1, help="epochs of a run trained here (speed does not depend on it)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per server worker (default: cores / workers)")
@@ -280,7 +297,8 @@ def main() -> None:
             servers.append((f"plain/{kind}", [sys.executable, str(Path(__file__).resolve()), "--plain-server", "--run", str(run),
                                               "--threads", str(threads), "--encoder", kind]))
         print(header, flush=True)
-        for name, cmd in servers:
+        order = [servers[(i + rnd) % len(servers)] for rnd in range(args.rounds) for i in range(len(servers))]
+        for name, cmd in order:
             port = free_port()
             proc = start([*cmd, "--port", str(port)], port, env)
             try:
@@ -299,6 +317,14 @@ def main() -> None:
                               + (f"  ({r['errors']} errors)" if r["errors"] else ""), flush=True)
             finally:
                 stop(proc)
+    raw, results = results, median_rows(results)
+    if args.rounds > 1:
+        print(f"\nmedians over {args.rounds} rounds:\n{header}")
+        for r in results:
+            s = r["server_ms"]
+            print(f"{r['model']:<6} {r['server']:<12} {r['candidates']:>5} {r['clients']:>7} {r['rps']:>8.1f} "
+                  f"{r['candidates_per_s']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {s['parse']:>6.2f} {s['encode']:>6.2f} "
+                  f"{s['model']:>6.2f} {s['total']:>6.2f} {r['p50_ms'] - s['total']:>11.2f}")
     for kind in filter(None, args.plain.split(",")):
         print(f"\ncandidates scored per second, mtrec / plain/{kind} (same model, candidates, clients):")
         plain = {(r["model"], r["candidates"], r["clients"]): r["candidates_per_s"] for r in results if r["server"] == f"plain/{kind}"}
@@ -308,7 +334,7 @@ def main() -> None:
                 print(f"  {r['model']:<6} {r['server']:<12} {r['candidates']:>4} cands {r['clients']:>3} clients: "
                       f"{r['candidates_per_s'] / plain[key]:.2f}x")
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+        args.out.write_text(json.dumps({"rounds": args.rounds, "medians": results, "runs": raw}, indent=2))
 
 
 if __name__ == "__main__":

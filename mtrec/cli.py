@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Optional
 import typer
 import yaml
 
+from mtrec import __version__
+from mtrec.config import RunConfig, build_run_config
 from mtrec.datasets import DATASETS, dataset_schema_path
 from mtrec.errors import MtrecError
 from mtrec.train.options import TrainConfig
@@ -31,6 +33,20 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Multi-task ranking: train, evaluate and compare multi-task models.",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mtrec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="print the version and exit"),
+) -> None:
+    """Multi-task ranking: train, evaluate and compare multi-task models."""
 
 
 def parse_options(text: Optional[str], flag: str) -> dict:
@@ -120,55 +136,74 @@ def _metrics_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def _help(field: str, extra: str = "") -> str:
+    """Help text of a ``mtrec train`` flag, from the :class:`RunConfig` field it sets (its description and
+    default live there only)."""
+    info = RunConfig.model_fields[field]
+    default = info.get_default(call_default_factory=True)
+    shown = f" [default: {default}]" if default not in (None, {}, []) else ""
+    return f"{info.description}{extra}{shown}"
+
+
 @app.command()
 def train(
-    model: str = typer.Option(..., help="registered model name (see `mtrec models`)"),
-    out: Path = typer.Option(..., help="run directory to write"),
-    schema: Optional[Path] = typer.Option(None, help="dataset schema file (YAML)"),
-    dataset: Optional[str] = typer.Option(None, help="embedded dataset name, e.g. census"),
-    dataset_args: Optional[str] = typer.Option(None, help="arguments of the embedded dataset, e.g. correlation=0.5,rows=20000,seed=0"),
-    model_args: Optional[str] = typer.Option(None, help="model options, e.g. num_experts=4,expert_hidden=[64,32]"),
-    balancer: str = typer.Option("fixed", help="loss balancing strategy (see `mtrec balancers`)"),
-    balancer_args: Optional[str] = typer.Option(None, help="balancer options k=v,..."),
-    task_weights: Optional[str] = typer.Option(None, help="task weights, comma-separated in task order (refused by balancers that have no use for them)"),
-    epochs: int = typer.Option(TrainConfig.model_fields["epochs"].default, help="maximum epochs (early stopping may end sooner)"),
-    batch_size: int = typer.Option(TrainConfig.model_fields["batch_size"].default),
-    lr: float = typer.Option(TrainConfig.model_fields["lr"].default),
-    weight_decay: float = typer.Option(TrainConfig.model_fields["weight_decay"].default),
-    patience: int = typer.Option(TrainConfig.model_fields["patience"].default),
-    seed: int = typer.Option(0),
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(
+        None, help="run config file (YAML, or JSON; a finished run's config.json reruns that run); flags given "
+        "here override its values"),
+    out: Optional[Path] = typer.Option(None, help="run directory to write (required)"),
+    model: Optional[str] = typer.Option(None, help=_help("model")),
+    schema: Optional[Path] = typer.Option(None, help=_help("schema_file")),
+    dataset: Optional[str] = typer.Option(None, help=_help("dataset")),
+    dataset_args: Optional[str] = typer.Option(None, help=_help("dataset_args")),
+    model_args: Optional[str] = typer.Option(None, help=_help("model_args", " (replaces the config file's)")),
+    balancer: Optional[str] = typer.Option(None, help=_help("balancer")),
+    balancer_args: Optional[str] = typer.Option(None, help=_help("balancer_args")),
+    task_weights: Optional[str] = typer.Option(None, help=_help("task_weights", ", comma-separated")),
+    epochs: Optional[int] = typer.Option(None, help=_help("epochs")),
+    batch_size: Optional[int] = typer.Option(None, help=_help("batch_size")),
+    lr: Optional[float] = typer.Option(None, help=_help("lr")),
+    weight_decay: Optional[float] = typer.Option(None, help=_help("weight_decay")),
+    patience: Optional[int] = typer.Option(None, help=_help("patience")),
+    seed: Optional[int] = typer.Option(None, help=_help("seed")),
+    eval_batch_size: Optional[int] = typer.Option(None, help=_help("eval_batch_size")),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help=_help("progress")),
+    monitor_every: Optional[int] = typer.Option(None, help=_help("monitor_every")),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help=_help("tensorboard")),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
-    tensorboard: bool = typer.Option(True, help="write loss and balancer curves to OUT/tensorboard"),
-    monitor_every: int = typer.Option(
-        TrainConfig.model_fields["monitor_every"].default,
-        help="sample task-gradient cosines, norm ratios and learning velocity every K steps (0: off)",
-    ),
     overwrite: bool = typer.Option(False, help="replace the run already in --out (its files are removed first)"),
     resume: bool = typer.Option(False, help="continue the interrupted run in --out from its checkpoint (same arguments)"),
     checkpoint_every: int = typer.Option(0, help="also checkpoint every N steps within an epoch (0: after each epoch only)"),
 ) -> None:
     """Train a model; write metrics.json, model.safetensors, config.json and history.json to --out
-    (checkpoint.pt after every epoch while training: --resume continues an interrupted run)."""
+    (checkpoint.pt after every epoch while training: --resume continues an interrupted run).
+    Options come from --config FILE, then from the flags given, then from the defaults."""
     if checkpoint_every < 0:
         raise MtrecError(f"--checkpoint-every: {checkpoint_every} is negative (0: after each epoch only)")
-    config = train_config(dict(
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed,
-        monitor_every=monitor_every,
-    ))
+    given = {name: value for name, value in ctx.params.items() if value is not None}
+    parsers = {"dataset_args": lambda v: parse_options(v, "--dataset-args"),
+               "model_args": lambda v: parse_options(v, "--model-args"),
+               "balancer_args": lambda v: parse_options(v, "--balancer-args"),
+               "task_weights": parse_weights}
+    overrides = {name: parsers.get(name, lambda v: v)(value)
+                 for name, value in given.items() if name in RunConfig.model_fields or name == "schema"}
+    run = build_run_config(config, overrides)  # checked before any data is read
+    if out is None:
+        raise MtrecError("--out: missing; give the run directory to write")
     _set_threads(threads)
-    resolved = resolve_schema(schema, dataset, dataset_args)
+    resolved = run.resolve_schema()
     from mtrec.train.run import train_run  # torch: only once the arguments are known to be good
 
     result = train_run(
         resolved,
-        model,
+        run.model,
         out,
-        config,
-        model_options=parse_options(model_args, "--model-args"),
-        balancer_name=balancer,
-        balancer_options=parse_options(balancer_args, "--balancer-args"),
-        task_weights=parse_weights(task_weights),
-        tensorboard=tensorboard,
+        run.train_config(),
+        model_options=run.model_args,
+        balancer_name=run.balancer,
+        balancer_options=run.balancer_args,
+        task_weights=run.task_weights,
+        tensorboard=run.tensorboard,
         overwrite=overwrite,
         resume=resume,
         checkpoint_every=checkpoint_every,

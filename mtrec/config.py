@@ -1,20 +1,23 @@
 """One training run as a config: data, model, balancer and training options in one validated object.
 
-:class:`RunConfig` is what a ``mtrec bench`` grid cell is (and what ``mtrec train --config`` is meant
-to read): the same options as the ``mtrec train`` flags, with the same names (``model_args`` is
+:class:`RunConfig` is what a ``mtrec bench`` grid cell is and what ``mtrec train --config FILE`` reads
+(:func:`build_run_config`; a finished run's ``config.json`` records one as ``run_config``): the same options as the ``mtrec train`` flags, with the same names (``model_args`` is
 ``--model-args``, ``dataset_args`` is ``--dataset-args``) and every :class:`TrainConfig` field at
-the top level. Unknown fields are errors that name the field.
+the top level. Unknown fields are errors that name the field. The fields' defaults and descriptions
+are the ``mtrec train`` flags' defaults and help text (defined here only).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from mtrec.errors import MtrecError
-from mtrec.schema import Schema, load_schema
+from mtrec.files import read_yaml
+from mtrec.schema import Schema, load_schema, schema_from_dict
 from mtrec.train.options import TrainConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,15 +31,28 @@ class RunConfig(TrainConfig):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 
-    dataset: Optional[str] = None
-    dataset_args: dict[str, Any] = Field(default_factory=dict)
-    schema_file: Optional[Path] = Field(None, alias="schema")
-    model: str
-    model_args: dict[str, Any] = Field(default_factory=dict)
-    balancer: str = "fixed"
-    balancer_args: dict[str, Any] = Field(default_factory=dict)
-    task_weights: Optional[list[float]] = None
-    tensorboard: bool = True  # write OUT/tensorboard (per-step curves); bench grids usually turn it off
+    dataset: Optional[str] = Field(None, description="embedded data set name, e.g. census (or give 'schema')")
+    dataset_args: dict[str, Any] = Field(
+        default_factory=dict, description="arguments of the embedded data set, e.g. correlation=0.5,rows=20000,seed=0"
+    )
+    # a schema file, or the schema itself inline (a finished run's config.json records it inline)
+    schema_file: Optional[Union[Path, dict[str, Any]]] = Field(
+        None, alias="schema", description="data set schema file (YAML), or the schema inline in a config file"
+    )
+    model: str = Field(description="registered model name (see `mtrec models`)")
+    model_args: dict[str, Any] = Field(
+        default_factory=dict, description="model options, e.g. num_experts=4,expert_hidden=[64,32]"
+    )
+    balancer: str = Field("fixed", description="loss balancing strategy (see `mtrec balancers`)")
+    balancer_args: dict[str, Any] = Field(default_factory=dict, description="balancer options k=v,...")
+    task_weights: Optional[list[float]] = Field(
+        None, description="task weights in task order (refused by balancers that have no use for them)"
+    )
+    # bench grids usually turn the per-step curves off
+    tensorboard: bool = Field(True, description="write loss and balancer curves to OUT/tensorboard")
+    # where a relative schema path (or an inline schema's relative data paths) is resolved: the config
+    # file's folder; None: the working directory
+    _base_dir: Optional[Path] = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _one_source(self) -> "RunConfig":
@@ -52,8 +68,11 @@ class RunConfig(TrainConfig):
 
     def resolve_schema(self) -> Schema:
         """The data set's schema (an embedded one is generated first when it takes arguments)."""
+        if isinstance(self.schema_file, dict):
+            return schema_from_dict(self.schema_file, "run config: schema", base_dir=self._base_dir or Path.cwd())
         if self.schema_file is not None:
-            return load_schema(self.schema_file)
+            path = self.schema_file
+            return load_schema(path if path.is_absolute() or self._base_dir is None else self._base_dir / path)
         from mtrec.datasets import dataset_schema_path
 
         return load_schema(dataset_schema_path(self.dataset, self.dataset_args or None))
@@ -79,6 +98,69 @@ def run_config(data: Any, where: str = "run config") -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise MtrecError(validation_message(err, where)) from None
+
+
+def read_run_config(path: Path) -> dict:
+    """The mapping a run config file holds: YAML, or JSON when named ``.json``. A finished run's
+    ``config.json`` gives the run config it records (``run_config``), so rerunning it reproduces the run."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        if not path.is_file():
+            raise MtrecError(f"{path}: run config file not found")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise MtrecError(f"{path}: not valid JSON ({err})") from None
+    else:
+        data = read_yaml(path, "run config file")
+    if not isinstance(data, dict):
+        raise MtrecError(f"{path}: a run config is a mapping (model, schema or dataset, training options, ...)")
+    if "run_format" in data:  # a run directory's config.json
+        if not isinstance(data.get("run_config"), dict):
+            raise MtrecError(f"{path}: this run's config.json records no run_config (written by mtrec "
+                             f"{data.get('mtrec_version', '?')}); train it again, or write a run config file")
+        data = data["run_config"]
+    return data
+
+
+def field_flag(field: str) -> str:
+    """The ``mtrec train`` flag of a :class:`RunConfig` field (``schema_file`` -> ``--schema``)."""
+    info = RunConfig.model_fields.get(field)
+    name = (info.alias if info is not None and info.alias else field)
+    return "--" + name.replace("_", "-")
+
+
+def build_run_config(file: Optional[Path], overrides: dict[str, Any]) -> RunConfig:
+    """The :class:`RunConfig` of ``file`` (a run config file, or None) with ``overrides`` (field name or
+    alias -> value, e.g. the flags given on the command line) replacing its values. A data source given in
+    ``overrides`` (``schema`` or ``dataset``) replaces the file's whole source. A mistake is one
+    :class:`MtrecError` naming the flag (for an override) or the file and field."""
+    data: dict[str, Any] = dict(read_run_config(file)) if file is not None else {}
+    own_source = not ({"schema", "dataset"} & set(overrides))
+    if not own_source:
+        for key in ("schema", "dataset", "dataset_args"):
+            data.pop(key, None)
+    data.update(overrides)
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = str(e["loc"][0]) if e["loc"] else ""
+            msg = e["msg"].removeprefix("Value error, ")
+            if key in overrides:
+                problems.append(f"{field_flag(key)}: {overrides[key]!r} is not allowed ({msg.lower()})")
+            elif e["type"] == "missing" and file is None:
+                problems.append(f"{field_flag(key)}: missing (give it, or a --config file that sets '{key}')")
+            elif file is not None:
+                loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+                problems.append(f"{file}: {loc}: {'unknown field' if e['type'] == 'extra_forbidden' else msg}")
+            else:
+                problems.append(msg)
+        raise MtrecError("; ".join(problems)) from None
+    if file is not None and own_source:
+        config._base_dir = Path(file).resolve().parent  # a relative schema path is relative to the file
+    return config
 
 
 def train_from_config(config: RunConfig, out: Optional[Path], schema: Optional[Schema] = None) -> "RunResult":

@@ -2,7 +2,8 @@
 
 A run directory holds everything needed to rebuild and use the model:
 
-- ``config.json``: model name and options, feature layout, schema, training and balancer options;
+- ``config.json``: model name and options, feature layout, schema, training and balancer options,
+  and all of it as ``run_config`` (a :class:`mtrec.config.RunConfig`: ``mtrec train --config`` reruns it);
 - ``encoders.json``: the vocabularies and statistics fitted on train;
 - ``model.safetensors``: the best weights (chosen on the validation split);
 - ``history.json``: per-epoch training losses, validation metrics and balancer statistics;
@@ -367,6 +368,8 @@ def _train(
         "test": trainer.evaluate(test) if test is not None and len(test) else {},
     }
     if out is not None:
+        from mtrec.config import RunConfig
+
         config = {
             "run_format": RUN_FORMAT,
             "mtrec_version": __version__,
@@ -376,6 +379,14 @@ def _train(
             "schema": store.schema,
             "train": train_config.model_dump(mode="json"),
             "balancer": {"name": balancer_name, "options": balancer_options or {}, "task_weights": task_weights},
+            # the whole run as a RunConfig, the recorded schema inline: `mtrec train --config RUN/config.json`
+            # reruns it (mtrec.config.read_run_config)
+            "run_config": RunConfig.model_validate({
+                **train_config.model_dump(), "schema": store.schema, "model": model_name,
+                "model_args": model_options or {}, "balancer": balancer_name, "balancer_args": balancer_options or {},
+                "task_weights": None if task_weights is None else [float(w) for w in task_weights],
+                "tensorboard": tensorboard,
+            }).to_json(),
         }
         write_json_atomic(out / "config.json", config)
         write_json_atomic(out / "encoders.json", store.encoders.to_dict())
