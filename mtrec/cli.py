@@ -192,18 +192,12 @@ def train(
         raise MtrecError("--out: missing; give the run directory to write")
     _set_threads(threads)
     resolved = run.resolve_schema()
-    from mtrec.train.run import train_run  # torch: only once the arguments are known to be good
+    from mtrec.config import train_from_config  # torch: only once the arguments are known to be good
 
-    result = train_run(
-        resolved,
-        run.model,
+    result = train_from_config(
+        run,
         out,
-        run.train_config(),
-        model_options=run.model_args,
-        balancer_name=run.balancer,
-        balancer_options=run.balancer_args,
-        task_weights=run.task_weights,
-        tensorboard=run.tensorboard,
+        resolved,
         overwrite=overwrite,
         resume=resume,
         checkpoint_every=checkpoint_every,

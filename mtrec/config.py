@@ -163,8 +163,9 @@ def build_run_config(file: Optional[Path], overrides: dict[str, Any]) -> RunConf
     return config
 
 
-def train_from_config(config: RunConfig, out: Optional[Path], schema: Optional[Schema] = None) -> "RunResult":
-    """Train the run ``config`` describes into ``out`` (``schema``: the already resolved schema, if at hand)."""
+def train_from_config(config: RunConfig, out: Optional[Path], schema: Optional[Schema] = None, **run_options: Any) -> "RunResult":
+    """Train the run ``config`` describes into ``out`` (``schema``: the already resolved schema, if at hand;
+    ``run_options``: what is not part of the run itself, e.g. ``overwrite``, ``resume``, ``threads``)."""
     from mtrec.train.run import train_run
 
     return train_run(
@@ -177,4 +178,5 @@ def train_from_config(config: RunConfig, out: Optional[Path], schema: Optional[S
         balancer_options=config.balancer_args,
         task_weights=config.task_weights,
         tensorboard=config.tensorboard,
+        **run_options,
     )
