@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mtrec.config import RunConfig, run_config, validation_message
+from mtrec.config import RunConfig, check_one_source, run_config, validation_message
 from mtrec.errors import MtrecError
 from mtrec.files import read_yaml, write_json_atomic
 from mtrec.train.trainer import TrainConfig
@@ -66,10 +66,7 @@ class DatasetEntry(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DatasetEntry":
-        if (self.dataset is None) == (self.schema_file is None):
-            raise ValueError("give exactly one of 'dataset' (an embedded data set) or 'schema' (a schema file)")
-        if self.dataset_args and self.dataset is None:
-            raise ValueError("'dataset_args' goes with 'dataset' (a schema file has no arguments)")
+        check_one_source(self.dataset, self.schema_file, self.dataset_args)
         return self
 
     def default_label(self) -> str:

@@ -24,6 +24,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from mtrec.train.run import RunResult
 
 
+def check_one_source(dataset: Optional[str], schema: Any, dataset_args: dict) -> None:
+    """A run or a grid's data set reads exactly one of an embedded data set (with its arguments) or a schema."""
+    if (dataset is None) == (schema is None):
+        raise ValueError("give exactly one of 'dataset' (an embedded data set) or 'schema' (a schema file)")
+    if dataset_args and dataset is None:
+        raise ValueError("'dataset_args' goes with 'dataset' (a schema file has no arguments)")
+
+
 class RunConfig(TrainConfig):
     """Everything one ``mtrec train`` run takes: exactly one of ``dataset`` (an embedded data set, with
     ``dataset_args``) or ``schema`` (a schema file); the model and its options; the balancer, its
@@ -56,10 +64,7 @@ class RunConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _one_source(self) -> "RunConfig":
-        if (self.dataset is None) == (self.schema_file is None):
-            raise ValueError("give exactly one of 'dataset' (an embedded data set) or 'schema' (a schema file)")
-        if self.dataset_args and self.dataset is None:
-            raise ValueError("'dataset_args' goes with 'dataset' (a schema file has no arguments)")
+        check_one_source(self.dataset, self.schema_file, self.dataset_args)
         return self
 
     def train_config(self) -> TrainConfig:

@@ -76,10 +76,12 @@ def representation(model, table: TensorTable, batch_size: int = 8192) -> np.ndar
     return torch.cat(out).numpy()
 
 
-def probe_score(model, fit: TensorTable, score: TensorTable, layout, t: int, seed: int) -> Optional[float]:
-    """A linear probe for task ``t`` fitted on ``fit``'s representation, scored on ``score`` (AUC or R^2)."""
+def probe_score(rep_fit: np.ndarray, rep_score: np.ndarray, fit: TensorTable, score: TensorTable, layout, t: int,
+                seed: int) -> Optional[float]:
+    """A linear probe for task ``t`` fitted on the representation ``rep_fit`` of ``fit``'s rows, scored on
+    ``rep_score`` of ``score``'s rows (AUC or R^2)."""
     a, b = _observed(fit, layout, t), _observed(score, layout, t)
-    xa, xb = representation(model, fit)[a], representation(model, score)[b]
+    xa, xb = rep_fit[a], rep_score[b]
     ya, yb = fit.labels[:, t].numpy()[a], score.labels[:, t].numpy()[b]
     if layout.tasks[t].type == "binary":
         if len(np.unique(ya)) < 2 or len(np.unique(yb)) < 2:
@@ -97,7 +99,10 @@ class _Probes(Callback):
         self.curves: list[list[Optional[float]]] = []  # [epochs + 1][T]
 
     def _measure(self, model) -> None:
-        self.curves.append([probe_score(model, self.fit, self.score, self.layout, t, self.seed) for t in range(self.layout.num_tasks)])
+        rep_fit, rep_score = representation(model, self.fit), representation(model, self.score)  # once for every task
+        self.curves.append([
+            probe_score(rep_fit, rep_score, self.fit, self.score, self.layout, t, self.seed) for t in range(self.layout.num_tasks)
+        ])
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self._measure(trainer.model)
@@ -124,8 +129,6 @@ def train_alone(store: Store, a: int, epochs: int, seed: int, config: TrainConfi
 
 def sharing_verdict(store: Store, epochs: int, seeds: int, config: TrainConfig) -> dict:
     """``shared_bottom`` against ``single_task`` on every task, ``seeds`` seeds each."""
-    from mtrec.balancing import build_balancer as _bb
-
     layout = store.layout
     metric = {t.name: ("auc" if t.type == "binary" else "mse") for t in layout.tasks}
     results: dict[str, dict[str, list[float]]] = {}
@@ -134,7 +137,7 @@ def sharing_verdict(store: Store, epochs: int, seeds: int, config: TrainConfig) 
             seed_everything(seed)
             model = build_model(name, layout, {"bottom_hidden": MODEL["bottom_hidden"], "tower_hidden": MODEL["tower_hidden"]})
             cfg = config.model_copy(update={"epochs": epochs, "seed": seed, "monitor_every": 0, "progress": False})
-            trainer = Trainer(model, _bb("fixed", layout.task_names, {}, None), cfg)
+            trainer = Trainer(model, build_balancer("fixed", layout.task_names, {}, None), cfg)
             trainer.fit(store.split("train"), store.split("valid"))
             scores = trainer.evaluate(store.split("valid"))
             for t in layout.task_names:

@@ -116,6 +116,7 @@ class Sharing:
         self.num_tasks = num_tasks
         self.entries: dict[int, Reach] = {}
         self._last: list[nn.Parameter] = []
+        self._slices: dict[str, tuple[torch.device, list[SharedSlice]]] = {}
 
     def _add(self, p: nn.Parameter, reach: Reach) -> None:
         if id(p) in self.entries:
@@ -178,8 +179,17 @@ class Sharing:
                 out.append(SharedSlice(p, r.shared_mask(p)))
         return out
 
+    def _cached(self, key: str, params: Iterable[nn.Parameter]) -> list[SharedSlice]:
+        """:meth:`slices`, built once per device: the balancers and the monitor ask every step."""
+        device = next(self.model.parameters()).device
+        hit = self._slices.get(key)
+        if hit is None or hit[0] != device:
+            hit = (device, self.slices(params))
+            self._slices[key] = hit
+        return hit[1]
+
     def shared_slices(self) -> list[SharedSlice]:
-        return self.slices(self.model.parameters())
+        return self._cached("shared", self.model.parameters())
 
     def last_shared_slices(self) -> list[SharedSlice]:
-        return self.slices(self._last)
+        return self._cached("last", self._last)
