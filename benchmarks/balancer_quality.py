@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model, load_average
+from zoo_census import TASKS, mean_std, run_one, task_aucs, verdict_beyond_noise, write_section
 
 from mtrec.balancing import BALANCERS
 from mtrec.data.store import load_store
@@ -41,8 +43,6 @@ from mtrec.datasets import dataset_schema_path
 from mtrec.diagnostics.verdict import verdict
 from mtrec.schema import load_schema
 from mtrec.train.trainer import TrainConfig
-from machine import cpu_model, load_average
-from zoo_census import TASKS, mean_std, run_one, task_aucs, verdict_beyond_noise, write_section
 
 SECTION = "## Census quality per balancer (issue 4)"
 MODELS = ["mmoe", "ple"]
@@ -105,15 +105,20 @@ def render(runs: list[dict], models: list[str], balancers: list[str], meta: str)
             )
     lines.append("")
     for model, c in counts.items():
-        lines.append(f"Noise-aware verdicts for `{model}`: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())) + ".")
+        lines.append(
+            f"Noise-aware verdicts for `{model}`: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())) + "."
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--balancers", default=",".join(BALANCERS.names()),
-                        help="comma-separated; options in brackets, ';'-separated: pcgrad[level=repr]")
+    parser.add_argument(
+        "--balancers",
+        default=",".join(BALANCERS.names()),
+        help="comma-separated; options in brackets, ';'-separated: pcgrad[level=repr]",
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=TrainConfig.model_fields["epochs"].default)
     parser.add_argument("--patience", type=int, default=TrainConfig.model_fields["patience"].default)

@@ -37,8 +37,8 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -61,8 +61,16 @@ LIBMTL_METHODS = {  # LibMTL class name -> backward() keyword arguments
     "UW": {},
     "DWA": {"T": 2.0},
 }
-OURS_FOR = {"EW": "fixed", "PCGrad": "pcgrad", "GradVac": "gradvac", "MGDA": "mgda", "CAGrad": "cagrad",
-            "GradNorm": "gradnorm", "UW": "uw", "DWA": "dwa"}
+OURS_FOR = {
+    "EW": "fixed",
+    "PCGrad": "pcgrad",
+    "GradVac": "gradvac",
+    "MGDA": "mgda",
+    "CAGrad": "cagrad",
+    "GradNorm": "gradnorm",
+    "UW": "uw",
+    "DWA": "dwa",
+}
 EXTRA_TASKS = [  # four-task variant: two more Census labels, removed from the features
     {"name": "female", "type": "binary", "label": "sex", "positive": ["Female"]},
     {"name": "householder", "type": "binary", "label": "household_summary", "positive": ["Householder"]},
@@ -92,7 +100,7 @@ def census_schema(tasks: int, folder: Path) -> Path:
     return out
 
 
-def load_libmtl_weighting() -> Optional[types.ModuleType]:
+def load_libmtl_weighting() -> types.ModuleType | None:
     """``LibMTL.weighting`` without running ``LibMTL/__init__.py`` (which needs an old torchvision)."""
     spec = importlib.util.find_spec("LibMTL")
     if spec is None or not spec.submodule_search_locations:
@@ -158,7 +166,9 @@ def make_step(method: str, model, batches, libmtl) -> Callable[[int], None]:
         out = model(batch)
         losses = model.losses(out, batch)
         opt.zero_grad(set_to_none=True)
-        balancer.backward(losses, StepContext(step=counter[0], epoch=1, model=model, extra={"output": out}), out.aux_loss)
+        balancer.backward(
+            losses, StepContext(step=counter[0], epoch=1, model=model, extra={"output": out}), out.aux_loss
+        )
         opt.step()
         balancer.stats()
         counter[0] += 1
@@ -231,7 +241,11 @@ def run(tasks: int, args, libmtl) -> dict:
 
 def table(results: dict[int, dict]) -> str:
     counts = sorted(results)
-    head = "| strategy | " + " | ".join(f"{t} tasks: ms/step | x fixed | LibMTL ms/step | LibMTL x fixed" for t in counts) + " |"
+    head = (
+        "| strategy | "
+        + " | ".join(f"{t} tasks: ms/step | x fixed | LibMTL ms/step | LibMTL x fixed" for t in counts)
+        + " |"
+    )
     sep = "|---|" + "---:|---:|---:|---:|" * len(counts)
     lib_of = {v: k for k, v in OURS_FOR.items()}
     rows = [head, sep]
@@ -264,10 +278,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 by default: on a CPU shared with other jobs, 2 threads spin and wait")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall time, or process CPU time (robust to other jobs taking the cores; use with --threads 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 by default: on a CPU shared with other jobs, 2 threads spin and wait",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or process CPU time (robust to other jobs taking the cores; use with --threads 1)",
+    )
     parser.add_argument("--no-libmtl", action="store_true")
     parser.add_argument("--only", nargs="+", help="measure only these rows (and fixed), e.g. pcgrad lib:PCGrad")
     args = parser.parse_args()
@@ -279,16 +301,22 @@ def main() -> None:
         print("LibMTL not installed (pip install --no-deps LibMTL==1.1.5): measuring mtrec only", flush=True)
     results = {t: run(t, args, libmtl) for t in args.tasks}
     print()
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, batch {args.batch_size}, {args.steps} steps x "
-          f"{args.repeats} rounds (median), cpu count {os.cpu_count()}")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, batch {args.batch_size}, {args.steps} steps x "
+        f"{args.repeats} rounds (median), cpu count {os.cpu_count()}"
+    )
     for t, res in results.items():
         (b1, b5, b15), (a1, a5, a15) = res["load"]
-        print(f"{t} tasks ({', '.join(res['tasks'])}): load average before {b1:.2f}/{b5:.2f}/{b15:.2f}, "
-              f"after {a1:.2f}/{a5:.2f}/{a15:.2f}")
+        print(
+            f"{t} tasks ({', '.join(res['tasks'])}): load average before {b1:.2f}/{b5:.2f}/{b15:.2f}, "
+            f"after {a1:.2f}/{a5:.2f}/{a15:.2f}"
+        )
         for m, err in res["errors"].items():
             print(f"  {m} could not run: {err}")
         if "lib:EW" in res["ms"]:
-            print(f"  harness check: LibMTL EW (its plain sum) took x{res['ratio']['lib:EW']:.2f} the time of mtrec fixed")
+            print(
+                f"  harness check: LibMTL EW (its plain sum) took x{res['ratio']['lib:EW']:.2f} the time of mtrec fixed"
+            )
     print()
     print(table(results))
 

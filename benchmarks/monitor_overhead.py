@@ -50,7 +50,9 @@ def main() -> None:
         seed_everything(0)
         model = build_model(args.model, store.layout)
         callbacks = [ConflictMonitor(args.every)] if mode == "on" else []
-        trainers[mode] = Trainer(model, BALANCERS.get("fixed")(model.task_names), TrainConfig(progress=False), callbacks)
+        trainers[mode] = Trainer(
+            model, BALANCERS.get("fixed")(model.task_names), TrainConfig(progress=False), callbacks
+        )
         for cb in callbacks:
             cb.on_fit_start(trainers[mode])
     gen = torch.Generator().manual_seed(0)
@@ -58,17 +60,21 @@ def main() -> None:
         trainer._train_epoch(block, 0, gen)
     per_step: dict[str, list[float]] = {"off": [], "on": []}
     for r in range(args.rounds):
-        for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
+        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
             start = time.process_time()
             trainers[mode]._train_epoch(block, r + 1, gen)
             per_step[mode].append((time.process_time() - start) / args.steps)
     ratios = [on / off for on, off in zip(per_step["on"], per_step["off"])]
     samples = len(range(0, args.steps, args.every))
     print(f"machine: {cpu_model()}; load {load_average()}; torch {torch.__version__}, {args.threads} thread(s)")
-    print(f"{args.model} / Census, fixed, batch 1024, blocks of {args.steps} steps x {args.rounds} rounds "
-          f"({args.steps * args.rounds} steps per mode), monitor every {args.every} ({samples} samples a block)")
-    print(f"CPU ms/step, median over rounds: off {1e3 * statistics.median(per_step['off']):.2f}, "
-          f"on {1e3 * statistics.median(per_step['on']):.2f}")
+    print(
+        f"{args.model} / Census, fixed, batch 1024, blocks of {args.steps} steps x {args.rounds} rounds "
+        f"({args.steps * args.rounds} steps per mode), monitor every {args.every} ({samples} samples a block)"
+    )
+    print(
+        f"CPU ms/step, median over rounds: off {1e3 * statistics.median(per_step['off']):.2f}, "
+        f"on {1e3 * statistics.median(per_step['on']):.2f}"
+    )
     print(f"overhead: median ratio {statistics.median(ratios):.4f} (rounds: {', '.join(f'{x:.3f}' for x in ratios)})")
 
 

@@ -32,7 +32,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from fastapi import Request  # at module level: the handler's annotation is resolved here
@@ -40,8 +39,18 @@ from fastapi import Request  # at module level: the handler's annotation is reso
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CONTEXT = ["age", "sex", "race", "education", "citizenship", "birth_country", "father_country", "mother_country",
-           "hispanic_origin", "marital_status"]  # user-side columns of Census (those the schema reads)
+CONTEXT = [
+    "age",
+    "sex",
+    "race",
+    "education",
+    "citizenship",
+    "birth_country",
+    "father_country",
+    "mother_country",
+    "hispanic_origin",
+    "marital_status",
+]  # user-side columns of Census (those the schema reads)
 
 
 # ---- the plain way --------------------------------------------------------------------------------
@@ -81,14 +90,22 @@ def plain_app(run: Path, encoder: str = "file"):
         rows = [{**body.get("context", {}), **c} for c in body["candidates"]]
         if encoder == "columns":
             batch = columns.encode({"candidates": rows})
-            table = table_from_arrays({"sparse": batch.sparse, "dense": batch.dense, "labels": np.zeros((batch.size, len(names)), np.float32),
-                                       **{f"seq.{k}": v for k, v in batch.sequences.items()}})
+            table = table_from_arrays(
+                {
+                    "sparse": batch.sparse,
+                    "dense": batch.dense,
+                    "labels": np.zeros((batch.size, len(names)), np.float32),
+                    **{f"seq.{k}": v for k, v in batch.sequences.items()},
+                }
+            )
         else:
             for row in rows:
                 for column, sep in seq_columns.items():
                     row[column] = sep.join(map(str, row[column] or []))
             frame = pl.DataFrame(rows, infer_schema_length=None)
-            table = table_from_arrays(encode(frame, loaded.schema, loaded.encoders, Path("<request>"), with_labels=False))
+            table = table_from_arrays(
+                encode(frame, loaded.schema, loaded.encoders, Path("<request>"), with_labels=False)
+            )
         t2 = time.perf_counter()
         with torch.inference_mode():
             raw = predict_table(loaded.model, table)
@@ -96,7 +113,10 @@ def plain_app(run: Path, encoder: str = "file"):
         scores = calibrators.apply(raw)
         fused = apply_fusion(scores, spec) if spec is not None else scores[:, 0]
         order = np.argsort(-fused, kind="stable")
-        ranking = [{"index": int(i), "score": float(fused[i]), "scores": {n: float(scores[i, t]) for t, n in enumerate(names)}} for i in order]
+        ranking = [
+            {"index": int(i), "score": float(fused[i]), "scores": {n: float(scores[i, t]) for t, n in enumerate(names)}}
+            for i in order
+        ]
         response = JSONResponse({"ranking": ranking})
         t4 = time.perf_counter()
         timing = {"parse": t1 - t0, "encode": t2 - t1, "model": t3 - t2, "total": t4 - t0}
@@ -144,7 +164,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def server_timing(header: Optional[str]) -> dict[str, float]:
+def server_timing(header: str | None) -> dict[str, float]:
     out = {}
     for part in (header or "").split(","):
         name, _, dur = part.strip().partition(";dur=")
@@ -193,7 +213,11 @@ def load(port: int, body: bytes, clients: int, duration: float, warmup: float) -
     for t in threads:
         t.join()
     lat_ms = np.array(lat) * 1000
-    server = {k: float(np.mean([t.get(k, np.nan) for t in timings])) for k in ("parse", "encode", "model", "total")} if timings else {}
+    server = (
+        {k: float(np.mean([t.get(k, np.nan) for t in timings])) for k in ("parse", "encode", "model", "total")}
+        if timings
+        else {}
+    )
     return {
         "requests": len(lat),
         "errors": errors[0],
@@ -208,8 +232,25 @@ def ensure_run(runs: Path, model: str, epochs: int, env: dict) -> Path:
     out = runs / model
     if not (out / "metrics.json").is_file():
         print(f"training {model} on census ({epochs} epoch(s)) into {out}", flush=True)
-        subprocess.run([sys.executable, "-m", "mtrec.cli", "train", "--dataset", "census", "--model", model, "--epochs", str(epochs),
-                        "--no-tensorboard", "--out", str(out)], check=True, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mtrec.cli",
+                "train",
+                "--dataset",
+                "census",
+                "--model",
+                model,
+                "--epochs",
+                str(epochs),
+                "--no-tensorboard",
+                "--out",
+                str(out),
+            ],
+            check=True,
+            env=env,
+        )
     return out
 
 
@@ -228,7 +269,10 @@ def bodies(run: Path, sizes: list[int], context: list[str]) -> dict[int, tuple[b
     out = {}
     for n in sizes:
         rows = frame.head(n).with_columns([pl.lit(frame[c][0]).alias(c) for c in context])
-        out[n] = (json.dumps(request_from_frame(rows, schema, context)).encode(), json.dumps(request_from_frame(rows, schema, [])).encode())
+        out[n] = (
+            json.dumps(request_from_frame(rows, schema, context)).encode(),
+            json.dumps(request_from_frame(rows, schema, [])).encode(),
+        )
     return out
 
 
@@ -239,28 +283,52 @@ def median_rows(rows: list[dict]) -> list[dict]:
         groups.setdefault((r["model"], r["server"], r["candidates"], r["clients"]), []).append(r)
     out = []
     for (model, server, n, clients), rs in groups.items():
-        med = lambda key: float(np.median([r[key] for r in rs]))  # noqa: E731
-        timing = {k: float(np.median([r["server_ms"].get(k, np.nan) for r in rs])) for k in ("parse", "encode", "model", "total")}
-        out.append({"model": model, "server": server, "candidates": n, "clients": clients, "rounds": len(rs),
-                    "rps": med("rps"), "candidates_per_s": med("candidates_per_s"), "p50_ms": med("p50_ms"),
-                    "p99_ms": med("p99_ms"), "server_ms": timing, "errors": sum(r["errors"] for r in rs)})
+        med = lambda key, rs=rs: float(np.median([r[key] for r in rs]))  # noqa: E731
+        timing = {
+            k: float(np.median([r["server_ms"].get(k, np.nan) for r in rs]))
+            for k in ("parse", "encode", "model", "total")
+        }
+        out.append(
+            {
+                "model": model,
+                "server": server,
+                "candidates": n,
+                "clients": clients,
+                "rounds": len(rs),
+                "rps": med("rps"),
+                "candidates_per_s": med("candidates_per_s"),
+                "p50_ms": med("p50_ms"),
+                "p99_ms": med("p99_ms"),
+                "server_ms": timing,
+                "errors": sum(r["errors"] for r in rs),
+            }
+        )
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=Path, default=REPO / "runs" / "bench_serve", help="folder of the runs (trained when missing)")
+    ap.add_argument(
+        "--runs", type=Path, default=REPO / "runs" / "bench_serve", help="folder of the runs (trained when missing)"
+    )
     ap.add_argument("--models", default="mmoe,ple")
     ap.add_argument("--backends", default="torch,onnx")
     ap.add_argument("--candidates", default="10,100,500")
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per cell")
     ap.add_argument("--warmup", type=float, default=1.0)
-    ap.add_argument("--rounds", type=int, default=1, help="repeat every server's cells this many times, the servers in a "
-                    "rotated order each round; figures are medians over the rounds")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat every server's cells this many times, the servers in a "
+        "rotated order each round; figures are medians over the rounds",
+    )
     ap.add_argument("--epochs", type=int, default=1, help="epochs of a run trained here (speed does not depend on it)")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per server worker (default: cores / workers)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads per server worker (default: cores / workers)"
+    )
     ap.add_argument("--context", default=",".join(CONTEXT))
     ap.add_argument("--plain", default="file,columns", help="plain-way baselines to run (file, columns; '' for none)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -276,26 +344,66 @@ def main() -> None:
         import uvicorn
 
         torch.set_num_threads(threads)
-        uvicorn.run(plain_app(args.run, args.encoder), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+        uvicorn.run(
+            plain_app(args.run, args.encoder), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
+        )
         return
 
     env = dict(os.environ)
     sizes = [int(x) for x in args.candidates.split(",")]
     client_counts = [int(x) for x in args.clients.split(",")]
     results = []
-    print(f"machine: {os.cpu_count()} cores; server: {args.workers} worker(s) x {threads} thread(s); "
-          f"{args.duration:g} s per cell after {args.warmup:g} s warm-up", flush=True)
-    header = f"{'model':<6} {'server':<12} {'cands':>5} {'clients':>7} {'req/s':>8} {'cands/s':>9} {'p50 ms':>8} {'p99 ms':>8} " \
-             f"{'parse':>6} {'encode':>6} {'model':>6} {'server':>6} {'http+client':>11}"
+    print(
+        f"machine: {os.cpu_count()} cores; server: {args.workers} worker(s) x {threads} thread(s); "
+        f"{args.duration:g} s per cell after {args.warmup:g} s warm-up",
+        flush=True,
+    )
+    header = (
+        f"{'model':<6} {'server':<12} {'cands':>5} {'clients':>7} {'req/s':>8} {'cands/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'parse':>6} {'encode':>6} {'model':>6} {'server':>6} {'http+client':>11}"
+    )
     for model in args.models.split(","):
         run = ensure_run(args.runs, model, args.epochs, env)
         payloads = bodies(run, sizes, args.context.split(","))
-        servers = [(f"mtrec/{b}", [sys.executable, "-m", "mtrec.cli", "serve", "--run", str(run), "--backend", b,
-                                   "--workers", str(args.workers), "--threads", str(threads), "--timeout-ms", "60000"])
-                   for b in args.backends.split(",")]
+        servers = [
+            (
+                f"mtrec/{b}",
+                [
+                    sys.executable,
+                    "-m",
+                    "mtrec.cli",
+                    "serve",
+                    "--run",
+                    str(run),
+                    "--backend",
+                    b,
+                    "--workers",
+                    str(args.workers),
+                    "--threads",
+                    str(threads),
+                    "--timeout-ms",
+                    "60000",
+                ],
+            )
+            for b in args.backends.split(",")
+        ]
         for kind in filter(None, args.plain.split(",")):
-            servers.append((f"plain/{kind}", [sys.executable, str(Path(__file__).resolve()), "--plain-server", "--run", str(run),
-                                              "--threads", str(threads), "--encoder", kind]))
+            servers.append(
+                (
+                    f"plain/{kind}",
+                    [
+                        sys.executable,
+                        str(Path(__file__).resolve()),
+                        "--plain-server",
+                        "--run",
+                        str(run),
+                        "--threads",
+                        str(threads),
+                        "--encoder",
+                        kind,
+                    ],
+                )
+            )
         print(header, flush=True)
         order = [servers[(i + rnd) % len(servers)] for rnd in range(args.rounds) for i in range(len(servers))]
         for name, cmd in order:
@@ -308,13 +416,23 @@ def main() -> None:
                         r = load(port, body, clients, args.duration, args.warmup)
                         s = r["server_ms"]
                         overhead = r["p50_ms"] - s.get("total", float("nan"))
-                        row = {"model": model, "server": name, "candidates": n, "clients": clients, **r,
-                               "candidates_per_s": r["rps"] * n, "body_bytes": len(body)}
+                        row = {
+                            "model": model,
+                            "server": name,
+                            "candidates": n,
+                            "clients": clients,
+                            **r,
+                            "candidates_per_s": r["rps"] * n,
+                            "body_bytes": len(body),
+                        }
                         results.append(row)
-                        print(f"{model:<6} {name:<12} {n:>5} {clients:>7} {r['rps']:>8.1f} {r['rps'] * n:>9.0f} {r['p50_ms']:>8.2f} "
-                              f"{r['p99_ms']:>8.2f} {s.get('parse', np.nan):>6.2f} {s.get('encode', np.nan):>6.2f} "
-                              f"{s.get('model', np.nan):>6.2f} {s.get('total', np.nan):>6.2f} {overhead:>11.2f}"
-                              + (f"  ({r['errors']} errors)" if r["errors"] else ""), flush=True)
+                        print(
+                            f"{model:<6} {name:<12} {n:>5} {clients:>7} {r['rps']:>8.1f} {r['rps'] * n:>9.0f} {r['p50_ms']:>8.2f} "
+                            f"{r['p99_ms']:>8.2f} {s.get('parse', np.nan):>6.2f} {s.get('encode', np.nan):>6.2f} "
+                            f"{s.get('model', np.nan):>6.2f} {s.get('total', np.nan):>6.2f} {overhead:>11.2f}"
+                            + (f"  ({r['errors']} errors)" if r["errors"] else ""),
+                            flush=True,
+                        )
             finally:
                 stop(proc)
     raw, results = results, median_rows(results)
@@ -322,17 +440,25 @@ def main() -> None:
         print(f"\nmedians over {args.rounds} rounds:\n{header}")
         for r in results:
             s = r["server_ms"]
-            print(f"{r['model']:<6} {r['server']:<12} {r['candidates']:>5} {r['clients']:>7} {r['rps']:>8.1f} "
-                  f"{r['candidates_per_s']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {s['parse']:>6.2f} {s['encode']:>6.2f} "
-                  f"{s['model']:>6.2f} {s['total']:>6.2f} {r['p50_ms'] - s['total']:>11.2f}")
+            print(
+                f"{r['model']:<6} {r['server']:<12} {r['candidates']:>5} {r['clients']:>7} {r['rps']:>8.1f} "
+                f"{r['candidates_per_s']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {s['parse']:>6.2f} {s['encode']:>6.2f} "
+                f"{s['model']:>6.2f} {s['total']:>6.2f} {r['p50_ms'] - s['total']:>11.2f}"
+            )
     for kind in filter(None, args.plain.split(",")):
         print(f"\ncandidates scored per second, mtrec / plain/{kind} (same model, candidates, clients):")
-        plain = {(r["model"], r["candidates"], r["clients"]): r["candidates_per_s"] for r in results if r["server"] == f"plain/{kind}"}
+        plain = {
+            (r["model"], r["candidates"], r["clients"]): r["candidates_per_s"]
+            for r in results
+            if r["server"] == f"plain/{kind}"
+        }
         for r in results:
             key = (r["model"], r["candidates"], r["clients"])
             if not r["server"].startswith("plain") and plain.get(key):
-                print(f"  {r['model']:<6} {r['server']:<12} {r['candidates']:>4} cands {r['clients']:>3} clients: "
-                      f"{r['candidates_per_s'] / plain[key]:.2f}x")
+                print(
+                    f"  {r['model']:<6} {r['server']:<12} {r['candidates']:>4} cands {r['clients']:>3} clients: "
+                    f"{r['candidates_per_s'] / plain[key]:.2f}x"
+                )
     if args.out:
         args.out.write_text(json.dumps({"rounds": args.rounds, "medians": results, "runs": raw}, indent=2))
 

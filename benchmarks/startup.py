@@ -55,15 +55,17 @@ def main() -> None:
         "mtrec models": [*mtrec, "models"],
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for name, command in cases.items():  # one untimed warm-up each: the file cache, .pyc files
+    for command in cases.values():  # one untimed warm-up each: the file cache, .pyc files
         wall_time(command)
     for _ in range(args.runs):
         for name, command in cases.items():
             times[name].append(wall_time(command))
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"start-up, median of {args.runs} runs (wall time of a fresh process); "
-          f"{os.cpu_count()} CPUs, load average {load:.2f}")
+    print(
+        f"start-up, median of {args.runs} runs (wall time of a fresh process); "
+        f"{os.cpu_count()} CPUs, load average {load:.2f}"
+    )
     print(f"{'command':<22} {'median s':>9} {'min s':>7} {'max s':>7}")
     for name, values in times.items():
         print(f"{name:<22} {statistics.median(values):9.3f} {min(values):7.3f} {max(values):7.3f}")

@@ -47,17 +47,26 @@ def main() -> None:
     for p in (float(x) for x in args.correlations.split(",")):
         for seed in range(args.seeds):
             schema = load_schema(dataset_schema_path("synthetic", {"correlation": p, "rows": args.rows, "seed": seed}))
-            config = TrainConfig(epochs=args.epochs, patience=args.epochs, seed=seed, monitor_every=args.every, progress=False)
+            config = TrainConfig(
+                epochs=args.epochs, patience=args.epochs, seed=seed, monitor_every=args.every, progress=False
+            )
             result = train_run(schema, args.model, None, config, model_options=options)
             summary = monitor_summary(result.fit.history)
             value = summary["pairs"]["y1~y2"]["cos_mean"]
             cos.setdefault(p, []).append(value)
-            print(f"correlation {p:g} seed {seed}: mean cosine {value:+.4f} over {summary['samples']} samples; "
-                  f"test mse {result.metrics['test']['y1']['mse']:.3f} / {result.metrics['test']['y2']['mse']:.3f}", flush=True)
-    print(f"machine: {cpu_model()}; load {load_average()}; {args.threads} thread(s); model {args.model} {options}; "
-          f"rows {args.rows}, epochs {args.epochs}, monitor every {args.every}")
+            print(
+                f"correlation {p:g} seed {seed}: mean cosine {value:+.4f} over {summary['samples']} samples; "
+                f"test mse {result.metrics['test']['y1']['mse']:.3f} / {result.metrics['test']['y2']['mse']:.3f}",
+                flush=True,
+            )
+    print(
+        f"machine: {cpu_model()}; load {load_average()}; {args.threads} thread(s); model {args.model} {options}; "
+        f"rows {args.rows}, epochs {args.epochs}, monitor every {args.every}"
+    )
     for p, values in cos.items():
-        print(f"correlation {p:g}: mean cosine {statistics.mean(values):+.4f} +- {statistics.stdev(values):.4f} (seeds {len(values)})")
+        print(
+            f"correlation {p:g}: mean cosine {statistics.mean(values):+.4f} +- {statistics.stdev(values):.4f} (seeds {len(values)})"
+        )
     lo, hi = min(cos), max(cos)
     gap = statistics.mean(cos[hi]) - statistics.mean(cos[lo])
     noise = max(statistics.stdev(cos[hi]), statistics.stdev(cos[lo]))

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model, load_average
 
 from mtrec.balancing.fixed import Fixed
 from mtrec.data.store import Store, load_store
@@ -55,7 +56,6 @@ from mtrec.data.tables import TensorTable
 from mtrec.datasets import dataset_schema_path
 from mtrec.models.base import build_model
 from mtrec.schema import load_schema
-from machine import cpu_model, load_average
 from mtrec.train.trainer import TrainConfig, Trainer, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,7 +186,11 @@ def render(result: dict) -> str:
         f"Load average (1/5/15 min) before: {result['load_before']}; after: {result['load_after']}. "
         f"Other processes kept on average {result['others']:.2f} of the {result['nproc']} cores busy during the "
         f"measurement (machine busy time from /proc/stat minus this process's CPU time)"
-        + (": the cores were shared, so both sides ran slower than on an idle machine." if result["others"] > 0.1 else "."),
+        + (
+            ": the cores were shared, so both sides ran slower than on an idle machine."
+            if result["others"] > 0.1
+            else "."
+        ),
         "",
         f"Model: MMoE, {NUM_EXPERTS} experts {'-'.join(map(str, EXPERT_HIDDEN))}, towers "
         f"{'-'.join(map(str, TOWER_HIDDEN))}, embedding 8 for 34 sparse fields + 7 dense (input 279), "
@@ -268,7 +272,9 @@ def main(argv: list[str] | None = None) -> None:
         "nproc": os.cpu_count(),
         "cpu": cpu_model(),
         "torch": torch.__version__,
-        "command": " ".join([".venv/bin/python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            [".venv/bin/python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "date": time.strftime("%Y-%m-%d"),
         "load_before": load_before,
         "load_after": load_after,

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model, load_average
 
 from mtrec.balancing import BALANCERS
 from mtrec.data.store import Store, load_store
@@ -53,7 +54,6 @@ from mtrec.diagnostics.verdict import compare_to_baseline
 from mtrec.models import build_model
 from mtrec.models.base import MultiTaskModel
 from mtrec.schema import load_schema
-from machine import cpu_model, load_average
 from mtrec.train.trainer import TrainConfig, Trainer, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +96,12 @@ def forward_latency_ms(model: MultiTaskModel, store: Store, warmup: int, runs: i
 
 
 def run_one(
-    name: str, seed: int, store: Store, config: TrainConfig, balancer: str = "fixed", balancer_options: dict | None = None
+    name: str,
+    seed: int,
+    store: Store,
+    config: TrainConfig,
+    balancer: str = "fixed",
+    balancer_options: dict | None = None,
 ) -> tuple[dict, MultiTaskModel]:
     """Train ``name`` with ``seed`` (best validation epoch kept) and evaluate it on test."""
     seed_everything(seed)
@@ -134,7 +139,11 @@ def render(result: dict) -> str:
         f"{THREADS} torch threads), torch {result['torch']}. Load average (1/5/15 min) before: "
         f"{result['load_before']}, after: {result['load_after']}.",
         "",
-        (f"Test AUC: mean ± sample std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"Test AUC of seed {seeds[0]} only")
+        (
+            f"Test AUC: mean ± sample std over seeds {', '.join(map(str, seeds))}"
+            if len(seeds) > 1
+            else f"Test AUC of seed {seeds[0]} only"
+        )
         + "; each run keeps its best "
         f"validation epoch (mean validation AUC, patience {result['patience']}, at most {result['epochs']} epochs, "
         f"batch {result['batch_size']}, Adam lr {result['lr']}, unit task weights, every model at its registered "
@@ -155,7 +164,11 @@ def render(result: dict) -> str:
         income, married = aucs[name]["income"], aucs[name]["never_married"]
         mean = [(a + b) / 2 for a, b in zip(income, married)]
         epochs = ", ".join(str(r["best_epoch"]) for r in runs)
-        word = "baseline" if name == "single_task" or "single_task" not in aucs else verdict_beyond_noise(aucs[name], aucs["single_task"])[1]
+        word = (
+            "baseline"
+            if name == "single_task" or "single_task" not in aucs
+            else verdict_beyond_noise(aucs[name], aucs["single_task"])[1]
+        )
         lines.append(
             f"| `{name}` | {runs[0]['params']:,} | {mean_std(income)} | {mean_std(married)} | {mean_std(mean)} "
             f"| {word} | {epochs} | {result['latency_ms'][name]:.2f} |"
@@ -172,7 +185,9 @@ def task_aucs(runs: list[dict], model: str, balancer: str | None = None) -> dict
 def verdict_beyond_noise(row: dict[str, list[float]], base: dict[str, list[float]]) -> tuple[list[float], str]:
     """Per-task differences of the means from ``base``, and the verdict when a difference counts only
     beyond the larger seed standard deviation of the two (a change inside the seed noise is none)."""
-    res = compare_to_baseline({"single_task": {t: base[t] for t in TASKS}, "model": {t: row[t] for t in TASKS}})["model"]
+    res = compare_to_baseline({"single_task": {t: base[t] for t in TASKS}, "model": {t: row[t] for t in TASKS}})[
+        "model"
+    ]
     return [res["deltas"][t] for t in TASKS], res["verdict"]
 
 
@@ -185,7 +200,9 @@ def write_section(text: str, path: Path = REPO / "BENCHMARKS.md", section: str =
     path.write_text(content[:start] + "\n\n" + text.rstrip() + "\n\n" + content[end:].lstrip("\n"))
 
 
-def train_all(models: list[str], seeds: list[int], store: Store, args: argparse.Namespace, argv: list[str] | None) -> dict:
+def train_all(
+    models: list[str], seeds: list[int], store: Store, args: argparse.Namespace, argv: list[str] | None
+) -> dict:
     """Train every model with every seed; the records and the settings, as one JSON-able dict."""
     torch.set_num_threads(args.threads)
     config = TrainConfig(
@@ -206,7 +223,9 @@ def train_all(models: list[str], seeds: list[int], store: Store, args: argparse.
             )
     return {
         "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join([".venv/bin/python", "benchmarks/zoo_census.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            [".venv/bin/python", "benchmarks/zoo_census.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "cpu": cpu_model(),
         "nproc": os.cpu_count(),
         "torch": torch.__version__,
@@ -237,7 +256,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads while training")
     parser.add_argument("--no-latency", action="store_true", help="train only; time the forward passes later")
     parser.add_argument(
-        "--from-json", type=Path, nargs="+", default=None, help="skip training: read (and merge) the runs of these files"
+        "--from-json",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="skip training: read (and merge) the runs of these files",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write every run's record to this file")
     parser.add_argument("--write", action="store_true", help="update this section of BENCHMARKS.md")
@@ -256,7 +279,9 @@ def main(argv: list[str] | None = None) -> None:
             result["runs"] += part["runs"]
             result["load_after"] += f"; {part['load_after']}"
             result["command"] += f"` and `{part['command']}"
-        result["models"] = [m for m in MODELS if m in result["models"]] + [m for m in result["models"] if m not in MODELS]
+        result["models"] = [m for m in MODELS if m in result["models"]] + [
+            m for m in result["models"] if m not in MODELS
+        ]
     else:
         result = train_all(models, seeds, store, args, argv)
         if args.json is not None:  # saved before timing, so a slow latency pass loses nothing

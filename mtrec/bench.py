@@ -35,11 +35,12 @@ import re
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -59,13 +60,13 @@ class DatasetEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    dataset: Optional[str] = None
+    dataset: str | None = None
     dataset_args: dict[str, Any] = Field(default_factory=dict)
-    schema_file: Optional[Path] = Field(None, alias="schema")
-    label: Optional[str] = None
+    schema_file: Path | None = Field(None, alias="schema")
+    label: str | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "DatasetEntry":
+    def _one_source(self) -> DatasetEntry:
         check_one_source(self.dataset, self.schema_file, self.dataset_args)
         return self
 
@@ -76,7 +77,11 @@ class DatasetEntry(BaseModel):
             args = ",".join(f"{k}={v}" for k, v in self.dataset_args.items())
             return f"{self.dataset}({args})" if args else self.dataset
         stem = self.schema_file.stem  # "data/schema.yaml" reads better as "data"
-        return self.schema_file.resolve().parent.name if stem == "schema" and self.schema_file.resolve().parent.name else stem
+        return (
+            self.schema_file.resolve().parent.name
+            if stem == "schema" and self.schema_file.resolve().parent.name
+            else stem
+        )
 
 
 class ModelEntry(BaseModel):
@@ -86,7 +91,7 @@ class ModelEntry(BaseModel):
 
     name: str
     args: dict[str, Any] = Field(default_factory=dict)
-    label: Optional[str] = None
+    label: str | None = None
 
 
 class BalancerEntry(BaseModel):
@@ -96,18 +101,18 @@ class BalancerEntry(BaseModel):
 
     name: str
     args: dict[str, Any] = Field(default_factory=dict)
-    task_weights: Optional[list[float]] = None
-    label: Optional[str] = None
+    task_weights: list[float] | None = None
+    label: str | None = None
 
 
 class SharedTrain(TrainConfig):
     """Training options every cell shares (the seed comes from the grid's ``seeds``)."""
 
     tensorboard: bool = False  # per-step TensorBoard files in every cell: off unless asked for
-    progress: Optional[bool] = False  # progress bars of parallel workers would interleave
+    progress: bool | None = False  # progress bars of parallel workers would interleave
 
     @model_validator(mode="after")
-    def _no_seed(self) -> "SharedTrain":
+    def _no_seed(self) -> SharedTrain:
         if "seed" in self.model_fields_set:
             raise ValueError("the seed of each cell comes from the grid's 'seeds', not from 'train'")
         return self
@@ -122,7 +127,7 @@ class Grid(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Optional[str] = None
+    name: str | None = None
     datasets: list[DatasetEntry] = Field(min_length=1)
     models: list[ModelEntry] = Field(min_length=1)
     balancers: list[BalancerEntry] = Field(default_factory=lambda: [BalancerEntry(name="fixed")], min_length=1)
@@ -200,7 +205,8 @@ def load_grid(path: Path) -> tuple[Grid, list[Cell]]:
     cells, names = [], set()
     for ds, ds_label in zip(grid.datasets, ds_labels):
         source: dict[str, Any] = (
-            {"dataset": ds.dataset, "dataset_args": ds.dataset_args} if ds.dataset is not None
+            {"dataset": ds.dataset, "dataset_args": ds.dataset_args}
+            if ds.dataset is not None
             else {"schema": str((path.parent / ds.schema_file).resolve())}
         )
         for model, model_label in zip(grid.models, model_labels):
@@ -211,15 +217,23 @@ def load_grid(path: Path) -> tuple[Grid, list[Cell]]:
                         raise MtrecError(f"{path}: two cells are named {name}; give the entries distinct labels")
                     names.add(name)
                     config = run_config(
-                        {**source, **shared, "seed": seed, "model": model.name, "model_args": model.args,
-                         "balancer": bal.name, "balancer_args": bal.args, "task_weights": bal.task_weights},
+                        {
+                            **source,
+                            **shared,
+                            "seed": seed,
+                            "model": model.name,
+                            "model_args": model.args,
+                            "balancer": bal.name,
+                            "balancer_args": bal.args,
+                            "task_weights": bal.task_weights,
+                        },
                         f"{path}: cell {name}",
                     )
                     cells.append(Cell(name, ds_label, model_label, bal_label, seed, config))
     return grid, cells
 
 
-def default_parallelism(workers: Optional[int], threads: Optional[int], cores: Optional[int] = None) -> tuple[int, int]:
+def default_parallelism(workers: int | None, threads: int | None, cores: int | None = None) -> tuple[int, int]:
     """``(workers, threads)``: by default ``workers x threads`` = the CPU cores; more is refused."""
     cores = cores or os.cpu_count() or 1
     for flag, value in (("--workers", workers), ("--threads", threads)):
@@ -258,8 +272,12 @@ def _validate_cells(cells: list[Cell]) -> dict[str, dict]:
             datasets[cell.dataset] = {"train_rows": len(train) if train is not None else 0, "tasks": schema.task_names}
         try:
             validate_model_options(cell.config.model, cell.config.model_args)
-            validate_balancer_options(cell.config.balancer, datasets[cell.dataset]["tasks"], cell.config.balancer_args,
-                                      cell.config.task_weights)
+            validate_balancer_options(
+                cell.config.balancer,
+                datasets[cell.dataset]["tasks"],
+                cell.config.balancer_args,
+                cell.config.task_weights,
+            )
         except MtrecError as err:
             raise MtrecError(f"cell {cell.name}: {err}") from None
     return datasets
@@ -352,7 +370,10 @@ def _prepare(out: Path, cells: list[Cell], threads: int, grid_path: Path) -> lis
 
 
 def run_grid(
-    grid_path: Path, out: Path, workers: Optional[int] = None, threads: Optional[int] = None,
+    grid_path: Path,
+    out: Path,
+    workers: int | None = None,
+    threads: int | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict:
     """Run (or resume) the grid of ``grid_path`` into ``out`` and write ``out/report.html`` and
@@ -365,13 +386,18 @@ def run_grid(
     state_path = out / STATE
     state = json.loads(state_path.read_text())
     failed: dict[str, dict] = {k: v for k, v in state.get("failed", {}).items() if k in {c.name for c in todo}}
-    echo(f"{len(cells)} cells: {len(cells) - len(todo)} finished before, {len(todo)} to run "
-         f"({min(workers, max(len(todo), 1))} worker(s) x {threads} thread(s))")
+    echo(
+        f"{len(cells)} cells: {len(cells) - len(todo)} finished before, {len(todo)} to run "
+        f"({min(workers, max(len(todo), 1))} worker(s) x {threads} thread(s))"
+    )
     specs = [
         {
-            "name": c.name, "config": c.config.to_json(), "threads": threads,
+            "name": c.name,
+            "config": c.config.to_json(),
+            "threads": threads,
             "train_rows": datasets[c.dataset]["train_rows"],
-            "partial": str(out / CELLS / PARTIAL / c.name), "final": str(out / CELLS / c.name),
+            "partial": str(out / CELLS / PARTIAL / c.name),
+            "final": str(out / CELLS / c.name),
         }
         for c in todo
     ]
@@ -410,8 +436,12 @@ def run_grid(
         saved = os.environ.get("POLARS_MAX_THREADS")
         os.environ["POLARS_MAX_THREADS"] = str(threads)
         try:
-            with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_worker_init, initargs=(threads,)) as pool:
+            with ProcessPoolExecutor(
+                n_workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(threads,),
+            ) as pool:
                 futures = {pool.submit(run_cell, spec): spec["name"] for spec in specs}
                 for future in as_completed(futures):
                     try:
@@ -433,4 +463,3 @@ def run_grid(
 
 
 __all__ = ["Cell", "Grid", "default_parallelism", "load_grid", "run_cell", "run_grid"]
-

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 import yaml
@@ -43,19 +43,20 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
-                                 help="print the version and exit"),
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="print the version and exit"
+    ),
 ) -> None:
     """Multi-task ranking: train, evaluate and compare multi-task models."""
 
 
-def parse_options(text: Optional[str], flag: str) -> dict:
+def parse_options(text: str | None, flag: str) -> dict:
     """``"a=1,b=[64,32],c=x"`` -> ``{"a": 1, "b": [64, 32], "c": "x"}`` (values parsed as YAML)."""
     if not text:
         return {}
     items, depth, current = [], 0, ""
     for ch in text:
-        depth += ch in "[{" 
+        depth += ch in "[{"
         depth -= ch in "]}"
         if ch == "," and depth == 0:
             items.append(current)
@@ -75,7 +76,7 @@ def parse_options(text: Optional[str], flag: str) -> dict:
     return out
 
 
-def parse_weights(text: Optional[str]) -> Optional[list[float]]:
+def parse_weights(text: str | None) -> list[float] | None:
     if not text:
         return None
     try:
@@ -84,7 +85,7 @@ def parse_weights(text: Optional[str]) -> Optional[list[float]]:
         raise MtrecError(f"--task-weights: '{text}' is not a comma-separated list of numbers") from None
 
 
-def resolve_schema(schema: Optional[Path], dataset: Optional[str], dataset_args: Optional[str] = None) -> Schema:
+def resolve_schema(schema: Path | None, dataset: str | None, dataset_args: str | None = None) -> Schema:
     if schema is not None and dataset is not None:
         raise MtrecError("give either --schema or --dataset, not both")
     if schema is None and dataset is None:
@@ -98,7 +99,7 @@ def resolve_schema(schema: Optional[Path], dataset: Optional[str], dataset_args:
     return load_schema(dataset_schema_path(dataset, parse_options(dataset_args, "--dataset-args")))
 
 
-def _set_threads(threads: Optional[int]) -> None:
+def _set_threads(threads: int | None) -> None:
     if threads is not None and threads < 1:
         raise MtrecError(f"--threads: {threads} is not a thread count (at least 1)")
     if threads:
@@ -148,32 +149,38 @@ def _help(field: str, extra: str = "") -> str:
 @app.command()
 def train(
     ctx: typer.Context,
-    config: Optional[Path] = typer.Option(
-        None, help="run config file (YAML, or JSON; a finished run's config.json reruns that run); flags given "
-        "here override its values"),
-    out: Optional[Path] = typer.Option(None, help="run directory to write (required)"),
-    model: Optional[str] = typer.Option(None, help=_help("model")),
-    schema: Optional[Path] = typer.Option(None, help=_help("schema_file")),
-    dataset: Optional[str] = typer.Option(None, help=_help("dataset")),
-    dataset_args: Optional[str] = typer.Option(None, help=_help("dataset_args")),
-    model_args: Optional[str] = typer.Option(None, help=_help("model_args", " (replaces the config file's)")),
-    balancer: Optional[str] = typer.Option(None, help=_help("balancer")),
-    balancer_args: Optional[str] = typer.Option(None, help=_help("balancer_args")),
-    task_weights: Optional[str] = typer.Option(None, help=_help("task_weights", ", comma-separated")),
-    epochs: Optional[int] = typer.Option(None, help=_help("epochs")),
-    batch_size: Optional[int] = typer.Option(None, help=_help("batch_size")),
-    lr: Optional[float] = typer.Option(None, help=_help("lr")),
-    weight_decay: Optional[float] = typer.Option(None, help=_help("weight_decay")),
-    patience: Optional[int] = typer.Option(None, help=_help("patience")),
-    seed: Optional[int] = typer.Option(None, help=_help("seed")),
-    eval_batch_size: Optional[int] = typer.Option(None, help=_help("eval_batch_size")),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help=_help("progress")),
-    monitor_every: Optional[int] = typer.Option(None, help=_help("monitor_every")),
-    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help=_help("tensorboard")),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
+    config: Path | None = typer.Option(
+        None,
+        help="run config file (YAML, or JSON; a finished run's config.json reruns that run); flags given "
+        "here override its values",
+    ),
+    out: Path | None = typer.Option(None, help="run directory to write (required)"),
+    model: str | None = typer.Option(None, help=_help("model")),
+    schema: Path | None = typer.Option(None, help=_help("schema_file")),
+    dataset: str | None = typer.Option(None, help=_help("dataset")),
+    dataset_args: str | None = typer.Option(None, help=_help("dataset_args")),
+    model_args: str | None = typer.Option(None, help=_help("model_args", " (replaces the config file's)")),
+    balancer: str | None = typer.Option(None, help=_help("balancer")),
+    balancer_args: str | None = typer.Option(None, help=_help("balancer_args")),
+    task_weights: str | None = typer.Option(None, help=_help("task_weights", ", comma-separated")),
+    epochs: int | None = typer.Option(None, help=_help("epochs")),
+    batch_size: int | None = typer.Option(None, help=_help("batch_size")),
+    lr: float | None = typer.Option(None, help=_help("lr")),
+    weight_decay: float | None = typer.Option(None, help=_help("weight_decay")),
+    patience: int | None = typer.Option(None, help=_help("patience")),
+    seed: int | None = typer.Option(None, help=_help("seed")),
+    eval_batch_size: int | None = typer.Option(None, help=_help("eval_batch_size")),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", help=_help("progress")),
+    monitor_every: int | None = typer.Option(None, help=_help("monitor_every")),
+    tensorboard: bool | None = typer.Option(None, "--tensorboard/--no-tensorboard", help=_help("tensorboard")),
+    threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
     overwrite: bool = typer.Option(False, help="replace the run already in --out (its files are removed first)"),
-    resume: bool = typer.Option(False, help="continue the interrupted run in --out from its checkpoint (same arguments)"),
-    checkpoint_every: int = typer.Option(0, help="also checkpoint every N steps within an epoch (0: after each epoch only)"),
+    resume: bool = typer.Option(
+        False, help="continue the interrupted run in --out from its checkpoint (same arguments)"
+    ),
+    checkpoint_every: int = typer.Option(
+        0, help="also checkpoint every N steps within an epoch (0: after each epoch only)"
+    ),
 ) -> None:
     """Train a model; write metrics.json, model.safetensors, config.json and history.json to --out
     (checkpoint.pt after every epoch while training: --resume continues an interrupted run).
@@ -181,12 +188,17 @@ def train(
     if checkpoint_every < 0:
         raise MtrecError(f"--checkpoint-every: {checkpoint_every} is negative (0: after each epoch only)")
     given = {name: value for name, value in ctx.params.items() if value is not None}
-    parsers = {"dataset_args": lambda v: parse_options(v, "--dataset-args"),
-               "model_args": lambda v: parse_options(v, "--model-args"),
-               "balancer_args": lambda v: parse_options(v, "--balancer-args"),
-               "task_weights": parse_weights}
-    overrides = {name: parsers.get(name, lambda v: v)(value)
-                 for name, value in given.items() if name in RunConfig.model_fields or name == "schema"}
+    parsers = {
+        "dataset_args": lambda v: parse_options(v, "--dataset-args"),
+        "model_args": lambda v: parse_options(v, "--model-args"),
+        "balancer_args": lambda v: parse_options(v, "--balancer-args"),
+        "task_weights": parse_weights,
+    }
+    overrides = {
+        name: parsers.get(name, lambda v: v)(value)
+        for name, value in given.items()
+        if name in RunConfig.model_fields or name == "schema"
+    }
     run = build_run_config(config, overrides)  # checked before any data is read
     if out is None:
         raise MtrecError("--out: missing; give the run directory to write")
@@ -210,13 +222,13 @@ def train(
 
 @app.command()
 def relate(
-    schema: Optional[Path] = typer.Option(None, help="dataset schema file (YAML)"),
-    dataset: Optional[str] = typer.Option(None, help="embedded dataset name, e.g. census"),
-    dataset_args: Optional[str] = typer.Option(None, help="arguments of the embedded dataset"),
+    schema: Path | None = typer.Option(None, help="dataset schema file (YAML)"),
+    dataset: str | None = typer.Option(None, help="embedded dataset name, e.g. census"),
+    dataset_args: str | None = typer.Option(None, help="arguments of the embedded dataset"),
     epochs: int = typer.Option(3, min=1, help="epochs of every probe training"),
     seeds: int = typer.Option(2, min=2, help="seeds of the shared_bottom vs single_task comparison"),
-    out: Optional[Path] = typer.Option(None, help="directory to write relate.json into"),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads"),
+    out: Path | None = typer.Option(None, help="directory to write relate.json into"),
+    threads: int | None = typer.Option(None, min=1, help="torch CPU threads"),
 ) -> None:
     """Are these tasks related? Label correlation, train-one-watch-the-other probes, shared-bottom vs single-task."""
     from mtrec.diagnostics.relate import relate as run_relate
@@ -246,9 +258,10 @@ def diagnose(run: Path = typer.Option(..., help="run directory written by `mtrec
 def bench(
     grid: Path = typer.Argument(..., help="grid file (YAML): datasets x models x balancers x seeds + train options"),
     out: Path = typer.Option(..., help="bench directory: cells/<cell>/ run directories, report.html, report.md"),
-    workers: Optional[int] = typer.Option(None, help="worker processes (default: CPU cores / --threads)"),
-    threads: Optional[int] = typer.Option(None, help="torch threads per worker (default: CPU cores / --workers); "
-                                                     "a resumed grid must use the same"),
+    workers: int | None = typer.Option(None, help="worker processes (default: CPU cores / --threads)"),
+    threads: int | None = typer.Option(
+        None, help="torch threads per worker (default: CPU cores / --workers); a resumed grid must use the same"
+    ),
 ) -> None:
     """Train every cell of a grid (resuming an interrupted one: finished cells are kept) and write
     OUT/report.html (self-contained) and OUT/report.md."""
@@ -277,7 +290,7 @@ def _warn_oov(rates: dict[str, float], where: str) -> None:
 @app.command()
 def evaluate(
     run: Path = typer.Option(..., help="run directory written by `mtrec train`"),
-    schema: Optional[Path] = typer.Option(None, help="evaluate on this schema's valid/test data instead of the run's"),
+    schema: Path | None = typer.Option(None, help="evaluate on this schema's valid/test data instead of the run's"),
 ) -> None:
     """Print the run's metrics on the valid and test splits as JSON."""
     from mtrec.schema import load_schema
@@ -294,13 +307,16 @@ def predict(
     run: Path = typer.Option(..., help="run directory written by `mtrec train`"),
     input: Path = typer.Option(..., help="CSV or Parquet file with the schema's feature columns"),
     output: Path = typer.Option(..., help="file to write, .csv, .csv.gz or .parquet: one score column per task"),
-    fusion: Optional[Path] = typer.Option(None, help="fusion spec to apply (default: the run's fusion.yaml, if any)"),
+    fusion: Path | None = typer.Option(None, help="fusion spec to apply (default: the run's fusion.yaml, if any)"),
     backend: str = typer.Option(
-        "torch", help="torch, or onnx: ONNX Runtime on RUN/model.onnx (exported on first use; the calibrator and "
-        "fusion it includes are used when they are the ones to apply, never twice)"
+        "torch",
+        help="torch, or onnx: ONNX Runtime on RUN/model.onnx (exported on first use; the calibrator and "
+        "fusion it includes are used when they are the ones to apply, never twice)",
     ),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's choice)"),
-    keep: Optional[str] = typer.Option(None, help="comma-separated input columns copied into the output (e.g. ids), before the scores"),
+    threads: int | None = typer.Option(None, help="CPU threads (default: torch's choice)"),
+    keep: str | None = typer.Option(
+        None, help="comma-separated input columns copied into the output (e.g. ids), before the scores"
+    ),
 ) -> None:
     """Score a file with a trained run (calibrated when the run has a calibrator; a fused `score`
     column when it has a fusion.yaml or --fusion is given)."""
@@ -322,19 +338,22 @@ def predict(
 def export(
     run: Path = typer.Option(..., help="run directory written by `mtrec train`"),
     format: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
-    out: Optional[Path] = typer.Option(
-        None, help="file to write (default: RUN/model.onnx or RUN/model.torchscript.pt; RUN/model.context.onnx "
-        "or RUN/model.context.torchscript.pt with --context-features, the graph the service uses)"
+    out: Path | None = typer.Option(
+        None,
+        help="file to write (default: RUN/model.onnx or RUN/model.torchscript.pt; RUN/model.context.onnx "
+        "or RUN/model.context.torchscript.pt with --context-features, the graph the service uses)",
     ),
-    context_features: Optional[str] = typer.Option(
+    context_features: str | None = typer.Option(
         None, help="comma-separated features given once per request (batch-1 inputs broadcast inside the graph)"
     ),
     no_calibration: bool = typer.Option(
-        False, "--no-calibration", help="leave the run's calibrator out (included by default when the run has calibration.json)"
+        False,
+        "--no-calibration",
+        help="leave the run's calibrator out (included by default when the run has calibration.json)",
     ),
     fusion: bool = typer.Option(False, "--fusion", help="include the run's fusion.yaml: a fused `score` output"),
-    fusion_file: Optional[Path] = typer.Option(None, help="include this fusion spec instead: a fused `score` output"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's choice)"),
+    fusion_file: Path | None = typer.Option(None, help="include this fusion spec instead: a fused `score` output"),
+    threads: int | None = typer.Option(None, help="CPU threads (default: torch's choice)"),
 ) -> None:
     """Export the run's model (encoded inputs in, per-task logits and scores out; calibrated scores and
     a fused score when included) after a parity check against PyTorch on the run's validation rows."""
@@ -349,7 +368,7 @@ def export(
     typer.echo(f"wrote {path} ({format}); {report.summary()}")
 
 
-def parse_task_values(text: Optional[str], flag: str) -> dict[str, float]:
+def parse_task_values(text: str | None, flag: str) -> dict[str, float]:
     """``"click=1,like=0.5"`` -> ``{"click": 1.0, "like": 0.5}``."""
     out: dict[str, float] = {}
     for key, value in parse_options(text, flag).items():
@@ -390,13 +409,15 @@ def fuse(
     run: Path = typer.Option(..., help="run directory written by `mtrec train`"),
     objective: str = typer.Option(..., help="gauc | ndcg@K | recall@K"),
     importance: str = typer.Option(..., help="task=weight,... : how much each binary task counts in the objective"),
-    floor: Optional[str] = typer.Option(None, help="task=x,... : keep out trials whose fused-score AUC for a task is below x"),
+    floor: str | None = typer.Option(
+        None, help="task=x,... : keep out trials whose fused-score AUC for a task is below x"
+    ),
     trials: int = typer.Option(..., help="Optuna trials to run (added to the stored study)"),
     seed: int = typer.Option(0, help="TPE sampler seed"),
     formula: str = typer.Option("weighted_sum", help="weighted_sum | weighted_product"),
-    normalize: Optional[str] = typer.Option(None, help="weighted_sum per-task normalisation: none | rank (default) | z"),
+    normalize: str | None = typer.Option(None, help="weighted_sum per-task normalisation: none | rank (default) | z"),
     regression_transform: str = typer.Option("percentile", help="regression tasks enter as: log1p | percentile"),
-    list_size: Optional[int] = typer.Option(
+    list_size: int | None = typer.Option(
         None, help="data without a user column: ndcg@K / recall@K per list of N random rows (a request's candidates)"
     ),
 ) -> None:
@@ -405,28 +426,44 @@ def fuse(
     if normalize is not None and formula == "weighted_product":
         raise MtrecError("--normalize applies to --formula weighted_sum only (the product works on probabilities)")
     normalize = normalize or ("rank" if formula == "weighted_sum" else "none")
-    choices = {"--formula": (formula, ("weighted_sum", "weighted_product")), "--normalize": (normalize, ("none", "rank", "z")),
-               "--regression-transform": (regression_transform, ("log1p", "percentile"))}
+    choices = {
+        "--formula": (formula, ("weighted_sum", "weighted_product")),
+        "--normalize": (normalize, ("none", "rank", "z")),
+        "--regression-transform": (regression_transform, ("log1p", "percentile")),
+    }
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             raise MtrecError(f"{flag}: '{value}' is not one of {', '.join(allowed)}")
     from mtrec.fusion.search import fuse_run, report
 
-    result = fuse_run(run, objective, parse_task_values(importance, "--importance"), parse_task_values(floor, "--floor"),
-                      trials, seed=seed, formula=formula, normalize=normalize, regression_transform=regression_transform,
-                      list_size=list_size)
+    result = fuse_run(
+        run,
+        objective,
+        parse_task_values(importance, "--importance"),
+        parse_task_values(floor, "--floor"),
+        trials,
+        seed=seed,
+        formula=formula,
+        normalize=normalize,
+        regression_transform=regression_transform,
+        list_size=list_size,
+    )
     typer.echo(report(result, objective))
 
 
 @app.command()
 def serve(
     run: Path = typer.Option(..., help="run directory written by `mtrec train`"),
-    fusion: Optional[Path] = typer.Option(None, help="fusion spec to rank by (default: the run's fusion.yaml, if any; else the first task)"),
+    fusion: Path | None = typer.Option(
+        None, help="fusion spec to rank by (default: the run's fusion.yaml, if any; else the first task)"
+    ),
     backend: str = typer.Option("torch", help="torch, or onnx: ONNX Runtime on RUN/model.onnx (exported on first use)"),
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8000, help="TCP port"),
     workers: int = typer.Option(1, help="worker processes"),
-    threads: Optional[int] = typer.Option(None, help="torch threads per worker (default: CPU cores / workers, at least 1)"),
+    threads: int | None = typer.Option(
+        None, help="torch threads per worker (default: CPU cores / workers, at least 1)"
+    ),
     max_candidates: int = typer.Option(1000, help="most candidates in one request (more is a 422)"),
     max_body_mb: float = typer.Option(8.0, help="largest request body in MiB (more is a 413)"),
     timeout_ms: float = typer.Option(1000.0, help="a /rank request waiting or running longer gets a 503"),
@@ -442,7 +479,10 @@ def serve(
         "--max-candidates": (max_candidates >= 1, "must be at least 1"),
         "--max-body-mb": (max_body_mb > 0, "must be positive"),
         "--timeout-ms": (timeout_ms > 0, "must be positive"),
-        "--log-level": (log_level in ("critical", "error", "warning", "info", "debug", "trace"), f"unknown level '{log_level}'"),
+        "--log-level": (
+            log_level in ("critical", "error", "warning", "info", "debug", "trace"),
+            f"unknown level '{log_level}'",
+        ),
     }
     for flag, (ok, why) in checks.items():
         if not ok:
@@ -451,8 +491,13 @@ def serve(
     from mtrec.serve.service import serve as run_service
 
     settings = ServeSettings(
-        run=run, fusion=fusion, backend=backend, threads=threads or default_threads(workers),
-        max_candidates=max_candidates, max_body_bytes=int(max_body_mb * (1 << 20)), timeout_s=timeout_ms / 1000.0,
+        run=run,
+        fusion=fusion,
+        backend=backend,
+        threads=threads or default_threads(workers),
+        max_candidates=max_candidates,
+        max_body_bytes=int(max_body_mb * (1 << 20)),
+        timeout_s=timeout_ms / 1000.0,
     )
     run_service(settings, host, port, workers, log_level)
 
@@ -480,7 +525,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="where the four runs are written"),
     seed: int = typer.Option(0),
     epochs: int = typer.Option(TrainConfig.model_fields["epochs"].default),
-    threads: Optional[int] = typer.Option(None),
+    threads: int | None = typer.Option(None),
 ) -> None:
     """Census-Income: single_task, shared_bottom, mmoe and ple, compared against single-task."""
     from mtrec.diagnostics.demo import run_demo

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mtrec.train.run import RunResult
 
 
-def check_one_source(dataset: Optional[str], schema: Any, dataset_args: dict) -> None:
+def check_one_source(dataset: str | None, schema: Any, dataset_args: dict) -> None:
     """A run or a grid's data set reads exactly one of an embedded data set (with its arguments) or a schema."""
     if (dataset is None) == (schema is None):
         raise ValueError("give exactly one of 'dataset' (an embedded data set) or 'schema' (a schema file)")
@@ -39,12 +39,12 @@ class RunConfig(TrainConfig):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 
-    dataset: Optional[str] = Field(None, description="embedded data set name, e.g. census (or give 'schema')")
+    dataset: str | None = Field(None, description="embedded data set name, e.g. census (or give 'schema')")
     dataset_args: dict[str, Any] = Field(
         default_factory=dict, description="arguments of the embedded data set, e.g. correlation=0.5,rows=20000,seed=0"
     )
     # a schema file, or the schema itself inline (a finished run's config.json records it inline)
-    schema_file: Optional[Union[Path, dict[str, Any]]] = Field(
+    schema_file: Path | dict[str, Any] | None = Field(
         None, alias="schema", description="data set schema file (YAML), or the schema inline in a config file"
     )
     model: str = Field(description="registered model name (see `mtrec models`)")
@@ -53,17 +53,17 @@ class RunConfig(TrainConfig):
     )
     balancer: str = Field("fixed", description="loss balancing strategy (see `mtrec balancers`)")
     balancer_args: dict[str, Any] = Field(default_factory=dict, description="balancer options k=v,...")
-    task_weights: Optional[list[float]] = Field(
+    task_weights: list[float] | None = Field(
         None, description="task weights in task order (refused by balancers that have no use for them)"
     )
     # bench grids usually turn the per-step curves off
     tensorboard: bool = Field(True, description="write loss and balancer curves to OUT/tensorboard")
     # where a relative schema path (or an inline schema's relative data paths) is resolved: the config
     # file's folder; None: the working directory
-    _base_dir: Optional[Path] = PrivateAttr(None)
+    _base_dir: Path | None = PrivateAttr(None)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "RunConfig":
+    def _one_source(self) -> RunConfig:
         check_one_source(self.dataset, self.schema_file, self.dataset_args)
         return self
 
@@ -122,8 +122,10 @@ def read_run_config(path: Path) -> dict:
         raise MtrecError(f"{path}: a run config is a mapping (model, schema or dataset, training options, ...)")
     if "run_format" in data:  # a run directory's config.json
         if not isinstance(data.get("run_config"), dict):
-            raise MtrecError(f"{path}: this run's config.json records no run_config (written by mtrec "
-                             f"{data.get('mtrec_version', '?')}); train it again, or write a run config file")
+            raise MtrecError(
+                f"{path}: this run's config.json records no run_config (written by mtrec "
+                f"{data.get('mtrec_version', '?')}); train it again, or write a run config file"
+            )
         data = data["run_config"]
     return data
 
@@ -131,11 +133,11 @@ def read_run_config(path: Path) -> dict:
 def field_flag(field: str) -> str:
     """The ``mtrec train`` flag of a :class:`RunConfig` field (``schema_file`` -> ``--schema``)."""
     info = RunConfig.model_fields.get(field)
-    name = (info.alias if info is not None and info.alias else field)
+    name = info.alias if info is not None and info.alias else field
     return "--" + name.replace("_", "-")
 
 
-def build_run_config(file: Optional[Path], overrides: dict[str, Any]) -> RunConfig:
+def build_run_config(file: Path | None, overrides: dict[str, Any]) -> RunConfig:
     """The :class:`RunConfig` of ``file`` (a run config file, or None) with ``overrides`` (field name or
     alias -> value, e.g. the flags given on the command line) replacing its values. A data source given in
     ``overrides`` (``schema`` or ``dataset``) replaces the file's whole source. A mistake is one
@@ -168,7 +170,9 @@ def build_run_config(file: Optional[Path], overrides: dict[str, Any]) -> RunConf
     return config
 
 
-def train_from_config(config: RunConfig, out: Optional[Path], schema: Optional[Schema] = None, **run_options: Any) -> "RunResult":
+def train_from_config(
+    config: RunConfig, out: Path | None, schema: Schema | None = None, **run_options: Any
+) -> RunResult:
     """Train the run ``config`` describes into ``out`` (``schema``: the already resolved schema, if at hand;
     ``run_options``: what is not part of the run itself, e.g. ``overwrite``, ``resume``, ``threads``)."""
     from mtrec.train.run import train_run

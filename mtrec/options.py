@@ -8,7 +8,8 @@ part, the option and what was wrong, and lists every option the part takes with 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
@@ -71,8 +72,7 @@ def describe_errors(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def validate_options(config: type[C], options: Optional[Mapping[str, Any]], what: str,
-                     context: Optional[dict] = None) -> C:
+def validate_options(config: type[C], options: Mapping[str, Any] | None, what: str, context: dict | None = None) -> C:
     """``options`` as a ``config``; ``what`` (e.g. ``"model 'mmoe'"``) starts the error message."""
     try:
         return config.model_validate(dict(options or {}), context=context)

@@ -6,7 +6,8 @@ name, and nothing else in the code branches on method names.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from mtrec.errors import MtrecError
 
@@ -30,7 +31,7 @@ class Registry(Generic[T]):
             self._items[name] = cls
             doc = (getattr(cls, "__doc__", None) or "").strip().splitlines()
             self._descriptions[name] = description or (doc[0] if doc else "")
-            setattr(cls, "registered_name", name)
+            cls.registered_name = name
             return cls
 
         return decorate

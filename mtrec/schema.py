@@ -11,16 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import types
 import typing
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtrec.errors import MtrecError
 from mtrec.files import read_yaml
 
-Scalar = Union[str, int, float, bool]
+Scalar = str | int | float | bool
 
 
 class _Strict(BaseModel):
@@ -32,8 +33,8 @@ class SourceSpec(_Strict):
     """Data files. ``test``/``valid`` are optional; missing splits are carved from ``train``."""
 
     train: str
-    valid: Optional[str] = None
-    test: Optional[str] = None
+    valid: str | None = None
+    test: str | None = None
 
 
 class FormatSpec(_Strict):
@@ -43,11 +44,11 @@ class FormatSpec(_Strict):
     type: Literal["csv", "parquet"] = "csv"
     header: bool = True
     delimiter: str = ","
-    names: Optional[list[str]] = None  # column names when there is no header
+    names: list[str] | None = None  # column names when there is no header
     null_values: list[str] = Field(default_factory=list)  # strings read as missing
 
     @model_validator(mode="after")
-    def _names_when_headerless(self) -> "FormatSpec":
+    def _names_when_headerless(self) -> FormatSpec:
         if self.type == "csv" and not self.header and not self.names:
             raise ValueError("format.names is required when format.header is false")
         if not self.delimiter:
@@ -62,7 +63,7 @@ class SplitSpec(_Strict):
     test: float = Field(0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
-    def _leaves_train(self) -> "SplitSpec":
+    def _leaves_train(self) -> SplitSpec:
         if self.valid + self.test >= 1.0:
             raise ValueError("split.valid + split.test must leave some training data")
         return self
@@ -81,22 +82,24 @@ class FeatureSpec(_Strict):
 
     name: str
     type: Literal["sparse", "dense", "sequence"]
-    column: Optional[str] = None  # source column; defaults to ``name``
+    column: str | None = None  # source column; defaults to ``name``
     embed_dim: int = Field(8, ge=1)
     min_freq: int = Field(1, ge=1)
-    fill: Optional[Scalar] = None
+    fill: Scalar | None = None
     log: bool = False
     separator: str = "|"
     max_len: int = Field(20, ge=1)
-    vocab: Optional[str] = None
+    vocab: str | None = None
 
     @model_validator(mode="after")
-    def _fill_is_a_number(self) -> "FeatureSpec":
+    def _fill_is_a_number(self) -> FeatureSpec:
         # checked here, not at prediction time: a fill the encoder cannot use is a schema mistake
         if self.fill is not None:
             if self.type != "dense":
-                raise ValueError(f"feature {self.name}: 'fill' only applies to dense features (a missing "
-                                 f"{self.type} value is its own token)")
+                raise ValueError(
+                    f"feature {self.name}: 'fill' only applies to dense features (a missing "
+                    f"{self.type} value is its own token)"
+                )
             if isinstance(self.fill, bool) or not isinstance(self.fill, (int, float)) or not math.isfinite(self.fill):
                 raise ValueError(f"feature {self.name}: fill {self.fill!r} is not a finite number")
         return self
@@ -117,28 +120,30 @@ class TaskSpec(_Strict):
     name: str
     type: Literal["binary", "regression"] = "binary"
     label: str
-    positive: Optional[list[Scalar]] = None
-    negative: Optional[list[Scalar]] = None
+    positive: list[Scalar] | None = None
+    negative: list[Scalar] | None = None
     strict: bool = True
     weight: float = 1.0
-    space: Optional[str] = None  # task whose positives define where this label is observed
+    space: str | None = None  # task whose positives define where this label is observed
     # this task's per-sample loss weight: a numeric column, on every sample or on positives only
     # (YouTube's weighted logistic regression: watch time weighs the clicks, negatives weigh 1)
-    sample_weight: Optional[str] = None
+    sample_weight: str | None = None
     sample_weight_on: Literal["all", "positives"] = "all"
     # regression only: train on the label standardised with its train mean/std (the default), so a
     # label on a large scale does not swamp the other tasks' gradients; metrics and predictions stay
     # in the label's units either way
-    standardize: Optional[bool] = None
+    standardize: bool | None = None
 
     @model_validator(mode="after")
-    def _positive_only_for_binary(self) -> "TaskSpec":
+    def _positive_only_for_binary(self) -> TaskSpec:
         if self.type == "regression" and (self.positive or self.negative):
             raise ValueError(f"task {self.name}: positive/negative only apply to binary tasks")
         if self.type != "regression" and self.standardize is not None:
             raise ValueError(f"task {self.name}: standardize only applies to regression tasks")
         if self.sample_weight_on == "positives" and (self.type != "binary" or not self.sample_weight):
-            raise ValueError(f"task {self.name}: sample_weight_on: positives needs a binary task with a sample_weight column")
+            raise ValueError(
+                f"task {self.name}: sample_weight_on: positives needs a binary task with a sample_weight column"
+            )
         return self
 
     @property
@@ -153,15 +158,15 @@ class Schema(_Strict):
     name: str = "dataset"
     source: SourceSpec
     format: FormatSpec = Field(default_factory=FormatSpec)
-    valid_fraction: Optional[float] = Field(None, ge=0.0, lt=1.0)
-    split: Optional[SplitSpec] = None
+    valid_fraction: float | None = Field(None, ge=0.0, lt=1.0)
+    split: SplitSpec | None = None
     split_seed: int = 2024  # fixed so the valid split, and thus model selection, never moves
     features: list[FeatureSpec]
     tasks: list[TaskSpec]
-    user: Optional[str] = None
-    sample_weight: Optional[str] = None
+    user: str | None = None
+    sample_weight: str | None = None
     # Where relative source paths are resolved; set by load_schema, not by the file.
-    base_dir: Optional[str] = Field(None, exclude=True)
+    base_dir: str | None = Field(None, exclude=True)
 
     @field_validator("tasks")
     @classmethod
@@ -178,7 +183,7 @@ class Schema(_Strict):
         return features
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Schema":
+    def _consistent(self) -> Schema:
         for kind, names in (("feature", [f.name for f in self.features]), ("task", [t.name for t in self.tasks])):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
@@ -202,7 +207,9 @@ class Schema(_Strict):
         if leaks:
             raise ValueError(f"label column(s) also used as features: {', '.join(leaks)}")
         if self.split is not None and self.valid_fraction is not None:
-            raise ValueError("split and valid_fraction are both set; give the validation share in one of them (split.valid)")
+            raise ValueError(
+                "split and valid_fraction are both set; give the validation share in one of them (split.valid)"
+            )
         if self.split is not None and self.source.test is not None and self.split.test > 0:
             raise ValueError("split.test > 0 while source.test is given; use one or the other")
         return self
@@ -222,7 +229,7 @@ class Schema(_Strict):
             chain, t = [], task
             while t is not None and t.name not in done:
                 if t.name in chain:
-                    cycle = " -> ".join(chain[chain.index(t.name):] + [t.name])
+                    cycle = " -> ".join(chain[chain.index(t.name) :] + [t.name])
                     raise ValueError(f"the tasks' spaces form a cycle ({cycle}); check tasks[].space")
                 chain.append(t.name)
                 t = by_name.get(t.space) if t.space else None
@@ -283,7 +290,7 @@ def _one_line(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def schema_from_dict(data: object, origin: str, base_dir: Optional[Path] = None) -> Schema:
+def schema_from_dict(data: object, origin: str, base_dir: Path | None = None) -> Schema:
     """Validate a parsed schema; ``origin`` names the file in error messages."""
     if not isinstance(data, dict):
         raise MtrecError(f"{origin}: a schema must be a mapping with 'source', 'features' and 'tasks'")
@@ -295,7 +302,7 @@ def schema_from_dict(data: object, origin: str, base_dir: Optional[Path] = None)
     return schema
 
 
-def load_schema(path: Union[str, Path]) -> Schema:
+def load_schema(path: str | Path) -> Schema:
     """Read and validate a YAML/JSON schema file."""
     p = Path(path)
     data = read_yaml(p, "schema file")
@@ -313,7 +320,7 @@ KEY_DOCS: dict[str, str] = {
     "format": "how the files are read",
     "format.type": "`csv` (plain or gzipped) or `parquet`",
     "format.header": "whether the first CSV line names the columns",
-    "format.delimiter": "CSV delimiter; a multi-character one (`\", \"`) is its first character with blanks stripped",
+    "format.delimiter": 'CSV delimiter; a multi-character one (`", "`) is its first character with blanks stripped',
     "format.names": "column names of a CSV without header (required then)",
     "format.null_values": "strings read as missing",
     "valid_fraction": "share of train carved out as validation (default 0.1); not with `split`",
@@ -352,7 +359,7 @@ KEY_DOCS: dict[str, str] = {
 def _type_name(annotation: object) -> str:
     """A readable type for the reference table."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is Union:
+    if origin is Union or origin is types.UnionType:
         args = tuple(a for a in args if a is not type(None))  # Optional: the default column says so
         if set(args) == {str, int, float, bool}:
             return "scalar"
@@ -374,7 +381,7 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, object]]:
         key = f"{prefix}{name}"
         out.append((key, info))
         nested = info.annotation
-        if typing.get_origin(nested) is Union:  # Optional[X] -> X
+        if typing.get_origin(nested) in (Union, types.UnionType):  # Optional[X] -> X
             nested = next(a for a in typing.get_args(nested) if a is not type(None))
         args = typing.get_args(nested) if typing.get_origin(nested) is list else ()
         target = args[0] if args else nested
@@ -395,7 +402,12 @@ def schema_reference() -> str:
         else:
             value = info.get_default(call_default_factory=True)
             default = "" if value is None or isinstance(value, BaseModel) else f"`{json.dumps(value)}`"
-        cells = (f"`{key}`", _type_name(info.annotation), default.replace("|", "\\|"), KEY_DOCS[key].replace("|", "\\|"))
+        cells = (
+            f"`{key}`",
+            _type_name(info.annotation),
+            default.replace("|", "\\|"),
+            KEY_DOCS[key].replace("|", "\\|"),
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

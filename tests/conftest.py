@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gzip
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Union
 
 import pytest
 import torch
@@ -61,7 +61,7 @@ def census_schema(census_schema_path: Path) -> Schema:
     return load_schema(census_schema_path)
 
 
-def session_store(schema: Union[Schema, Path], tmp_path_factory: pytest.TempPathFactory) -> Store:
+def session_store(schema: Schema | Path, tmp_path_factory: pytest.TempPathFactory) -> Store:
     """The store of ``schema`` (or a schema file) in the session's cache, for session/module fixtures
     (which cannot use the function-scoped ``monkeypatch`` that isolates each test's cache)."""
     mp = pytest.MonkeyPatch()

@@ -6,14 +6,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import yaml
 
 
-def write_toy(folder: Path, rows: int = 400, seed: int = 0, extra: Optional[dict] = None) -> Path:
+def write_toy(folder: Path, rows: int = 400, seed: int = 0, extra: dict | None = None) -> Path:
     """A CSV with a user id, a dense and a sparse feature, a tag sequence, a click and a watch time;
     the labels depend on the features so models can learn. Returns the schema path."""
     rng = np.random.default_rng(seed)
@@ -89,7 +89,7 @@ def assert_user_error(result: CliResult, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
-def run_cli(*args: str, cache: Optional[Path] = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cache: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real ``mtrec`` command in a subprocess."""
     env = dict(os.environ)
     if cache is not None:

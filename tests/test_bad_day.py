@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import polars as pl
@@ -15,10 +14,10 @@ import yaml
 
 from tests.helpers import assert_user_error, write_toy
 
-
 # ---- 1. a regression label on its raw scale must not wreck the binary tasks -------------------------
 
-def write_feed(folder: Path, rows: int = 4000, seed: int = 2, standardize: Optional[bool] = None) -> Path:
+
+def write_feed(folder: Path, rows: int = 4000, seed: int = 2, standardize: bool | None = None) -> Path:
     """A short-video feed: user and item ids, three dense features, click / like / finish and a
     watch time (variance about 57, driven by the item and two dense features), as train / valid /
     test files (60 / 20 / 20 %). Returns the schema path."""
@@ -31,13 +30,19 @@ def write_feed(folder: Path, rows: int = 4000, seed: int = 2, standardize: Optio
     def draw(logit: np.ndarray) -> np.ndarray:
         return (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(int)
 
-    frame = pl.DataFrame({
-        "user": user, "item": item, "d1": d[:, 0].round(4), "d2": d[:, 1].round(4), "d3": d[:, 2].round(4),
-        "click": draw(user_bias[user] + item_bias[item] + 0.8 * d[:, 0] - 0.5),
-        "like": draw(0.8 * user_bias[user] - 0.8 * item_bias[item] + 0.8 * d[:, 1] - 1.0),
-        "finish": draw(-item_bias[item] + d[:, 2] - 0.3 * d[:, 0]),
-        "watch_time": (20 + 5 * item_bias[item] + 4 * d[:, 0] + 3 * d[:, 2] + rng.normal(0, 3, rows)).round(3),
-    })
+    frame = pl.DataFrame(
+        {
+            "user": user,
+            "item": item,
+            "d1": d[:, 0].round(4),
+            "d2": d[:, 1].round(4),
+            "d3": d[:, 2].round(4),
+            "click": draw(user_bias[user] + item_bias[item] + 0.8 * d[:, 0] - 0.5),
+            "like": draw(0.8 * user_bias[user] - 0.8 * item_bias[item] + 0.8 * d[:, 1] - 1.0),
+            "finish": draw(-item_bias[item] + d[:, 2] - 0.3 * d[:, 0]),
+            "watch_time": (20 + 5 * item_bias[item] + 4 * d[:, 0] + 3 * d[:, 2] + rng.normal(0, 3, rows)).round(3),
+        }
+    )
     cut = [0, int(rows * 0.6), int(rows * 0.8), rows]
     for name, start, stop in zip(("train", "valid", "test"), cut[:-1], cut[1:]):
         frame[start:stop].write_csv(folder / f"{name}.csv")
@@ -57,8 +62,25 @@ def write_feed(folder: Path, rows: int = 4000, seed: int = 2, standardize: Optio
 
 
 def _train(cli, schema: Path, model: str, out: Path, *extra: str) -> dict:
-    result = cli("train", "--schema", str(schema), "--model", model, "--epochs", "20", "--batch-size", "256",
-                 "--seed", "1", "--threads", "1", "--no-tensorboard", "--out", str(out), *extra)
+    result = cli(
+        "train",
+        "--schema",
+        str(schema),
+        "--model",
+        model,
+        "--epochs",
+        "20",
+        "--batch-size",
+        "256",
+        "--seed",
+        "1",
+        "--threads",
+        "1",
+        "--no-tensorboard",
+        "--out",
+        str(out),
+        *extra,
+    )
     assert result.code == 0, result.err
     return json.loads((out / "metrics.json").read_text())
 
@@ -88,15 +110,25 @@ def test_regression_label_is_standardised_in_training_only(cli, tmp_path: Path) 
     mean, std = float(train["watch_time"].mean()), float(train["watch_time"].std(ddof=0))
     stats = json.loads((tmp_path / "mmoe" / "encoders.json").read_text())["labels"]
     assert stats["watch_time"] == pytest.approx([mean, std], rel=1e-6)
-    (task,) = [t for t in json.loads((tmp_path / "mmoe" / "config.json").read_text())["layout"]["tasks"]
-               if t["name"] == "watch_time"]
+    (task,) = [
+        t
+        for t in json.loads((tmp_path / "mmoe" / "config.json").read_text())["layout"]["tasks"]
+        if t["name"] == "watch_time"
+    ]
     assert (task["label_mean"], task["label_std"]) == pytest.approx((mean, std), rel=1e-6)
     assert json.loads((tmp_path / "raw" / "encoders.json").read_text())["labels"] == {}
 
     # predictions and metrics are in seconds: the MSE of `predict` output against the test labels,
     # computed here, is metrics.json's, and far below the label's variance
-    result = cli("predict", "--run", str(tmp_path / "mmoe"), "--input", str(data / "test.csv"),
-                 "--output", str(tmp_path / "scores.csv"))
+    result = cli(
+        "predict",
+        "--run",
+        str(tmp_path / "mmoe"),
+        "--input",
+        str(data / "test.csv"),
+        "--output",
+        str(tmp_path / "scores.csv"),
+    )
     assert result.code == 0, result.err
     predicted = pl.read_csv(tmp_path / "scores.csv")["watch_time"].to_numpy()
     labels = test["watch_time"].to_numpy()
@@ -116,26 +148,72 @@ def test_standardize_is_refused_on_a_binary_task(cli, tmp_path: Path) -> None:
 
 # ---- 2. a diverging run stops with an error, not with metrics ---------------------------------------
 
+
 def test_diverging_run_stops_with_an_error_and_writes_no_metrics(cli, tmp_path: Path) -> None:
     schema = write_toy(tmp_path / "toy")
     out = tmp_path / "run"
-    result = cli("train", "--schema", str(schema), "--model", "mmoe", "--epochs", "3", "--batch-size", "64",
-                 "--lr", "1e6", "--threads", "1", "--no-tensorboard", "--out", str(out))
+    result = cli(
+        "train",
+        "--schema",
+        str(schema),
+        "--model",
+        "mmoe",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "64",
+        "--lr",
+        "1e6",
+        "--threads",
+        "1",
+        "--no-tensorboard",
+        "--out",
+        str(out),
+    )
     assert_user_error(result, "diverged", "lr 1e+06")
     assert not (out / "metrics.json").exists() and not (out / "model.safetensors").exists()
     # the same run at a sane learning rate trains
-    result = cli("train", "--schema", str(schema), "--model", "mmoe", "--epochs", "1", "--batch-size", "64",
-                 "--threads", "1", "--no-tensorboard", "--out", str(out))
+    result = cli(
+        "train",
+        "--schema",
+        str(schema),
+        "--model",
+        "mmoe",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--threads",
+        "1",
+        "--no-tensorboard",
+        "--out",
+        str(out),
+    )
     assert result.code == 0, result.err
 
 
 # ---- 3. evaluate --schema matches tasks by name ------------------------------------------------------
 
+
 def test_evaluate_with_another_schema_matches_tasks_by_name(cli, tmp_path: Path) -> None:
     schema = write_toy(tmp_path / "toy", rows=600)
     run = tmp_path / "run"
-    result = cli("train", "--schema", str(schema), "--model", "shared_bottom", "--epochs", "2", "--batch-size", "64",
-                 "--threads", "1", "--no-tensorboard", "--out", str(run))
+    result = cli(
+        "train",
+        "--schema",
+        str(schema),
+        "--model",
+        "shared_bottom",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--threads",
+        "1",
+        "--no-tensorboard",
+        "--out",
+        str(run),
+    )
     assert result.code == 0, result.err
     own = cli("evaluate", "--run", str(run))
     assert own.code == 0, own.err
@@ -168,6 +246,7 @@ def test_evaluate_with_another_schema_matches_tasks_by_name(cli, tmp_path: Path)
 
 # ---- 4. ids written as 617.0 are the ids 617; out-of-vocabulary rates are reported -------------------
 
+
 def _ids_data(folder: Path) -> Path:
     """Integer item ids, a third of the training rows written as floats ('17.0'); returns the schema."""
     rng = np.random.default_rng(0)
@@ -179,7 +258,9 @@ def _ids_data(folder: Path) -> Path:
     written = [f"{i}.0" if r % 3 == 0 else str(i) for r, i in enumerate(item)]
     pl.DataFrame({"item": written, "age": age, "click": click}).write_csv(folder / "train.csv")
     schema = {
-        "name": "ids", "source": {"train": "train.csv"}, "split": {"valid": 0.2, "test": 0.2},
+        "name": "ids",
+        "source": {"train": "train.csv"},
+        "split": {"valid": 0.2, "test": 0.2},
         "features": [{"name": "item", "type": "sparse"}, {"name": "age", "type": "dense"}],
         "tasks": [{"name": "click", "type": "binary", "label": "click"}],
     }
@@ -191,8 +272,22 @@ def _ids_data(folder: Path) -> Path:
 def test_integral_float_ids_are_in_the_vocabulary_and_oov_is_reported(cli, tmp_path: Path) -> None:
     schema = _ids_data(tmp_path / "ids")
     run = tmp_path / "run"
-    result = cli("train", "--schema", str(schema), "--model", "shared_bottom", "--epochs", "2", "--batch-size", "64",
-                 "--threads", "1", "--no-tensorboard", "--out", str(run))
+    result = cli(
+        "train",
+        "--schema",
+        str(schema),
+        "--model",
+        "shared_bottom",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--threads",
+        "1",
+        "--no-tensorboard",
+        "--out",
+        str(run),
+    )
     assert result.code == 0, result.err
     vocab = json.loads((run / "encoders.json").read_text())["vocabs"]["item"]
     assert len(vocab) == 40 and not any("." in token for token in vocab)
@@ -228,11 +323,27 @@ def test_integral_float_ids_are_in_the_vocabulary_and_oov_is_reported(cli, tmp_p
 
 # ---- 5. predict writes the format its output's name asks for ------------------------------------------
 
+
 def test_predict_output_format_follows_the_suffix(cli, tmp_path: Path) -> None:
     schema = write_toy(tmp_path / "toy")
     run = tmp_path / "run"
-    assert cli("train", "--schema", str(schema), "--model", "shared_bottom", "--epochs", "1", "--threads", "1",
-               "--no-tensorboard", "--out", str(run)).code == 0
+    assert (
+        cli(
+            "train",
+            "--schema",
+            str(schema),
+            "--model",
+            "shared_bottom",
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+            "--no-tensorboard",
+            "--out",
+            str(run),
+        ).code
+        == 0
+    )
     data = tmp_path / "toy" / "toy.csv"
     frames = {}
     for name in ("p.csv", "p.csv.gz", "p.parquet"):
@@ -254,6 +365,7 @@ def test_predict_output_format_follows_the_suffix(cli, tmp_path: Path) -> None:
 
 # ---- 6. split and valid_fraction together are refused ---------------------------------------------------
 
+
 def test_split_and_valid_fraction_together_are_refused(cli, tmp_path: Path) -> None:
     schema = write_toy(tmp_path / "toy", extra={"valid_fraction": 0.3})
     result = cli("train", "--schema", str(schema), "--model", "mmoe", "--epochs", "1", "--out", str(tmp_path / "run"))
@@ -262,6 +374,7 @@ def test_split_and_valid_fraction_together_are_refused(cli, tmp_path: Path) -> N
 
 
 # ---- 7. blank labels outside a task's space are unobserved, not missing ------------------------------
+
 
 def _funnel(folder: Path, blank_inside: int = 0) -> Path:
     rng = np.random.default_rng(0)
@@ -276,11 +389,14 @@ def _funnel(folder: Path, blank_inside: int = 0) -> Path:
     stay = [round(float(x), 2) if c else None for x, c in zip(rng.gamma(2.0, 30.0, rows), click)]  # seconds, on clicks
     pl.DataFrame({"item": item, "click": click, "buy": cells, "stay": stay}).write_csv(folder / "log.csv")
     schema = {
-        "name": "funnel", "source": {"train": "log.csv", "valid": "valid.csv", "test": "test.csv"},
+        "name": "funnel",
+        "source": {"train": "log.csv", "valid": "valid.csv", "test": "test.csv"},
         "features": [{"name": "item", "type": "sparse"}],
-        "tasks": [{"name": "click", "type": "binary", "label": "click"},
-                  {"name": "buy", "type": "binary", "label": "buy", "space": "click"},
-                  {"name": "stay", "type": "regression", "label": "stay", "space": "click"}],
+        "tasks": [
+            {"name": "click", "type": "binary", "label": "click"},
+            {"name": "buy", "type": "binary", "label": "buy", "space": "click"},
+            {"name": "stay", "type": "regression", "label": "stay", "space": "click"},
+        ],
     }
     # valid and test: fresh rows of the same process, every label observed where its space is 1
     click2 = (rng.random(rows) < 0.2 + 0.5 * (item % 3 == 0)).astype(int)
@@ -296,8 +412,24 @@ def _funnel(folder: Path, blank_inside: int = 0) -> Path:
 def test_blank_labels_outside_the_space_are_accepted_inside_refused(cli, tmp_path: Path) -> None:
     schema = _funnel(tmp_path / "ok")
     out = tmp_path / "run"
-    result = cli("train", "--schema", str(schema), "--model", "esmm", "--epochs", "5", "--batch-size", "64", "--lr", "0.01",
-                 "--threads", "1", "--no-tensorboard", "--out", str(out))
+    result = cli(
+        "train",
+        "--schema",
+        str(schema),
+        "--model",
+        "esmm",
+        "--epochs",
+        "5",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.01",
+        "--threads",
+        "1",
+        "--no-tensorboard",
+        "--out",
+        str(out),
+    )
     assert result.code == 0, result.err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["buy"]["auc"] > 0.75  # in-space AUC: the item signal was learnt from the clicks

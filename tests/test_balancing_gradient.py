@@ -33,6 +33,7 @@ TASKS2 = ["a", "b"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is as fast
 
+
 def _random_G(T: int, P: int, seed: int) -> torch.Tensor:
     return torch.randn(T, P, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -67,10 +68,13 @@ def test_gradient_level_plumbing_reproduces_plain_backward(census_store) -> None
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("model_name, level, embeddings",
-                         [("mmoe", "params", "sum"), ("mmoe", "params", "balance"), ("shared_bottom", "repr", "sum")])
-def test_shared_get_the_combination_and_the_rest_the_plain_sum(census_store, model_name: str, level: str,
-                                                               embeddings: str) -> None:
+@pytest.mark.parametrize(
+    "model_name, level, embeddings",
+    [("mmoe", "params", "sum"), ("mmoe", "params", "balance"), ("shared_bottom", "repr", "sum")],
+)
+def test_shared_get_the_combination_and_the_rest_the_plain_sum(
+    census_store, model_name: str, level: str, embeddings: str
+) -> None:
     model, out, losses = _batch_losses(census_store, model_name)
     tables = {id(p) for p in model.embedding.parameters()}
     shared, specific = model.shared_parameters(), model.task_specific_parameters()
@@ -132,7 +136,9 @@ def test_representation_level_on_expert_outputs(census_store, model_name: str) -
 def test_representation_level_refuses_per_task_mixtures(census_store) -> None:
     model, out, losses = _batch_losses(census_store, "cross_stitch")  # its last layer: one network per task
     with pytest.raises(MtrecError, match="level=params"):
-        BALANCERS.get("pcgrad")(model.task_names, level="repr").backward(losses, StepContext(0, 1, model, {"output": out}))
+        BALANCERS.get("pcgrad")(model.task_names, level="repr").backward(
+            losses, StepContext(0, 1, model, {"output": out})
+        )
 
 
 # ---- PCGrad ---------------------------------------------------------------------------------
@@ -155,7 +161,11 @@ def test_pcgrad_removes_conflicts_and_leaves_agreement_alone() -> None:
     G = _random_G(3, 5, 7)
     A = pcgrad_adjust(gram(G), [[1, 2], [2, 0], [0, 1]])
     adjusted = torch.from_numpy(A) @ G
-    assert float(adjusted[0] @ G[2]) >= -1e-10 and float(adjusted[1] @ G[0]) >= -1e-10 and float(adjusted[2] @ G[1]) >= -1e-10
+    assert (
+        float(adjusted[0] @ G[2]) >= -1e-10
+        and float(adjusted[1] @ G[0]) >= -1e-10
+        and float(adjusted[2] @ G[1]) >= -1e-10
+    )
     # no conflict at all: the sum of the gradients, unchanged
     G = torch.rand(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     g = BALANCERS.get("pcgrad")(["a", "b", "c"]).aggregate(G, _no_losses(3))
@@ -338,7 +348,9 @@ class _ThreeTasks(nn.Module):
     def shared_slices(self) -> list[SharedSlice]:
         rows = torch.arange(8) < 4
         return [SharedSlice(p) for p in self.trunk.parameters()] + [
-            SharedSlice(self.mid.weight, rows[:, None].expand(8, 8)), SharedSlice(self.mid.bias, rows)]
+            SharedSlice(self.mid.weight, rows[:, None].expand(8, 8)),
+            SharedSlice(self.mid.bias, rows),
+        ]
 
 
 GRADIENT_METHODS = [n for n in BALANCERS.names() if issubclass(BALANCERS.get(n), GradientBalancer)]
@@ -364,8 +376,12 @@ def test_logged_weights_and_cosines_describe_the_update_written_to_the_parameter
     bal = BALANCERS.get(name)(["x", "y", "z"])
     bal.backward(losses, StepContext(0, 1, net))
     w = list(bal.weights().values())
-    shared = {id(net.trunk.weight): None, id(net.trunk.bias): None, id(net.mid.weight): (slice(0, 4),),
-              id(net.mid.bias): (slice(0, 4),)}
+    shared = {
+        id(net.trunk.weight): None,
+        id(net.trunk.bias): None,
+        id(net.mid.weight): (slice(0, 4),),
+        id(net.mid.bias): (slice(0, 4),),
+    }
     for i, p in enumerate(params):
         expected = summed[i].clone()
         if id(p) in shared:
@@ -374,8 +390,16 @@ def test_logged_weights_and_cosines_describe_the_update_written_to_the_parameter
         torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-6)
     # the balanced part really differs from the plain sum, so the check above can tell them apart
     assert not torch.allclose(net.trunk.weight.grad, summed[0], rtol=1e-3, atol=1e-5)
-    flat = [torch.cat([g[i].reshape(-1) if shared[id(p)] is None else g[i][:4].reshape(-1)
-                       for i, p in enumerate(params) if id(p) in shared]) for g in per_task]
+    flat = [
+        torch.cat(
+            [
+                g[i].reshape(-1) if shared[id(p)] is None else g[i][:4].reshape(-1)
+                for i, p in enumerate(params)
+                if id(p) in shared
+            ]
+        )
+        for g in per_task
+    ]
     assert bal.stats().keys() >= {"cos/x~y", "cos/x~z", "cos/y~z", "weight/x"}
     for a, b in itertools.combinations(range(3), 2):
         expected = float(flat[a] @ flat[b] / (flat[a].norm() * flat[b].norm()))

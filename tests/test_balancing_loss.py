@@ -16,15 +16,14 @@ import torch
 import yaml
 from torch import nn
 
-from mtrec.models.reach import SharedSlice
 from mtrec.balancing import BALANCERS, StepContext
 from mtrec.data.store import load_store
 from mtrec.errors import MtrecError
 from mtrec.models import build_model
+from mtrec.models.reach import SharedSlice
 from mtrec.schema import load_schema
-from mtrec.train.trainer import Trainer, TrainConfig, seed_everything
+from mtrec.train.trainer import TrainConfig, Trainer, seed_everything
 from tests.helpers import write_toy
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is as fast
 
@@ -98,7 +97,11 @@ def test_sample_weight_column_weights_the_losses_and_changes_training(census_sch
     for store in (weighted, plain):
         seed_everything(0)
         model = build_model("mmoe", store.layout, SMALL_MMOE)
-        trainer = Trainer(model, BALANCERS.get("fixed")(store.layout.task_names), TrainConfig(epochs=1, batch_size=256, progress=False))
+        trainer = Trainer(
+            model,
+            BALANCERS.get("fixed")(store.layout.task_names),
+            TrainConfig(epochs=1, batch_size=256, progress=False),
+        )
         trainer.fit(store.split("train").slice(0, 1024), store.split("valid"))
         params.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     assert not torch.allclose(params[0], params[1])  # same seed, same rows: only the weights differ
@@ -175,8 +178,12 @@ def test_gradnorm_brings_gradient_norms_to_their_targets() -> None:
     def record(step: int, bal) -> None:
         if step >= 350:
             s = bal.stats()
-            tail.append((torch.tensor([s["grad_norm/small"], s["grad_norm/large"]]),
-                         torch.tensor([s["target/small"], s["target/large"]])))
+            tail.append(
+                (
+                    torch.tensor([s["grad_norm/small"], s["grad_norm/large"]]),
+                    torch.tensor([s["target/small"], s["target/large"]]),
+                )
+            )
 
     _train(gn, TwoHeads(), x, y, steps=400, lr=0.01, record=record)
     norms = torch.stack([t[0] for t in tail]).mean(0)
@@ -198,8 +205,12 @@ def test_gradnorm_step_follows_its_formula() -> None:
     first = None
     for step, scale in enumerate((torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.9]))):
         losses = ((net(x) - y) ** 2).mean(0) * scale  # the second step: task a fell faster
-        norms = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], trunk, retain_graph=True)]).norm()
-                             for t in range(2)])
+        norms = torch.stack(
+            [
+                torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], trunk, retain_graph=True)]).norm()
+                for t in range(2)
+            ]
+        )
         first = losses.detach() if first is None else first
         w = torch.tensor([1.5, 0.5])  # the weights sum to T = 2 already; GradNorm's own step is not taken here
         G = w * norms
@@ -230,7 +241,8 @@ def test_dwa_weights_follow_the_loss_ratio_formula() -> None:
     expected = [3 * ei / sum(e) for ei in e]
     assert list(dwa.weights().values()) == pytest.approx(expected, rel=1e-6)
     assert float(dwa.combine(torch.tensor([1.0, 2.0, 3.0]), ctx)) == pytest.approx(
-        expected[0] + 2 * expected[1] + 3 * expected[2], rel=1e-6)
+        expected[0] + 2 * expected[1] + 3 * expected[2], rel=1e-6
+    )
 
 
 def test_dtp_weights_follow_the_focal_formula_on_a_running_kpi() -> None:
@@ -293,8 +305,12 @@ def test_famo_update_ignores_loss_scales_and_favours_the_lagging_task() -> None:
         inv = 1.0 / scaled.detach()
         w = inv / inv.sum()
         assert list(famo.weights().values()) == pytest.approx(w.tolist(), rel=1e-5)
-        per_task = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(scaled[t], list(net.parameters()), retain_graph=True)])
-                    for t in range(2)]
+        per_task = [
+            torch.cat(
+                [g.reshape(-1) for g in torch.autograd.grad(scaled[t], list(net.parameters()), retain_graph=True)]
+            )
+            for t in range(2)
+        ]
         torch.testing.assert_close(directions[-1], w[0] * per_task[0] + w[1] * per_task[1], rtol=1e-4, atol=1e-7)
     # descending log-losses: multiplying a loss by 100 does not turn the update
     cos = torch.nn.functional.cosine_similarity(directions[0], directions[1], dim=0)
@@ -320,8 +336,10 @@ def test_staged_introduces_tasks_by_epoch_and_keeps_earlier_ones() -> None:
         assert list(staged.weights().values()) == mask
         assert float(total) == pytest.approx(sum(m * v for m, v in zip(mask, [1.0, 2.0, 4.0])))
     default = BALANCERS.get("staged")(names, stage_epochs=[1, 3])  # one task per stage
-    masks = {e: (default.combine(torch.ones(3), StepContext(0, e, nn.Linear(1, 1))), list(default.weights().values()))[1]
-             for e in (1, 2, 4, 5)}
+    masks = {
+        e: (default.combine(torch.ones(3), StepContext(0, e, nn.Linear(1, 1))), list(default.weights().values()))[1]
+        for e in (1, 2, 4, 5)
+    }
     assert masks == {1: [1, 0, 0], 2: [1, 1, 0], 4: [1, 1, 0], 5: [1, 1, 1]}
     with pytest.raises(MtrecError, match="'z' is not a task"):
         BALANCERS.get("staged")(names, stages="a;z")

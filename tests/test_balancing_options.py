@@ -37,8 +37,9 @@ def no_data_schema(tmp_path: Path) -> Path:
 
 def _train_error(schema: Path, out: Path, *args: str) -> str:
     """Run ``mtrec train`` in-process and return the user error it ends with."""
-    result = CliRunner().invoke(app, ["train", "--schema", str(schema), "--model", "mmoe", "--out", str(out),
-                                      "--threads", "1", *args])
+    result = CliRunner().invoke(
+        app, ["train", "--schema", str(schema), "--model", "mmoe", "--out", str(out), "--threads", "1", *args]
+    )
     assert result.exit_code != 0, result.output
     if isinstance(result.exception, MtrecError):
         return str(result.exception)
@@ -59,11 +60,16 @@ def test_cli_balancer_args_typo_names_it_and_lists_the_options(name: str, no_dat
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("weights, problem", [("nan,1", "task_weights[0]=nan is not finite"),
-                                              ("1,inf", "task_weights[1]=inf is not finite"),
-                                              ("-1,2", "task_weights[0]=-1.0: input should be greater than or equal to 0"),
-                                              ("0,0", "task_weights are all 0"),
-                                              ("1,2,3", "task_weights gives 3 value(s) for 2 tasks (click, watch)")])
+@pytest.mark.parametrize(
+    "weights, problem",
+    [
+        ("nan,1", "task_weights[0]=nan is not finite"),
+        ("1,inf", "task_weights[1]=inf is not finite"),
+        ("-1,2", "task_weights[0]=-1.0: input should be greater than or equal to 0"),
+        ("0,0", "task_weights are all 0"),
+        ("1,2,3", "task_weights gives 3 value(s) for 2 tasks (click, watch)"),
+    ],
+)
 def test_cli_fixed_rejects_bad_task_weights(weights: str, problem: str, no_data_schema: Path, tmp_path: Path) -> None:
     message = _train_error(no_data_schema, tmp_path / "run", "--task-weights", weights)
     assert message.startswith("balancer 'fixed': ") and problem in message, message
@@ -78,8 +84,11 @@ def test_cli_task_weights_refused_where_unused(name: str, no_data_schema: Path, 
 def test_cli_model_args_typo_and_bad_value_list_the_model_options(no_data_schema: Path, tmp_path: Path) -> None:
     options = list(MODELS.get("mmoe").Config.model_fields)
     assert {"num_experts", "expert_hidden", "tower_hidden", "dropout"} <= set(options)
-    for args, problem in [("typo=3", "no option typo"), ("dropout=2", "dropout=2: input should be less than 1"),
-                          ("num_experts=many", "num_experts='many' is not a whole number")]:
+    for args, problem in [
+        ("typo=3", "no option typo"),
+        ("dropout=2", "dropout=2: input should be less than 1"),
+        ("num_experts=many", "num_experts='many' is not a whole number"),
+    ]:
         message = _train_error(no_data_schema, tmp_path / "run", "--model-args", args)
         assert message.startswith("model 'mmoe': ") and problem in message, message
         listed = message.split("its options:")[1]
@@ -91,10 +100,31 @@ def test_cli_dwa_trains_with_task_weights(tmp_path: Path) -> None:
     """DWA uses --task-weights: with no loss history yet (epoch 1) its weights are exactly them."""
     schema = write_toy(tmp_path / "toy", rows=300)
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--schema", str(schema), "--model", "shared_bottom", "--out", str(out),
-                                      "--epochs", "1", "--batch-size", "64", "--threads", "1", "--no-tensorboard",
-                                      "--balancer", "dwa", "--balancer-args", "temperature=3",
-                                      "--task-weights", "2,0.5"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--schema",
+            str(schema),
+            "--model",
+            "shared_bottom",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--threads",
+            "1",
+            "--no-tensorboard",
+            "--balancer",
+            "dwa",
+            "--balancer-args",
+            "temperature=3",
+            "--task-weights",
+            "2,0.5",
+        ],
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     (record,) = json.loads((out / "history.json").read_text())
     assert record["weights"] == {"click": 2.0, "watch": 0.5}
@@ -156,10 +186,16 @@ def test_per_task_options_take_a_scalar_a_list_or_a_mapping_by_task_name() -> No
 def test_options_that_would_be_dropped_are_refused() -> None:
     with pytest.raises(MtrecError, match="initial and --task-weights both set the initial weights"):
         build_balancer("ple_schedule", TASKS, {"initial": [1, 1]}, [2.0, 1.0])
-    torch.testing.assert_close(build_balancer("ple_schedule", TASKS, {}, [2.0, 1.0]).initial,
-                               torch.tensor([2.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        build_balancer("ple_schedule", TASKS, {}, [2.0, 1.0]).initial, torch.tensor([2.0, 1.0], dtype=torch.float64)
+    )
     for normalize in ("l2", "loss+"):  # unit-norm gradients cancel any loss scale
-        with pytest.raises(MtrecError, match=re.escape(f"normalize={normalize} scales every task gradient to unit norm, which cancels --task-weights")):
+        with pytest.raises(
+            MtrecError,
+            match=re.escape(
+                f"normalize={normalize} scales every task gradient to unit norm, which cancels --task-weights"
+            ),
+        ):
             build_balancer("mgda", TASKS, {"normalize": normalize}, [2.0, 1.0])
     assert build_balancer("mgda", TASKS, {"normalize": "loss"}, [2.0, 1.0]).base.tolist() == [2.0, 1.0]
     with pytest.raises(MtrecError, match="stage_epochs\\[0\\]=1.5 is not a whole number"):
@@ -182,7 +218,8 @@ def test_dwa_weights_are_dwa_times_the_task_weights() -> None:
     expected = [3 * x / sum(e) * b for x, b in zip(e, base)]
     assert list(dwa.weights().values()) == pytest.approx(expected, rel=1e-6)
     assert float(dwa.combine(torch.tensor([1.0, 2.0, 4.0]), ctx)) == pytest.approx(
-        expected[0] + 2 * expected[1] + 4 * expected[2], rel=1e-6)
+        expected[0] + 2 * expected[1] + 4 * expected[2], rel=1e-6
+    )
 
 
 def test_famo_update_is_blind_to_constant_loss_factors() -> None:

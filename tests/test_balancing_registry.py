@@ -13,11 +13,10 @@ from typer.testing import CliRunner
 
 from mtrec.balancing import BALANCERS, GradientBalancer
 from mtrec.cli import app
-from mtrec.train.tensorboard import read_scalars
 from mtrec.models import build_model
-from mtrec.train.trainer import Trainer, TrainConfig, seed_everything
+from mtrec.train.tensorboard import read_scalars
+from mtrec.train.trainer import TrainConfig, Trainer, seed_everything
 from tests.helpers import run_cli
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is as fast
 
@@ -36,7 +35,9 @@ def _record_cosines(balancer, model, level: str) -> list[float]:
 
     def backward(losses, context, aux_loss=None):
         wrt = list(model.mixture.experts.parameters()) if level == "params" else [context.extra["output"].shared]
-        g = [torch.cat([d.reshape(-1) for d in torch.autograd.grad(losses[t], wrt, retain_graph=True)]) for t in range(2)]
+        g = [
+            torch.cat([d.reshape(-1) for d in torch.autograd.grad(losses[t], wrt, retain_graph=True)]) for t in range(2)
+        ]
         seen.append(float(g[0] @ g[1] / (g[0].norm() * g[1].norm())))
         return original(losses, context, aux_loss)
 
@@ -44,12 +45,16 @@ def _record_cosines(balancer, model, level: str) -> list[float]:
     return seen
 
 
-@pytest.mark.parametrize("name, options", [(n, {}) for n in BALANCERS.names()] + [(n, {"level": "repr"}) for n in GRADIENT])
+@pytest.mark.parametrize(
+    "name, options", [(n, {}) for n in BALANCERS.names()] + [(n, {"level": "repr"}) for n in GRADIENT]
+)
 def test_every_balancer_trains_mmoe_and_logs_its_weights(name: str, options: dict, census_store) -> None:
     """Every strategy (and every gradient method at the representation level, MMoE's expert outputs)."""
     seed_everything(0)
     tasks = census_store.layout.task_names
-    model = build_model("mmoe", census_store.layout, {"num_experts": 4, "expert_hidden": [32, 16], "tower_hidden": [16]})
+    model = build_model(
+        "mmoe", census_store.layout, {"num_experts": 4, "expert_hidden": [32, 16], "tower_hidden": [16]}
+    )
     balancer = BALANCERS.get(name)(tasks, task_weights=None, **options)
     start = model.towers.out.weight.detach().clone()
     train = census_store.split("train").slice(0, 2048)
@@ -74,26 +79,68 @@ def test_every_balancer_trains_mmoe_and_logs_its_weights(name: str, options: dic
 
 def test_cli_passes_balancer_args_and_writes_the_weights_to_history(census_schema_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = run_cli("train", "--schema", str(census_schema_path), "--model", "mmoe", "--epochs", "2",
-                   "--model-args", "num_experts=4,expert_hidden=[32,16]",
-                   "--batch-size", "512", "--patience", "5", "--threads", "1", "--balancer", "staged",
-                   "--balancer-args", "stages=never_married;income,stage_epochs=1", "--out", str(out),
-                   cache=tmp_path / "cache")
+    proc = run_cli(
+        "train",
+        "--schema",
+        str(census_schema_path),
+        "--model",
+        "mmoe",
+        "--epochs",
+        "2",
+        "--model-args",
+        "num_experts=4,expert_hidden=[32,16]",
+        "--batch-size",
+        "512",
+        "--patience",
+        "5",
+        "--threads",
+        "1",
+        "--balancer",
+        "staged",
+        "--balancer-args",
+        "stages=never_married;income,stage_epochs=1",
+        "--out",
+        str(out),
+        cache=tmp_path / "cache",
+    )
     assert proc.returncode == 0, proc.stderr
     history = json.loads((out / "history.json").read_text())
-    assert [h["weights"] for h in history] == [{"income": 0.0, "never_married": 1.0}, {"income": 1.0, "never_married": 1.0}]
+    assert [h["weights"] for h in history] == [
+        {"income": 0.0, "never_married": 1.0},
+        {"income": 1.0, "never_married": 1.0},
+    ]
     assert json.loads((out / "config.json").read_text())["balancer"]["options"]["stages"] == "never_married;income"
 
 
 @pytest.mark.parametrize("name", BALANCERS.names())
-def test_every_balancer_trains_mmoe_for_an_epoch_through_the_cli(name: str, census_schema_path: Path, tmp_path: Path) -> None:
+def test_every_balancer_trains_mmoe_for_an_epoch_through_the_cli(
+    name: str, census_schema_path: Path, tmp_path: Path
+) -> None:
     """``mtrec train --balancer NAME`` (the real command, run in-process) on 4,000 Census rows: finite
     metrics, and the per-task weights it used (and gradient cosines) in the run's history.json."""
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, [
-        "train", "--schema", str(census_schema_path), "--model", "mmoe", "--epochs", "1", "--batch-size", "256",
-        "--model-args", "num_experts=4,expert_hidden=[32,16]", "--threads", "1", "--balancer", name, "--out", str(out),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--schema",
+            str(census_schema_path),
+            "--model",
+            "mmoe",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "256",
+            "--model-args",
+            "num_experts=4,expert_hidden=[32,16]",
+            "--threads",
+            "1",
+            "--balancer",
+            name,
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(math.isfinite(v) for task in metrics["test"].values() for v in task.values() if v is not None)

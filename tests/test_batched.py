@@ -55,9 +55,7 @@ def expected_mixture(layer: MixtureLayer, x: torch.Tensor) -> tuple[torch.Tensor
     groups = layer.expert_group.tolist()
     gate_groups = layer.gate_group.tolist()
     shared = x.dim() == 2
-    experts = [
-        run_plain(member_mlp(layer.experts, e), x if shared else x[groups[e]]) for e in range(layer.num_experts)
-    ]
+    experts = [run_plain(member_mlp(layer.experts, e), x if shared else x[groups[e]]) for e in range(layer.num_experts)]
     mixed, weights = [], []
     for g in range(layer.num_gates):
         gate_in = x if shared else x[gate_groups[g]]

@@ -49,8 +49,11 @@ def write_grid(folder: Path, schema: Path, **changes) -> Path:
 def bench_cli(*args: str) -> subprocess.Popen:
     """A real `mtrec bench` process in its own process group (so kill -9 reaches its workers too)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "mtrec.cli", "bench", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
+        [sys.executable, "-m", "mtrec.cli", "bench", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -59,8 +62,11 @@ def finished(out: Path) -> list[str]:
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +110,13 @@ def test_grid_cells_and_run_config(tmp_path: Path, census_schema_path: Path) -> 
         ({"dataset": "census"}, "not both"),
     ],
 )
-def test_bad_grid_is_one_error_naming_the_field(tmp_path: Path, census_schema_path: Path, changes: dict, message: str) -> None:
+def test_bad_grid_is_one_error_naming_the_field(
+    tmp_path: Path, census_schema_path: Path, changes: dict, message: str
+) -> None:
     grid = write_grid(tmp_path, census_schema_path, **changes)
-    result = CliRunner().invoke(app, ["bench", str(grid), "--out", str(tmp_path / "out"), "--workers", "1", "--threads", "1"])
+    result = CliRunner().invoke(
+        app, ["bench", str(grid), "--out", str(tmp_path / "out"), "--workers", "1", "--threads", "1"]
+    )
     assert isinstance(result.exception, MtrecError), result.output
     assert message in str(result.exception)
     assert not (tmp_path / "out").exists()
@@ -114,7 +124,9 @@ def test_bad_grid_is_one_error_naming_the_field(tmp_path: Path, census_schema_pa
 
 def test_bad_model_option_fails_before_any_training(tmp_path: Path, census_schema_path: Path) -> None:
     grid = write_grid(tmp_path, census_schema_path, models=[{"name": "mmoe", "args": {"experts": 3}}])
-    result = CliRunner().invoke(app, ["bench", str(grid), "--out", str(tmp_path / "out"), "--workers", "1", "--threads", "1"])
+    result = CliRunner().invoke(
+        app, ["bench", str(grid), "--out", str(tmp_path / "out"), "--workers", "1", "--threads", "1"]
+    )
     assert isinstance(result.exception, MtrecError)
     assert "mmoe" in str(result.exception) and "experts" in str(result.exception)
     assert not (tmp_path / "out").exists()
@@ -134,8 +146,14 @@ def test_parallelism_defaults_fill_the_cores_and_never_more() -> None:
 
 def test_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path: Path, census_schema_path: Path) -> None:
     # pcgrad needs shared parameters; single_task has none: that cell fails, the fixed one still runs
-    grid = write_grid(tmp_path, census_schema_path, models=["single_task"], balancers=["pcgrad", "fixed"], seeds=[0],
-                      train={"epochs": 1, "batch_size": 512, "monitor_every": 0})
+    grid = write_grid(
+        tmp_path,
+        census_schema_path,
+        models=["single_task"],
+        balancers=["pcgrad", "fixed"],
+        seeds=[0],
+        train={"epochs": 1, "batch_size": 512, "monitor_every": 0},
+    )
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["bench", str(grid), "--out", str(out), "--workers", "1", "--threads", "1"])
     assert result.exit_code == 0, result.output
@@ -279,9 +297,19 @@ def test_report_in_headless_chromium(uninterrupted: tuple[Path, Path], tmp_path:
         print("skipped: no chromium or chromium-browser binary (Debian: apt-get install -y chromium)")
         pytest.skip("no chromium/chromium-browser binary installed (Debian: apt-get install -y chromium)")
     _, out = uninterrupted
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2000"]
+    flags = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1200,2000",
+    ]
     url = (out / "report.html").resolve().as_uri()
     dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]

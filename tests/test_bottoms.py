@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 
-from tests.helpers import train_steps
 from mtrec.data.store import Store, load_store
 from mtrec.errors import MtrecError
 from mtrec.models import build_model
@@ -27,6 +27,7 @@ from mtrec.nn.embedding import FeatureEmbedding
 from mtrec.schema import load_schema
 from mtrec.train.run import predict_file, train_run
 from mtrec.train.trainer import TrainConfig, seed_everything
+from tests.helpers import train_steps
 
 
 def write_behaviour(folder: Path, rows: int = 800, seed: int = 0) -> Path:
@@ -46,11 +47,18 @@ def write_behaviour(folder: Path, rows: int = 800, seed: int = 0) -> Path:
     click = rng.random(rows) < 1 / (1 + np.exp(-(2.5 * seen - 1.0 + (item % 3 == 0))))
     like = click & (rng.random(rows) < 0.5 + 0.3 * (user % 2))
     dwell = np.round(click * rng.gamma(2.0, 0.5, rows) + price / 100, 3)  # minutes
-    frame = pl.DataFrame({
-        "user": [f"u{u}" for u in user], "item": [f"i{i}" for i in item],
-        "history": ["|".join(f"i{i}" for i in h) for h in history], "tags": tags, "price": price,
-        "click": click.astype(int), "like": like.astype(int), "dwell": dwell,
-    })
+    frame = pl.DataFrame(
+        {
+            "user": [f"u{u}" for u in user],
+            "item": [f"i{i}" for i in item],
+            "history": ["|".join(f"i{i}" for i in h) for h in history],
+            "tags": tags,
+            "price": price,
+            "click": click.astype(int),
+            "like": like.astype(int),
+            "dwell": dwell,
+        }
+    )
     frame.write_csv(folder / "behaviour.csv")
     schema = {
         "name": "behaviour",
@@ -237,7 +245,11 @@ def test_single_task_bottoms_share_nothing(bottom: str, behaviour: Store) -> Non
             d = p.shape[1] // 3
             grad = p.grad.view(p.shape[0], 3, d)  # [rows, copies, d]
             assert grad[:, 1:].abs().sum() == 0 and grad[:, 0].abs().sum() > 0, name
-        elif name == "bottom_input.fm.dense_weight" or ".layers." in name or name.startswith(("bottom_input.din", "nets.")):
+        elif (
+            name == "bottom_input.fm.dense_weight"
+            or ".layers." in name
+            or name.startswith(("bottom_input.din", "nets."))
+        ):
             member = 1 if name.startswith("nets.cross.") else 0  # cross weights are [layers, n, ...]
             grad = p.grad.movedim(member, 0)
             assert grad[1:].abs().sum() == 0, name
@@ -248,8 +260,13 @@ def test_sequence_features_end_to_end(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("MTREC_CACHE", str(tmp_path / "cache"))
     schema = load_schema(write_behaviour(tmp_path / "data", rows=600))
     out = tmp_path / "run"
-    result = train_run(schema, "mmoe", out, TrainConfig(epochs=2, batch_size=64, progress=False),
-                       model_options=SIZES["mmoe"] | BOTTOMS["din"])
+    result = train_run(
+        schema,
+        "mmoe",
+        out,
+        TrainConfig(epochs=2, batch_size=64, progress=False),
+        model_options=SIZES["mmoe"] | BOTTOMS["din"],
+    )
     assert result.metrics["test"]["click"]["auc"] > 0.55  # the history of the shown item carries the click signal
     assert {"like", "like@all", "dwell"} <= set(result.metrics["test"])
     predicted = tmp_path / "scores.csv"
@@ -268,5 +285,5 @@ def test_sequence_features_end_to_end(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_bottom_options_are_validated() -> None:
     assert BottomOptions().bottom == "mlp"
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         BottomOptions(cross_layers=0)

@@ -60,10 +60,11 @@ def test_calibrators_lower_the_ece_of_squashed_scores_on_held_out_rows(method: s
 @pytest.fixture(scope="module")
 def census_run(census_schema_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-epoch mmoe run on 4,000 Census rows (trained once for this module)."""
+    import torch
+
     from mtrec.schema import load_schema
     from mtrec.train.run import train_run
     from mtrec.train.trainer import TrainConfig
-    import torch
 
     out = tmp_path_factory.mktemp("calib") / "run"
     mp = pytest.MonkeyPatch()
@@ -71,18 +72,27 @@ def census_run(census_schema_path: Path, tmp_path_factory: pytest.TempPathFactor
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train_run(load_schema(census_schema_path), "mmoe", out, TrainConfig(epochs=1, batch_size=256, seed=0),
-                  model_options={"num_experts": 2, "expert_hidden": [16]}, tensorboard=False)
+        train_run(
+            load_schema(census_schema_path),
+            "mmoe",
+            out,
+            TrainConfig(epochs=1, batch_size=256, seed=0),
+            model_options={"num_experts": 2, "expert_hidden": [16]},
+            tensorboard=False,
+        )
     finally:
         torch.set_num_threads(threads)
         mp.undo()
     return out
 
 
-def test_calibrate_then_evaluate_and_predict(census_run: Path, census_schema_path: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture) -> None:
+def test_calibrate_then_evaluate_and_predict(
+    census_run: Path, census_schema_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     test_csv = str(census_schema_path.parent / "test.csv.gz")
-    code, _, err = run_main(capsys, "predict", "--run", str(census_run), "--input", test_csv, "--output", str(tmp_path / "raw.csv"))
+    code, _, err = run_main(
+        capsys, "predict", "--run", str(census_run), "--input", test_csv, "--output", str(tmp_path / "raw.csv")
+    )
     assert code == 0, err
     raw = pl.read_csv(tmp_path / "raw.csv")
 
@@ -102,7 +112,9 @@ def test_calibrate_then_evaluate_and_predict(census_run: Path, census_schema_pat
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     params = json.loads(path.read_text())["tasks"]
-    code, _, err = run_main(capsys, "predict", "--run", str(census_run), "--input", test_csv, "--output", str(tmp_path / "cal.csv"))
+    code, _, err = run_main(
+        capsys, "predict", "--run", str(census_run), "--input", test_csv, "--output", str(tmp_path / "cal.csv")
+    )
     assert code == 0, err
     cal = pl.read_csv(tmp_path / "cal.csv")
     for task in ("income", "never_married"):

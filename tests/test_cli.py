@@ -31,8 +31,22 @@ def _assert_user_error(proc, *needles: str) -> None:
 
 def test_train_evaluate_predict_on_census_slice(census_schema_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = run_cli("train", "--schema", str(census_schema_path), "--model", "mmoe", "--epochs", "4",
-                   "--batch-size", "256", "--seed", "3", "--out", str(out), cache=tmp_path / "cache")
+    proc = run_cli(
+        "train",
+        "--schema",
+        str(census_schema_path),
+        "--model",
+        "mmoe",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "256",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        cache=tmp_path / "cache",
+    )
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"] == "mmoe" and metrics["seed"] == 3
@@ -54,8 +68,16 @@ def test_train_evaluate_predict_on_census_slice(census_schema_path: Path, tmp_pa
 
     # predict writes one score column per task, one row per input row
     pred = tmp_path / "pred.csv"
-    proc = run_cli("predict", "--run", str(out), "--input", str(census_schema_path.parent / "test.csv.gz"),
-                   "--output", str(pred), cache=tmp_path / "cache")
+    proc = run_cli(
+        "predict",
+        "--run",
+        str(out),
+        "--input",
+        str(census_schema_path.parent / "test.csv.gz"),
+        "--output",
+        str(pred),
+        cache=tmp_path / "cache",
+    )
     assert proc.returncode == 0, proc.stderr
     lines = pred.read_text().splitlines()
     assert lines[0] == "income,never_married" and len(lines) == 2001
@@ -72,8 +94,22 @@ def test_train_evaluate_predict_on_census_slice(census_schema_path: Path, tmp_pa
 def test_toy_schema_with_user_sequence_and_regression(tmp_path: Path) -> None:
     schema = write_toy(tmp_path / "toy", rows=600)
     out = tmp_path / "run"
-    proc = run_cli("train", "--schema", str(schema), "--model", "ple", "--epochs", "2", "--batch-size", "64",
-                   "--task-weights", "1,0.01", "--out", str(out), cache=tmp_path / "cache")
+    proc = run_cli(
+        "train",
+        "--schema",
+        str(schema),
+        "--model",
+        "ple",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--task-weights",
+        "1,0.01",
+        "--out",
+        str(out),
+        cache=tmp_path / "cache",
+    )
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["test"]["click"]) == {"auc", "logloss", "uauc", "gauc"}
@@ -89,6 +125,7 @@ def test_models_lists_the_registry() -> None:
 
 
 # ---- bad input: each one a non-zero exit, one line naming the culprit, nothing left behind ----
+
 
 def _train(schema: Path, out: Path, cache: Path, model: str = "shared_bottom"):
     return run_cli("train", "--schema", str(schema), "--model", model, "--epochs", "1", "--out", str(out), cache=cache)
@@ -178,8 +215,10 @@ def test_run_directory_without_weights(tmp_path: Path) -> None:
     run.mkdir()
     (run / "config.json").write_text("{}")
     (run / "encoders.json").write_text("{}")
-    for args in (("evaluate", "--run", str(run)),
-                 ("predict", "--run", str(run), "--input", "x.csv", "--output", str(tmp_path / "p.csv"))):
+    for args in (
+        ("evaluate", "--run", str(run)),
+        ("predict", "--run", str(run), "--input", "x.csv", "--output", str(tmp_path / "p.csv")),
+    ):
         proc = run_cli(*args, cache=tmp_path / "cache")
         _assert_user_error(proc, str(run), "model.safetensors")
     assert not (tmp_path / "p.csv").exists()

@@ -19,11 +19,24 @@ SMALL = "num_experts=2,expert_hidden=[8],tower_hidden=[4]"
 FAST = ("--epochs", "1", "--batch-size", "512", "--monitor-every", "0", "--no-tensorboard", "--threads", "1")
 
 
-def test_rerun_from_config_json_is_bit_identical_and_flags_override(cli, census_schema_path: Path,
-                                                                     tmp_path: Path) -> None:
+def test_rerun_from_config_json_is_bit_identical_and_flags_override(
+    cli, census_schema_path: Path, tmp_path: Path
+) -> None:
     first = tmp_path / "first"
-    code, _, err = cli("train", "--schema", str(census_schema_path), "--model", "mmoe", "--model-args", SMALL,
-                       "--seed", "7", *FAST, "--out", str(first))
+    code, _, err = cli(
+        "train",
+        "--schema",
+        str(census_schema_path),
+        "--model",
+        "mmoe",
+        "--model-args",
+        SMALL,
+        "--seed",
+        "7",
+        *FAST,
+        "--out",
+        str(first),
+    )
     assert code == 0, err
     recorded = json.loads((first / "config.json").read_text())["run_config"]
     assert recorded["seed"] == 7 and recorded["model_args"]["num_experts"] == 2 and recorded["tensorboard"] is False
@@ -37,8 +50,9 @@ def test_rerun_from_config_json_is_bit_identical_and_flags_override(cli, census_
 
     # a flag given beside the file wins over it
     other = tmp_path / "other"
-    code, _, err = cli("train", "--config", str(first / "config.json"), "--seed", "1", "--threads", "1",
-                       "--out", str(other))
+    code, _, err = cli(
+        "train", "--config", str(first / "config.json"), "--seed", "1", "--threads", "1", "--out", str(other)
+    )
     assert code == 0, err
     metrics = json.loads((other / "metrics.json").read_text())
     assert metrics["seed"] == 1
@@ -50,8 +64,17 @@ def test_yaml_config_with_a_relative_schema_path(census_schema_path: Path, tmp_p
     # a relative schema path is read relative to the config file, not the working directory
     folder = census_schema_path.parent
     path = folder / "run.yaml"
-    path.write_text(yaml.safe_dump({"schema": census_schema_path.name, "model": "mmoe", "epochs": 2, "lr": 0.01,
-                                    "model_args": {"num_experts": 3}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "schema": census_schema_path.name,
+                "model": "mmoe",
+                "epochs": 2,
+                "lr": 0.01,
+                "model_args": {"num_experts": 3},
+            }
+        )
+    )
     config = build_run_config(path, {"lr": 0.5})
     assert (config.epochs, config.lr, config.model_args, config.batch_size) == (2, 0.5, {"num_experts": 3}, 1024)
     assert not (Path.cwd() / census_schema_path.name).exists()
@@ -60,14 +83,16 @@ def test_yaml_config_with_a_relative_schema_path(census_schema_path: Path, tmp_p
     assert build_run_config(path, {"dataset": "census"}).schema_file is None
 
 
-@pytest.mark.parametrize(("content", "needle"), [
-    ({"model": "mmoe", "dataset": "census", "epoch": 3}, "epoch: unknown field"),
-    ({"model": "mmoe", "dataset": "census", "lr": -1}, "lr: Input should be greater than 0"),
-    ({"dataset": "census"}, "model: Field required"),
-    ({"model": "mmoe", "dataset": "census", "schema": "x.yaml"}, "exactly one of 'dataset'"),
-])
-def test_a_bad_config_file_is_one_error_naming_file_and_field(cli, tmp_path: Path, content: dict,
-                                                              needle: str) -> None:
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ({"model": "mmoe", "dataset": "census", "epoch": 3}, "epoch: unknown field"),
+        ({"model": "mmoe", "dataset": "census", "lr": -1}, "lr: Input should be greater than 0"),
+        ({"dataset": "census"}, "model: Field required"),
+        ({"model": "mmoe", "dataset": "census", "schema": "x.yaml"}, "exactly one of 'dataset'"),
+    ],
+)
+def test_a_bad_config_file_is_one_error_naming_file_and_field(cli, tmp_path: Path, content: dict, needle: str) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(content))
     code, _, err = cli("train", "--config", str(path), "--out", str(tmp_path / "run"))

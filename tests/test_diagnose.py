@@ -21,11 +21,32 @@ from mtrec.train.trainer import seed_everything
 def ple_run(census_schema_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("diag") / "ple"
     cache = {"MTREC_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}  # the session's isolated cache
-    result = CliRunner().invoke(app, [
-        "train", "--schema", str(census_schema_path), "--model", "ple", "--epochs", "2", "--batch-size", "256",
-        "--model-args", "expert_hidden=[16],tower_hidden=[8]", "--threads", "1", "--patience", "5",
-        "--monitor-every", "4", "--no-tensorboard", "--out", str(out),
-    ], env=cache)
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--schema",
+            str(census_schema_path),
+            "--model",
+            "ple",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "256",
+            "--model-args",
+            "expert_hidden=[16],tower_hidden=[8]",
+            "--threads",
+            "1",
+            "--patience",
+            "5",
+            "--monitor-every",
+            "4",
+            "--no-tensorboard",
+            "--out",
+            str(out),
+        ],
+        env=cache,
+    )
     assert result.exit_code == 0, result.output
     return out
 

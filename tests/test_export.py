@@ -33,9 +33,19 @@ TOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 # small networks keep the registry-wide test fast; each model takes the options its Config has
 SMALL = {
-    "tower_hidden": [8], "output_hidden": [8], "expert_hidden": [16], "num_experts": 2, "bottom_hidden": [16, 8],
-    "specific_hidden": [16], "shared_hidden": [16], "subnet_hidden": [16], "num_subnets": 2, "num_critics": 2,
-    "task_embed_dim": 4, "specific_experts": 1, "shared_experts": 1,
+    "tower_hidden": [8],
+    "output_hidden": [8],
+    "expert_hidden": [16],
+    "num_experts": 2,
+    "bottom_hidden": [16, 8],
+    "specific_hidden": [16],
+    "shared_hidden": [16],
+    "subnet_hidden": [16],
+    "num_subnets": 2,
+    "num_critics": 2,
+    "task_embed_dim": 4,
+    "specific_experts": 1,
+    "shared_experts": 1,
 }
 HIDDEN = {"cross_stitch": [16], "sluice": 16}  # the same option name, a list in one model and a width in the other
 
@@ -87,7 +97,9 @@ def census_rows(census_store) -> TensorTable:
 
 
 @pytest.mark.parametrize("name", MODELS.names())
-def test_every_model_exports_to_onnx_and_torchscript_with_parity(name: str, census_store, census_rows, tmp_path, one_thread) -> None:
+def test_every_model_exports_to_onnx_and_torchscript_with_parity(
+    name: str, census_store, census_rows, tmp_path, one_thread
+) -> None:
     layout = layout_for(name, census_store.layout)
     model = trained(name, layout, census_store.split("train").slice(0, 128))
     tasks = layout.task_names
@@ -110,7 +122,7 @@ def test_every_model_exports_to_onnx_and_torchscript_with_parity(name: str, cens
         for outputs in (got, got_ts):
             assert all(o.shape == (size,) for o in outputs)
             assert np.abs(np.stack(outputs[: len(tasks)], 1) - logits).max() <= TOL
-            assert np.abs(np.stack(outputs[len(tasks):], 1) - scores).max() <= TOL
+            assert np.abs(np.stack(outputs[len(tasks) :], 1) - scores).max() <= TOL
 
 
 # ---- sequences, DIN attention, a regression task, context inputs ------------------------------------
@@ -155,8 +167,12 @@ def test_context_inputs_have_batch_one_and_are_broadcast(fmt: str, tmp_path, one
     )
     logits, scores = torch_outputs(model, expected)
     feed = {
-        "sparse": candidates.sparse[:, 1:], "dense": candidates.dense[:, :1], "seq.tags": candidates.sequences["tags"],
-        "context.sparse": user, "context.dense": age, "context.seq.history": history,
+        "sparse": candidates.sparse[:, 1:],
+        "dense": candidates.dense[:, :1],
+        "seq.tags": candidates.sequences["tags"],
+        "context.sparse": user,
+        "context.dense": age,
+        "context.seq.history": history,
     }
     if fmt == "onnx":
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -244,8 +260,16 @@ def test_calibrated_and_fused_export_matches_the_numpy_path(
     own = apply_fusion(calibrated, spec)
     assert (np.abs(got["score"] - own) / np.abs(own)).max() <= TOL
     assert np.abs(got["score"] - apply_fusion(calibrators.apply(raw_torch), spec)).max() <= 1e-4
-    assert np.abs(got["score"] - apply_fusion(calibrators.apply(raw_torch), build_spec(
-        formula, layout, calibrators.apply(fit_scores), normalize=normalize, calibration=method))).max() > 1e-6  # weights matter
+    assert (
+        np.abs(
+            got["score"]
+            - apply_fusion(
+                calibrators.apply(raw_torch),
+                build_spec(formula, layout, calibrators.apply(fit_scores), normalize=normalize, calibration=method),
+            )
+        ).max()
+        > 1e-6
+    )  # weights matter
 
 
 # ---- loud failures ----------------------------------------------------------------------------------
@@ -273,7 +297,10 @@ class _Lgamma(SharedBottom):
 def test_parity_failure_names_the_model_and_writes_nothing(census_store, census_rows, tmp_path, one_thread) -> None:
     model = _BranchOnData(census_store.layout, SharedBottom.Config(**small_options("shared_bottom")))
     # traced on a first row that takes the branch; the second row (checked alone) does not
-    positive, other = torch.nonzero(census_rows.dense[:, 0] > 0)[:, 0], torch.nonzero(census_rows.dense[:, 0] <= 0)[:, 0]
+    positive, other = (
+        torch.nonzero(census_rows.dense[:, 0] > 0)[:, 0],
+        torch.nonzero(census_rows.dense[:, 0] <= 0)[:, 0],
+    )
     rows = census_rows.take(torch.cat([positive[:1], other[:1], positive[1:], other[1:]]))
     with pytest.raises(MtrecError, match=r"model 'shared_bottom' exported to onnx: parity check failed .* 0\.5"):
         export_model(model, "onnx", tmp_path / "m.onnx", rows)
@@ -293,8 +320,14 @@ def test_unexportable_operator_names_operator_and_model(census_store, census_row
 def test_cli_export_and_predict_with_the_onnx_backend(tmp_path: Path, one_thread) -> None:
     schema = write_toy(tmp_path / "toy", rows=300)
     run = tmp_path / "run"
-    train_run(load_schema(schema), "mmoe", run, TrainConfig(epochs=1, batch_size=64, progress=False),
-              model_options={"num_experts": 2, "expert_hidden": [16], "tower_hidden": [8]}, tensorboard=False)
+    train_run(
+        load_schema(schema),
+        "mmoe",
+        run,
+        TrainConfig(epochs=1, batch_size=64, progress=False),
+        model_options={"num_experts": 2, "expert_hidden": [16], "tower_hidden": [8]},
+        tensorboard=False,
+    )
     # new rows with unknown cities and tags
     frame = pl.read_csv(tmp_path / "toy" / "toy.csv").head(60)
     frame = frame.with_columns(
@@ -320,8 +353,9 @@ def test_cli_export_and_predict_with_the_onnx_backend(tmp_path: Path, one_thread
 
     # mtrec export, both formats, to a chosen file
     for fmt, name in (("onnx", "x.onnx"), ("torchscript", "x.pt")):
-        result = runner.invoke(app, ["export", "--run", str(run), "--format", fmt, "--out", str(tmp_path / name),
-                                     "--threads", "1"])
+        result = runner.invoke(
+            app, ["export", "--run", str(run), "--format", fmt, "--out", str(tmp_path / name), "--threads", "1"]
+        )
         assert result.exit_code == 0, result.output
         assert "parity with PyTorch" in result.output and (tmp_path / name).stat().st_size > 0
     meta = ort.InferenceSession(str(tmp_path / "x.onnx")).get_modelmeta().custom_metadata_map["mtrec"]
@@ -352,8 +386,14 @@ def test_cli_calibrated_fused_export_and_predict_apply_each_step_once(tmp_path: 
     run = tmp_path / "run"
     # trained enough that Platt's slope stays moderate (about 5 here; on a barely trained model it is in the
     # hundreds, which turns the float32 noise of the model's score into differences above the tolerance)
-    train_run(load_schema(schema), "mmoe", run, TrainConfig(epochs=8, batch_size=32, lr=0.01, progress=False),
-              model_options={"num_experts": 2, "expert_hidden": [16], "tower_hidden": [8]}, tensorboard=False)
+    train_run(
+        load_schema(schema),
+        "mmoe",
+        run,
+        TrainConfig(epochs=8, batch_size=32, lr=0.01, progress=False),
+        model_options={"num_experts": 2, "expert_hidden": [16], "tower_hidden": [8]},
+        tensorboard=False,
+    )
     runner = CliRunner()
     ok = lambda args: runner.invoke(app, args)  # noqa: E731
     result = ok(["calibrate", "--run", str(run), "--method", "platt"])
@@ -399,7 +439,9 @@ def test_cli_calibrated_fused_export_and_predict_apply_each_step_once(tmp_path: 
     assert np.abs(by_torch["click"].to_numpy() - platt["click"].to_numpy()).max() > 1e-4  # the calibrator changed
     onnx = predict("onnx")
     for c in ("click", "watch"):
-        assert np.abs(onnx[c].to_numpy() - by_torch[c].to_numpy()).max() <= TOL * max(1.0, np.abs(by_torch[c].to_numpy()).max())
+        assert np.abs(onnx[c].to_numpy() - by_torch[c].to_numpy()).max() <= TOL * max(
+            1.0, np.abs(by_torch[c].to_numpy()).max()
+        )
 
     # a context graph goes to its own file; batch scoring neither uses nor overwrites it
     before = (run / ONNX_FILE).read_bytes()

@@ -43,9 +43,14 @@ def write_multitask_log(folder: Path, rows: int = 3000, users: int = 120, items:
     ]
     (folder / "log.csv").write_text("\n".join(lines) + "\n")
     schema = {
-        "name": "feed_log", "source": {"train": "log.csv"}, "split": {"valid": 0.3, "test": 0.3},
-        "features": [{"name": "uid", "column": "user", "type": "sparse", "embed_dim": 4},
-                     {"name": "item", "type": "sparse", "embed_dim": 8}, {"name": "age", "type": "dense"}],
+        "name": "feed_log",
+        "source": {"train": "log.csv"},
+        "split": {"valid": 0.3, "test": 0.3},
+        "features": [
+            {"name": "uid", "column": "user", "type": "sparse", "embed_dim": 4},
+            {"name": "item", "type": "sparse", "embed_dim": 8},
+            {"name": "age", "type": "dense"},
+        ],
         "tasks": [{"name": t, "label": t} for t in TASKS],
         "user": "user",
     }
@@ -58,7 +63,9 @@ def _layout(types: list[str], names: list[str] = TASKS) -> FeatureLayout:
     return FeatureLayout([], [], [], [TaskField(n, t) for n, t in zip(names, types)])
 
 
-def _random_split(seed: int, n: int = 900, users: int = 60, with_user: bool = True) -> tuple[SplitPredictions, np.ndarray]:
+def _random_split(
+    seed: int, n: int = 900, users: int = 60, with_user: bool = True
+) -> tuple[SplitPredictions, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = (rng.random((n, 3)) < [0.4, 0.08, 0.5]).astype(np.float64)
     scores = np.clip(0.3 * labels + 0.7 * rng.random((n, 3)), 0, 1)
@@ -68,6 +75,7 @@ def _random_split(seed: int, n: int = 900, users: int = 60, with_user: bool = Tr
 
 
 # ---- objectives against brute-force per-user loops ---------------------------------------------
+
 
 def test_gauc_objective_matches_a_per_user_loop() -> None:
     preds, fused = _random_split(0)
@@ -89,7 +97,9 @@ def test_gauc_objective_matches_a_per_user_loop() -> None:
     # without a user column: the global AUC
     glob = SplitPredictions(preds.scores, preds.labels, None, preds.layout)
     ev = evaluate(Objective.parse("gauc", importance, preds.layout), fused, glob)
-    assert ev.value == pytest.approx(sum(w * roc_auc_score(preds.labels[:, TASKS.index(n)], fused) for n, w in importance.items()))
+    assert ev.value == pytest.approx(
+        sum(w * roc_auc_score(preds.labels[:, TASKS.index(n)], fused) for n, w in importance.items())
+    )
 
 
 @pytest.mark.parametrize("k", [1, 5, 10])
@@ -140,7 +150,9 @@ def test_random_lists_deal_every_row_once_into_lists_of_the_size() -> None:
         ranked, ideal = r[np.argsort(-s, kind="stable")], np.sort(r)[::-1]
         disc = 1 / np.log2(np.arange(2, 12))
         values.append((ranked[:10] * disc[: len(ranked[:10])]).sum() / (ideal[:10] * disc[: len(ideal[:10])]).sum())
-    got = evaluate(Objective.parse("ndcg@10", {"click": 1.0, "like": 2.0}, preds.layout), fused, replace(preds, user=lists))
+    got = evaluate(
+        Objective.parse("ndcg@10", {"click": 1.0, "like": 2.0}, preds.layout), fused, replace(preds, user=lists)
+    )
     assert got.value == pytest.approx(np.mean(values), abs=1e-12)
 
 
@@ -178,15 +190,22 @@ def test_pareto_mask_against_pairwise_domination() -> None:
 
 # ---- the spec and its formulas --------------------------------------------------------------
 
+
 def test_weighted_product_and_sum_by_hand() -> None:
     scores = np.array([[0.2, 0.5], [0.4, 0.1]])
     layout = ["click", "like"]
-    prod = FusionSpec(formula="weighted_product", tasks=[TaskTerm(name=layout[0], weight=1.0, bias=0.1),
-                                                         TaskTerm(name=layout[1], weight=2.0, bias=0.0)])
+    prod = FusionSpec(
+        formula="weighted_product",
+        tasks=[TaskTerm(name=layout[0], weight=1.0, bias=0.1), TaskTerm(name=layout[1], weight=2.0, bias=0.0)],
+    )
     assert apply_fusion(scores, prod) == pytest.approx([0.3 * 0.5**2, 0.5 * 0.1**2])
-    z = FusionSpec(formula="weighted_sum", tasks=[TaskTerm(name="click", weight=2.0, normalize="z", mean=0.3, std=0.1),
-                                                  TaskTerm(name="like", weight=0.5)])
-    assert apply_fusion(scores, z) == pytest.approx([2 * (0.2 - 0.3) / 0.1 + 0.5 * 0.5, 2 * (0.4 - 0.3) / 0.1 + 0.5 * 0.1])
+    z = FusionSpec(
+        formula="weighted_sum",
+        tasks=[TaskTerm(name="click", weight=2.0, normalize="z", mean=0.3, std=0.1), TaskTerm(name="like", weight=0.5)],
+    )
+    assert apply_fusion(scores, z) == pytest.approx(
+        [2 * (0.2 - 0.3) / 0.1 + 0.5 * 0.5, 2 * (0.4 - 0.3) / 0.1 + 0.5 * 0.1]
+    )
 
 
 def _full_spec() -> tuple[FusionSpec, np.ndarray]:
@@ -205,7 +224,9 @@ def test_rank_percentile_and_log1p_transforms() -> None:
     spec, valid = _full_spec()
     probe = np.array([[np.quantile(valid[:, 0], 0.25), 0.1, np.quantile(valid[:, 2], 0.9), 4.0]])
     inputs = [0.25, (0.1 - spec.tasks[1].mean) / spec.tasks[1].std, 0.9, math.log(5.0)]
-    assert apply_fusion(probe, spec)[0] == pytest.approx(sum(t.weight * v for t, v in zip(spec.tasks, inputs)), abs=1e-9)
+    assert apply_fusion(probe, spec)[0] == pytest.approx(
+        sum(t.weight * v for t, v in zip(spec.tasks, inputs)), abs=1e-9
+    )
     # the empirical CDF on validation: the share of validation values at or below x
     x = np.linspace(valid[:, 2].min(), valid[:, 2].max(), 7)
     cdf = np.interp(x, spec.tasks[2].percentile.x, spec.tasks[2].percentile.y)
@@ -213,8 +234,9 @@ def test_rank_percentile_and_log1p_transforms() -> None:
     assert np.abs(cdf - share).max() < 0.01
     # outside the validation range: clamped to [0, 1]; a negative regression prediction enters log1p as 0
     extreme = np.array([[-5.0, 0.0, -1.0, -3.0], [9.0, 0.0, 1e6, 0.0]])
-    assert apply_fusion(extreme, spec) == pytest.approx([0.2 * (0 - spec.tasks[1].mean) / spec.tasks[1].std] * 2
-                                                        + np.array([0.0, 0.7 + 0.4]))
+    assert apply_fusion(extreme, spec) == pytest.approx(
+        [0.2 * (0 - spec.tasks[1].mean) / spec.tasks[1].std] * 2 + np.array([0.0, 0.7 + 0.4])
+    )
 
 
 def test_torch_apply_matches_numpy() -> None:
@@ -223,21 +245,29 @@ def test_torch_apply_matches_numpy() -> None:
     scores = np.concatenate([valid, valid * rng.uniform(0.5, 1.5, valid.shape), [[-1, 2, -3, 1e4]]])
     got = apply_fusion_torch(torch.from_numpy(scores), spec).numpy()
     assert np.abs(got - apply_fusion(scores, spec)).max() < 1e-9
-    prod = FusionSpec(formula="weighted_product", tasks=[t.model_copy(update={"normalize": "none", "rank": None, "mean": None,
-                                                                                "std": None, "bias": 0.05}) for t in spec.tasks])
+    prod = FusionSpec(
+        formula="weighted_product",
+        tasks=[
+            t.model_copy(update={"normalize": "none", "rank": None, "mean": None, "std": None, "bias": 0.05})
+            for t in spec.tasks
+        ],
+    )
     got = apply_fusion_torch(torch.from_numpy(scores), prod).numpy()
     assert np.abs(got - apply_fusion(scores, prod)).max() < 1e-9 * np.abs(got).max()
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda d: d["tasks"][0].update(wieght=1), "tasks[click].wieght: unknown key"),
-    (lambda d: d.update(formula="max"), "formula"),
-    (lambda d: d["tasks"][1].update(bias=0.5), "bias applies to weighted_product only"),
-    (lambda d: d["tasks"][0].update(normalize="rank"), "needs its fitted 'rank' grid"),
-    (lambda d: d["tasks"][0].update(weight=-1), "tasks[click].weight"),
-    (lambda d: d["tasks"][2].update(type="regression"), "regression task needs transform"),
-    (lambda d: d.update(extra=1), "extra: unknown key"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda d: d["tasks"][0].update(wieght=1), "tasks[click].wieght: unknown key"),
+        (lambda d: d.update(formula="max"), "formula"),
+        (lambda d: d["tasks"][1].update(bias=0.5), "bias applies to weighted_product only"),
+        (lambda d: d["tasks"][0].update(normalize="rank"), "needs its fitted 'rank' grid"),
+        (lambda d: d["tasks"][0].update(weight=-1), "tasks[click].weight"),
+        (lambda d: d["tasks"][2].update(type="regression"), "regression task needs transform"),
+        (lambda d: d.update(extra=1), "extra: unknown key"),
+    ],
+)
 def test_spec_file_validation(edit, needle: str, tmp_path: Path) -> None:
     data = {"formula": "weighted_sum", "tasks": [{"name": t, "weight": 1.0} for t in TASKS]}
     path = tmp_path / "fusion.yaml"
@@ -251,6 +281,7 @@ def test_spec_file_validation(edit, needle: str, tmp_path: Path) -> None:
 
 
 # ---- mtrec fuse / predict on a trained run ---------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def feed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -266,8 +297,13 @@ def feed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train_run(load_schema(schema), "shared_bottom", folder / "run", TrainConfig(epochs=1, batch_size=128, lr=0.01, seed=0),
-                  tensorboard=False)
+        train_run(
+            load_schema(schema),
+            "shared_bottom",
+            folder / "run",
+            TrainConfig(epochs=1, batch_size=128, lr=0.01, seed=0),
+            tensorboard=False,
+        )
     finally:
         torch.set_num_threads(threads)
         mp.undo()
@@ -279,9 +315,20 @@ def _trials_in_db(run: Path) -> int:
         return db.execute("select count(*) from trials").fetchone()[0]
 
 
-def test_fuse_searches_resumes_and_predict_writes_the_fused_score(feed_run: Path, tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture) -> None:
-    args = ["fuse", "--run", str(feed_run), "--objective", "gauc", "--importance", "click=1,like=2,finish=1", "--seed", "1"]
+def test_fuse_searches_resumes_and_predict_writes_the_fused_score(
+    feed_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = [
+        "fuse",
+        "--run",
+        str(feed_run),
+        "--objective",
+        "gauc",
+        "--importance",
+        "click=1,like=2,finish=1",
+        "--seed",
+        "1",
+    ]
     code, out, err = run_main(capsys, *args, "--trials", "8")
     assert code == 0, err
     spec = load_fusion(feed_run / "fusion.yaml")
@@ -301,7 +348,9 @@ def test_fuse_searches_resumes_and_predict_writes_the_fused_score(feed_run: Path
     # predict: a `score` column, the weighted sum of the task scores' validation ranks (written out here)
     spec = load_fusion(feed_run / "fusion.yaml")
     data = feed_run.parent / "data" / "log.csv"
-    code, _, err = run_main(capsys, "predict", "--run", str(feed_run), "--input", str(data), "--output", str(tmp_path / "p.csv"))
+    code, _, err = run_main(
+        capsys, "predict", "--run", str(feed_run), "--input", str(data), "--output", str(tmp_path / "p.csv")
+    )
     assert code == 0, err
     pred = pl.read_csv(tmp_path / "p.csv")
     assert pred.columns == [*TASKS, "score"]
@@ -310,10 +359,30 @@ def test_fuse_searches_resumes_and_predict_writes_the_fused_score(feed_run: Path
 
     # --fusion FILE: another spec (a product written by hand) instead of the run's
     other = tmp_path / "product.yaml"
-    other.write_text(yaml.safe_dump({"formula": "weighted_product", "tasks": [
-        {"name": "click", "weight": 1.0, "bias": 0.0}, {"name": "like", "weight": 0.5, "bias": 0.1}, {"name": "finish", "weight": 0.0}]}))
-    code, _, err = run_main(capsys, "predict", "--run", str(feed_run), "--input", str(data), "--output", str(tmp_path / "q.csv"),
-                            "--fusion", str(other))
+    other.write_text(
+        yaml.safe_dump(
+            {
+                "formula": "weighted_product",
+                "tasks": [
+                    {"name": "click", "weight": 1.0, "bias": 0.0},
+                    {"name": "like", "weight": 0.5, "bias": 0.1},
+                    {"name": "finish", "weight": 0.0},
+                ],
+            }
+        )
+    )
+    code, _, err = run_main(
+        capsys,
+        "predict",
+        "--run",
+        str(feed_run),
+        "--input",
+        str(data),
+        "--output",
+        str(tmp_path / "q.csv"),
+        "--fusion",
+        str(other),
+    )
     assert code == 0, err
     q = pl.read_csv(tmp_path / "q.csv")
     assert q["score"].to_numpy() == pytest.approx(q["click"].to_numpy() * np.sqrt(q["like"].to_numpy() + 0.1), rel=1e-5)
@@ -324,29 +393,61 @@ def test_fuse_ndcg_product_and_floors(feed_run: Path, tmp_path: Path, capsys: py
     run.mkdir()
     for name in ("config.json", "encoders.json", "model.safetensors"):
         (run / name).write_bytes((feed_run / name).read_bytes())
-    code, out, err = run_main(capsys, "fuse", "--run", str(run), "--objective", "ndcg@5", "--importance", "click=1,like=3",
-                              "--formula", "weighted_product", "--trials", "6", "--floor", "finish=0.0")
+    code, out, err = run_main(
+        capsys,
+        "fuse",
+        "--run",
+        str(run),
+        "--objective",
+        "ndcg@5",
+        "--importance",
+        "click=1,like=3",
+        "--formula",
+        "weighted_product",
+        "--trials",
+        "6",
+        "--floor",
+        "finish=0.0",
+    )
     assert code == 0, err
     spec = load_fusion(run / "fusion.yaml")
     assert spec.formula == "weighted_product" and spec.search["objective"] == "ndcg@5"
     assert all(1e-4 <= t.bias <= 1.0 for t in spec.tasks)
     # a floor no trial can meet: nothing is chosen, the spec on disk is left alone
     before = (run / "fusion.yaml").read_bytes()
-    code, _, err = run_main(capsys, "fuse", "--run", str(run), "--objective", "gauc", "--importance", "click=1",
-                            "--trials", "3", "--floor", "like=0.999")
+    code, _, err = run_main(
+        capsys,
+        "fuse",
+        "--run",
+        str(run),
+        "--objective",
+        "gauc",
+        "--importance",
+        "click=1",
+        "--trials",
+        "3",
+        "--floor",
+        "like=0.999",
+    )
     assert code == 2 and err.startswith("error: no trial meets the floors") and "Traceback" not in err
     assert (run / "fusion.yaml").read_bytes() == before
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--objective", "ndcg"], "'ndcg' is not gauc"),
-    (["--importance", "clik=1"], "'clik' is not a task"),
-    (["--importance", "click=high"], "'click' is not a number"),
-    (["--floor", "click=1.5"], "not an AUC"),
-    (["--formula", "weighted_product", "--normalize", "rank"], "--normalize applies to --formula weighted_sum only"),
-    (["--normalize", "minmax"], "'minmax' is not one of"),
-    (["--list-size", "50"], "has a user column"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--objective", "ndcg"], "'ndcg' is not gauc"),
+        (["--importance", "clik=1"], "'clik' is not a task"),
+        (["--importance", "click=high"], "'click' is not a number"),
+        (["--floor", "click=1.5"], "not an AUC"),
+        (
+            ["--formula", "weighted_product", "--normalize", "rank"],
+            "--normalize applies to --formula weighted_sum only",
+        ),
+        (["--normalize", "minmax"], "'minmax' is not one of"),
+        (["--list-size", "50"], "has a user column"),
+    ],
+)
 def test_fuse_argument_errors(extra: list[str], needle: str, feed_run: Path, capsys: pytest.CaptureFixture) -> None:
     args = {"--objective": "gauc", "--importance": "click=1", "--trials": "2"}
     for flag, value in zip(extra[::2], extra[1::2]):
@@ -359,8 +460,18 @@ def test_predict_refuses_a_spec_for_other_tasks(feed_run: Path, tmp_path: Path, 
     spec = tmp_path / "fusion.yaml"
     spec.write_text(yaml.safe_dump({"formula": "weighted_sum", "tasks": [{"name": "click"}, {"name": "like"}]}))
     out = tmp_path / "p.csv"
-    code, _, err = run_main(capsys, "predict", "--run", str(feed_run), "--input", str(feed_run.parent / "data" / "log.csv"),
-                            "--output", str(out), "--fusion", str(spec))
+    code, _, err = run_main(
+        capsys,
+        "predict",
+        "--run",
+        str(feed_run),
+        "--input",
+        str(feed_run.parent / "data" / "log.csv"),
+        "--output",
+        str(out),
+        "--fusion",
+        str(spec),
+    )
     assert code == 2 and str(spec) in err and "do not match the run" in err and not out.exists()
 
 

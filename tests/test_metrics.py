@@ -65,10 +65,14 @@ def test_spaced_task_is_evaluated_inside_its_space_and_jointly() -> None:
 
 @pytest.mark.parametrize(
     "deltas, word",
-    [([0.01, 0.02], "well-done"), ([0.01, 0.0], "not-bad"), ([0.01, -0.01], "seesaw"),
-     ([-0.01, -0.02], "negative-transfer"), ([0.0, 0.0], "neutral"), ([0.01, 0.0, 0.02], "not-bad")],
+    [
+        ([0.01, 0.02], "well-done"),
+        ([0.01, 0.0], "not-bad"),
+        ([0.01, -0.01], "seesaw"),
+        ([-0.01, -0.02], "negative-transfer"),
+        ([0.0, 0.0], "neutral"),
+        ([0.01, 0.0, 0.02], "not-bad"),
+    ],
 )
 def test_verdicts(deltas, word) -> None:
     assert verdict(deltas) == word
-
-

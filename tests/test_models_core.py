@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import train_steps
 from mtrec.balancing import BALANCERS
 from mtrec.models import MODELS, build_model
-from mtrec.train.trainer import Trainer, TrainConfig, seed_everything
+from mtrec.train.trainer import TrainConfig, Trainer, seed_everything
+from tests.helpers import train_steps
 
 
 def is_funnel(name: str) -> bool:
@@ -80,8 +80,12 @@ def _constant_gates(layers, names: list[list[str]]) -> dict[str, torch.Tensor]:
 def test_gated_models_expose_the_gate_weights_they_mix_with(name: str, census_store) -> None:
     model = build_model(name, census_store.layout).eval()
     layers = [model.mixture] if name in ("mmoe", "omoe") else list(model.levels)
-    names = {"mmoe": [["income", "never_married"]], "omoe": [["all"]], "cgc": [["income", "never_married"]],
-             "ple": [["level0/income", "level0/never_married", "level0/shared"], ["level1/income", "level1/never_married"]]}[name]
+    names = {
+        "mmoe": [["income", "never_married"]],
+        "omoe": [["all"]],
+        "cgc": [["income", "never_married"]],
+        "ple": [["level0/income", "level0/never_married", "level0/shared"], ["level1/income", "level1/never_married"]],
+    }[name]
     expected = _constant_gates(layers, names)
     batch = census_store.split("train").slice(0, 32)
     out = model(batch, return_gates=True)
@@ -137,7 +141,9 @@ def test_fixed_weights_scale_the_task_losses(census_store) -> None:
 def test_trainer_keeps_the_best_validation_epoch(census_store) -> None:
     seed_everything(0)
     model = build_model("shared_bottom", census_store.layout)
-    trainer = Trainer(model, BALANCERS.get("fixed")(model.task_names), TrainConfig(epochs=4, batch_size=256, patience=4))
+    trainer = Trainer(
+        model, BALANCERS.get("fixed")(model.task_names), TrainConfig(epochs=4, batch_size=256, patience=4)
+    )
     fit = trainer.fit(census_store.split("train"), census_store.split("valid"))
     scores = [h["score"] for h in fit.history]
     assert fit.best_score == max(scores) and fit.best_epoch == scores.index(max(scores)) + 1

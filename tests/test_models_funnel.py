@@ -31,11 +31,14 @@ from tests.helpers import run_cli, train_steps
 FUNNEL = ["esmm", "esm2", "escm2_ips", "escm2_dr", "aitm"]
 ALL = FUNNEL + ["metaheac"]
 SMALL = {"tower_hidden": [32, 16]}  # keeps the tests fast; the defaults are wider
-OPTIONS = {name: dict(SMALL) for name in FUNNEL} | {"metaheac": {"tower_hidden": [16], "expert_hidden": [32], "num_experts": 4}}
+OPTIONS = {name: dict(SMALL) for name in FUNNEL} | {
+    "metaheac": {"tower_hidden": [16], "expert_hidden": [32], "num_experts": 4}
+}
 
 
-def write_funnel(folder: Path, rows: int = 3000, seed: int = 0, stages: int = 2, chained: bool = True,
-                 certain: float = 0.5) -> Path:
+def write_funnel(
+    folder: Path, rows: int = 3000, seed: int = 0, stages: int = 2, chained: bool = True, certain: float = 0.5
+) -> Path:
     """A CSV funnel impression -> click (-> cart) -> purchase and its schema; returns the schema path.
 
     Clicks depend on user and item; a purchase needs a click (and, when ``chained``, a cart).
@@ -53,8 +56,13 @@ def write_funnel(folder: Path, rows: int = 3000, seed: int = 0, stages: int = 2,
     cvr = np.where(sure, 1.0, 1 / (1 + np.exp(-(-1.0 + i_eff[item] - price / 20))))
     cart = click & (rng.random(rows) < 0.7)
     purchase = (cart if stages == 3 and chained else click) & (rng.random(rows) < cvr)
-    cols = {"user": [f"u{x}" for x in user], "item": [f"i{x}" for x in item], "price": price,
-            "click": click.astype(int), "purchase": purchase.astype(int)}
+    cols = {
+        "user": [f"u{x}" for x in user],
+        "item": [f"i{x}" for x in item],
+        "price": price,
+        "click": click.astype(int),
+        "purchase": purchase.astype(int),
+    }
     if stages == 3:
         cols["cart"] = cart.astype(int)
     names = list(cols)
@@ -63,8 +71,14 @@ def write_funnel(folder: Path, rows: int = 3000, seed: int = 0, stages: int = 2,
     tasks = [{"name": "click", "type": "binary", "label": "click"}]
     if stages == 3:
         tasks.append({"name": "cart", "type": "binary", "label": "cart", "space": "click"})
-    tasks.append({"name": "purchase", "type": "binary", "label": "purchase",
-                  "space": "cart" if stages == 3 and chained else "click"})
+    tasks.append(
+        {
+            "name": "purchase",
+            "type": "binary",
+            "label": "purchase",
+            "space": "cart" if stages == 3 and chained else "click",
+        }
+    )
     schema = {
         "name": f"funnel{stages}{'c' if chained else 's'}",
         "source": {"train": "funnel.csv"},
@@ -105,8 +119,11 @@ def funnel2(tmp_path_factory: pytest.TempPathFactory) -> Store:
 
 
 def _fit(model, store: Store, epochs: int = 1, batch_size: int = 512, lr: float = 3e-3) -> Trainer:
-    trainer = Trainer(model, BALANCERS.get("fixed")(model.task_names),
-                      TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=epochs, progress=False))
+    trainer = Trainer(
+        model,
+        BALANCERS.get("fixed")(model.task_names),
+        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=epochs, progress=False),
+    )
     trainer.fit(store.split("train"), store.split("valid"))
     return trainer
 
@@ -152,8 +169,13 @@ def test_funnel_models_need_a_funnel(census_store) -> None:
     bad = replace(census_store.layout, tasks=[replace(t, space=t.name) for t in census_store.layout.tasks])
     with pytest.raises(MtrecError, match=r"tasks\[0\]\.space"):
         build_model("esmm", bad)
-    cycle = replace(census_store.layout, tasks=[
-        replace(census_store.layout.tasks[0], space="never_married"), replace(census_store.layout.tasks[1], space="income")])
+    cycle = replace(
+        census_store.layout,
+        tasks=[
+            replace(census_store.layout.tasks[0], space="never_married"),
+            replace(census_store.layout.tasks[1], space="income"),
+        ],
+    )
     with pytest.raises(MtrecError, match="cycle"):
         build_model("aitm", cycle)
     assert build_model("metaheac", census_store.layout).num_tasks == 2  # not a funnel model: any tasks
@@ -177,7 +199,9 @@ def _bce(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(target * torch.log(p) + (1 - target) * torch.log(1 - p))
 
 
-def _assert_same_losses_and_gradients(losses: torch.Tensor, expected: torch.Tensor, leaves: list, ref_leaves: list) -> None:
+def _assert_same_losses_and_gradients(
+    losses: torch.Tensor, expected: torch.Tensor, leaves: list, ref_leaves: list
+) -> None:
     """Values, and the gradients of a mixture of the task losses with respect to every input."""
     torch.testing.assert_close(losses.double(), expected, rtol=1e-5, atol=1e-7)
     mix = torch.tensor([0.7, 1.3])
@@ -283,14 +307,22 @@ def test_esm2_latent_observed_and_chained_actions(tmp_path_factory: pytest.TempP
     assert torch.allclose(torch.sigmoid(out.logits[:, 2]), expected, atol=1e-5)
 
 
-def test_esm2_chained_losses_are_cross_entropies_of_the_chain_products(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_esm2_chained_losses_are_cross_entropies_of_the_chain_products(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     """click -> cart -> purchase: task k's loss is mean BCE(y_1 ... y_k, p_1 ... p_k) over all impressions,
     written out in float64 (labels outside a task's space count as 0 through the product)."""
-    chain = session_store(write_funnel(tmp_path_factory.mktemp("chain3_loss"), stages=3, chained=True), tmp_path_factory)
+    chain = session_store(
+        write_funnel(tmp_path_factory.mktemp("chain3_loss"), stages=3, chained=True), tmp_path_factory
+    )
     assert chain.layout.task_names == ["click", "cart", "purchase"]
     model = build_model("esm2", chain.layout, SMALL)
-    hand = torch.tensor([[2.0, 1.0, -0.5], [-1.0, 0.3, 1.2], [0.5, -2.0, 0.1], [-3.0, 2.5, 2.0], [1.5, -0.5, -1.5], [0.2, 3.0, 0.4]])
-    labels = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    hand = torch.tensor(
+        [[2.0, 1.0, -0.5], [-1.0, 0.3, 1.2], [0.5, -2.0, 0.1], [-3.0, 2.5, 2.0], [1.5, -0.5, -1.5], [0.2, 3.0, 0.4]]
+    )
+    labels = torch.tensor(
+        [[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
+    )
     batch = replace(chain.split("train").slice(0, 6), labels=labels, weight=None)
     logits = hand.clone().requires_grad_(True)
     losses = model.losses(ModelOutput(logits=logits), batch)
@@ -342,8 +374,12 @@ def test_aitm_attention_weights_on_a_hand_sized_example() -> None:
     w_p = [1 / (1 + math.exp(7 / math.sqrt(2))), 1 / (1 + math.exp(9 / math.sqrt(2)))]
     torch.testing.assert_close(w, torch.tensor([[w_p[0], 1 - w_p[0]], [w_p[1], 1 - w_p[1]]]), rtol=1e-5, atol=1e-7)
     # h1(p0) = (1.5, -0.5), h1(q0) = (4.5, 1.5); h1(p1) = (0.5, -0.5), h1(q1) = (3.5, -0.5)
-    expected = torch.tensor([[w_p[0] * 1.5 + (1 - w_p[0]) * 4.5, w_p[0] * -0.5 + (1 - w_p[0]) * 1.5],
-                             [w_p[1] * 0.5 + (1 - w_p[1]) * 3.5, -0.5]])
+    expected = torch.tensor(
+        [
+            [w_p[0] * 1.5 + (1 - w_p[0]) * 4.5, w_p[0] * -0.5 + (1 - w_p[0]) * 1.5],
+            [w_p[1] * 0.5 + (1 - w_p[1]) * 3.5, -0.5],
+        ]
+    )
     torch.testing.assert_close(z, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -362,7 +398,9 @@ def test_aitm_exposes_the_attention_of_the_purchase_step_over_the_click_transfer
 def test_aitm_losses_are_entire_space_cross_entropies_plus_the_calibrator(funnel2: Store) -> None:
     """L_click = mean BCE(y, ŷ_1); L_purchase = mean BCE(y z, ŷ_2) + alpha mean max(ŷ_2 - ŷ_1, 0)."""
     model = build_model("aitm", funnel2.layout, SMALL | {"calibrator_weight": 0.6})
-    joint = torch.tensor([[2.0, 1.0], [-1.0, 0.3], [0.5, -2.0], [-3.0, -1.0], [1.5, -0.5], [-4.0, 4.0]], requires_grad=True)
+    joint = torch.tensor(
+        [[2.0, 1.0], [-1.0, 0.3], [0.5, -2.0], [-3.0, -1.0], [1.5, -0.5], [-4.0, 4.0]], requires_grad=True
+    )
     losses = model.losses(ModelOutput(logits=joint.detach(), joint_logits=joint), _hand_batch(funnel2))
     ref = joint.detach().double().requires_grad_(True)
     p1, p2 = torch.sigmoid(ref).unbind(1)
@@ -378,7 +416,10 @@ def test_metaheac_gates_and_meta_step(funnel2: Store) -> None:
     batch = funnel2.split("train").slice(0, 64)
     # gates softmax(W_x x + W_e e_t + b): with W_x = 0, b = log c and W_e e_t = t log d (hand-picked c, d),
     # task 0's gates are c / sum(c), task 1's c d / sum(c d), for the 4 experts then the 4 critics
-    c, d = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0, 1.0, 2.0, 5.0]), torch.tensor([4.0, 1.0, 1.0, 2.0, 3.0, 1.0, 1.0, 1.0])
+    c, d = (
+        torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0, 1.0, 2.0, 5.0]),
+        torch.tensor([4.0, 1.0, 1.0, 2.0, 3.0, 1.0, 1.0, 1.0]),
+    )
     with torch.no_grad():
         model.gate_x.weight.zero_()
         model.gate_x.bias.copy_(c.log())
@@ -441,8 +482,22 @@ def test_labels_outside_the_space_change_nothing(name: str, funnel2: Store) -> N
 
 def test_ali_ccp_schema_trains_esmm_from_the_command_line(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = run_cli("train", "--schema", str(REPO / "configs" / "ali_ccp.yaml"), "--model", "esmm",
-                     "--out", str(out), "--epochs", "2", "--batch-size", "32", "--threads", "2", cache=tmp_path / "cache")
+    result = run_cli(
+        "train",
+        "--schema",
+        str(REPO / "configs" / "ali_ccp.yaml"),
+        "--model",
+        "esmm",
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--threads",
+        "2",
+        cache=tmp_path / "cache",
+    )
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"click", "purchase", "purchase@all"} <= set(metrics["test"])
@@ -450,7 +505,9 @@ def test_ali_ccp_schema_trains_esmm_from_the_command_line(tmp_path: Path) -> Non
     # predict: pCTR, pCVR (inside the click space) and pCTCVR = pCTR * pCVR for every row
     scored = tmp_path / "scores.csv"
     sample = REPO / "configs" / "samples" / "ali-ccp" / "ali_ccp_test_sample.csv"
-    result = run_cli("predict", "--run", str(out), "--input", str(sample), "--output", str(scored), cache=tmp_path / "cache")
+    result = run_cli(
+        "predict", "--run", str(out), "--input", str(sample), "--output", str(scored), cache=tmp_path / "cache"
+    )
     assert result.returncode == 0, result.stderr
     scores = pl.read_csv(scored)
     assert scores.columns == ["click", "purchase", "purchase@all"] and scores.height == 50
@@ -458,8 +515,16 @@ def test_ali_ccp_schema_trains_esmm_from_the_command_line(tmp_path: Path) -> Non
     picked = tmp_path / "picked.csv"
     pick = [49, 3, 17, 0]
     pl.read_csv(sample)[pick].write_csv(picked)
-    result = run_cli("predict", "--run", str(out), "--input", str(picked), "--output", str(tmp_path / "picked_scores.csv"),
-                     cache=tmp_path / "cache")
+    result = run_cli(
+        "predict",
+        "--run",
+        str(out),
+        "--input",
+        str(picked),
+        "--output",
+        str(tmp_path / "picked_scores.csv"),
+        cache=tmp_path / "cache",
+    )
     assert result.returncode == 0, result.stderr
     again = pl.read_csv(tmp_path / "picked_scores.csv")
     np.testing.assert_allclose(again.to_numpy(), scores[pick].to_numpy(), rtol=1e-5, atol=1e-9)

@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import session_store
 from mtrec.balancing import BALANCERS
 from mtrec.models import build_model
 from mtrec.models.base import MultiTaskModel
-from mtrec.train.trainer import Trainer, TrainConfig, seed_everything
+from mtrec.train.trainer import TrainConfig, Trainer, seed_everything
+from tests.conftest import session_store
 
 IMPLICIT = [
     "soft_sharing",
@@ -87,8 +87,13 @@ def test_snr_exposes_its_codes_as_gates(name: str, census_store) -> None:
     model = build_model(name, census_store.layout, {"num_subnets": 3, "num_levels": 2}).eval()
     la = torch.tensor([math.log(3.0), 0.0, -math.log(3.0), -10.0])
     codes = torch.tensor([0.8, 0.5, 0.2, 0.0])
-    rows = {"route0/sub0": [0, 1, 2], "route0/sub1": [3, 0, 1], "route0/sub2": [2, 3, 0],
-            "income": [1, 2, 3], "never_married": [0, 0, 2]}
+    rows = {
+        "route0/sub0": [0, 1, 2],
+        "route0/sub1": [3, 0, 1],
+        "route0/sub2": [2, 3, 0],
+        "income": [1, 2, 3],
+        "never_married": [0, 0, 2],
+    }
     with torch.no_grad():
         for j in range(3):
             model.routes[0].gates.log_alpha[j] = la[rows[f"route0/sub{j}"]]

@@ -66,11 +66,30 @@ def test_sampled_cosine_and_norm_ratio_match_autograd(name: str, balancer: str, 
 
 def test_train_writes_the_monitor_to_history_and_tensorboard(census_schema_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, [
-        "train", "--schema", str(census_schema_path), "--model", "mmoe", "--epochs", "2", "--batch-size", "256",
-        "--model-args", "num_experts=4,expert_hidden=[32,16]", "--threads", "1", "--patience", "5",
-        "--monitor-every", "3", "--out", str(out),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--schema",
+            str(census_schema_path),
+            "--model",
+            "mmoe",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "256",
+            "--model-args",
+            "num_experts=4,expert_hidden=[32,16]",
+            "--threads",
+            "1",
+            "--patience",
+            "5",
+            "--monitor-every",
+            "3",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     history = json.loads((out / "history.json").read_text())
     steps = -(-3600 // 256)  # 3,600 training rows of the 4,000-row slice (valid_fraction 0.1)
@@ -82,14 +101,31 @@ def test_train_writes_the_monitor_to_history_and_tensorboard(census_schema_path:
     scalars = read_scalars(out / "tensorboard")
     cos = [v for _, v in scalars["monitor/cos/income_vs_never_married"]]
     assert len(cos) == first["samples"] + second["samples"]
-    assert np.mean(cos[: first["samples"]]) == pytest.approx(first["pairs"]["income~never_married"]["cos_mean"], abs=1e-5)
+    assert np.mean(cos[: first["samples"]]) == pytest.approx(
+        first["pairs"]["income~never_married"]["cos_mean"], abs=1e-5
+    )
 
 
 def test_monitor_off(census_schema_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, [
-        "train", "--schema", str(census_schema_path), "--model", "shared_bottom", "--epochs", "1", "--threads", "1",
-        "--monitor-every", "0", "--no-tensorboard", "--out", str(out),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--schema",
+            str(census_schema_path),
+            "--model",
+            "shared_bottom",
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+            "--monitor-every",
+            "0",
+            "--no-tensorboard",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "monitor" not in json.loads((out / "history.json").read_text())[0]

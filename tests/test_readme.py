@@ -66,15 +66,23 @@ def test_reference_table_covers_every_key() -> None:
     walk(Schema, "")
     rows = {line.split("`")[1] for line in schema_reference().splitlines()[2:]}
     assert rows == expected == set(KEY_DOCS)
-    for key in ("features[].column", "features[].separator", "format.null_values", "format.names",
-                "tasks[].negative", "tasks[].strict", "source.valid", "name"):
+    for key in (
+        "features[].column",
+        "features[].separator",
+        "format.null_values",
+        "format.names",
+        "tasks[].negative",
+        "tasks[].strict",
+        "source.valid",
+        "name",
+    ):
         assert key in rows
 
 
 def _section(title: str) -> str:
     start = README.index(f"## {title}\n")
     end = README.find("\n## ", start + 1)
-    return README[start:end if end >= 0 else None]
+    return README[start : end if end >= 0 else None]
 
 
 def test_readme_python_api_and_run_config_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread) -> None:

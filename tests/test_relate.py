@@ -32,12 +32,26 @@ def test_synthetic_weight_vectors_have_the_set_cosine(p: float) -> None:
 
 
 def test_dataset_args_errors_list_the_valid_arguments(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["train", "--dataset", "synthetic", "--dataset-args", "corelation=0.5",
-                                      "--model", "mmoe", "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--dataset",
+            "synthetic",
+            "--dataset-args",
+            "corelation=0.5",
+            "--model",
+            "mmoe",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     message = str(result.exception)  # main() turns an MtrecError into one error: line and exit 2
     assert isinstance(result.exception, MtrecError) and "corelation" in message and "correlation=0.5" in message
-    result = CliRunner().invoke(app, ["train", "--dataset", "census", "--dataset-args", "rows=5",
-                                      "--model", "mmoe", "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        app,
+        ["train", "--dataset", "census", "--dataset-args", "rows=5", "--model", "mmoe", "--out", str(tmp_path / "r")],
+    )
     assert isinstance(result.exception, MtrecError) and "takes no --dataset-args" in str(result.exception)
 
 
@@ -52,8 +66,13 @@ def test_monitor_sees_identical_tasks_agree_and_orthogonal_ones_not(one_thread) 
     for p in (0.0, 1.0):
         for seed in (0, 1):
             config = TrainConfig(epochs=6, batch_size=256, patience=6, seed=seed, monitor_every=4, progress=False)
-            result = train_run(_synthetic(p, seed, rows=8000), "mmoe", None, config,
-                               model_options={"num_experts": 4, "expert_hidden": [64]})
+            result = train_run(
+                _synthetic(p, seed, rows=8000),
+                "mmoe",
+                None,
+                config,
+                model_options={"num_experts": 4, "expert_hidden": [64]},
+            )
             cos.setdefault(p, []).append(monitor_summary(result.fit.history)["pairs"]["y1~y2"]["cos_mean"])
     assert min(cos[1.0]) > max(cos[0.0]) + 0.1, cos
 
@@ -70,14 +89,30 @@ def test_training_one_identical_task_lifts_the_others_probe_more_than_an_orthogo
 
 
 def test_relate_on_census_through_the_cli(census_schema_path: Path, census_store, tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["relate", "--schema", str(census_schema_path), "--epochs", "1",
-                                      "--seeds", "2", "--threads", "1", "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "relate",
+            "--schema",
+            str(census_schema_path),
+            "--epochs",
+            "1",
+            "--seeds",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rel = json.loads((tmp_path / "relate.json").read_text())
     # the phi coefficient from the 2x2 table, written out
     y = census_store.split("train").labels.numpy()
-    n11 = np.sum((y[:, 0] == 1) & (y[:, 1] == 1)); n00 = np.sum((y[:, 0] == 0) & (y[:, 1] == 0))
-    n10 = np.sum((y[:, 0] == 1) & (y[:, 1] == 0)); n01 = np.sum((y[:, 0] == 0) & (y[:, 1] == 1))
+    n11 = np.sum((y[:, 0] == 1) & (y[:, 1] == 1))
+    n00 = np.sum((y[:, 0] == 0) & (y[:, 1] == 0))
+    n10 = np.sum((y[:, 0] == 1) & (y[:, 1] == 0))
+    n01 = np.sum((y[:, 0] == 0) & (y[:, 1] == 1))
     phi = (n11 * n00 - n10 * n01) / np.sqrt(float((n11 + n10) * (n01 + n00) * (n11 + n01) * (n10 + n00)))
     assert rel["label_correlation"][0][1] == pytest.approx(phi, abs=1e-6)
     assert label_correlation(census_store.split("train"), census_store.layout)[1, 0] == pytest.approx(phi, abs=1e-6)

@@ -24,9 +24,21 @@ from mtrec.schema import load_schema
 from mtrec.train.run import RUN_FORMAT, WEIGHTS
 from tests.helpers import assert_user_error, write_toy
 
-
-SMALL = ["--model", "shared_bottom", "--model-args", "bottom_hidden=[8],tower_hidden=[4]", "--epochs", "2",
-         "--batch-size", "64", "--threads", "1", "--no-tensorboard", "--monitor-every", "0"]
+SMALL = [
+    "--model",
+    "shared_bottom",
+    "--model-args",
+    "bottom_hidden=[8],tower_hidden=[4]",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "64",
+    "--threads",
+    "1",
+    "--no-tensorboard",
+    "--monitor-every",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +65,19 @@ def toy_run(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ---- 2. one error line, exit 2, never a traceback ----------------------------------------------------
 
-@pytest.mark.parametrize("flag,value", [
-    ("--epochs", "0"), ("--batch-size", "0"), ("--lr", "-0.1"), ("--patience", "0"), ("--threads", "-1"),
-    ("--weight-decay", "-1"), ("--checkpoint-every", "-2"),
-])
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--epochs", "0"),
+        ("--batch-size", "0"),
+        ("--lr", "-0.1"),
+        ("--patience", "0"),
+        ("--threads", "-1"),
+        ("--weight-decay", "-1"),
+        ("--checkpoint-every", "-2"),
+    ],
+)
 def test_train_option_out_of_range(cli, toy: Path, tmp_path: Path, flag: str, value: str) -> None:
     out = tmp_path / "run"
     args = ["train", "--schema", str(toy), "--out", str(out), *SMALL]
@@ -77,13 +98,17 @@ def test_inf_in_a_dense_column(cli, toy: Path, tmp_path: Path) -> None:
     lines[7] = ",".join(cells)
     (folder / "toy.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    assert_user_error(cli("train", "--schema", str(folder / "schema.yaml"), "--out", str(out), *SMALL),
-                      "toy.csv", "'age'", "infinite")
+    assert_user_error(
+        cli("train", "--schema", str(folder / "schema.yaml"), "--out", str(out), *SMALL), "toy.csv", "'age'", "infinite"
+    )
     assert not out.exists()  # no partial run directory
     stores = cache_root() / "stores"
     schema = load_schema(folder / "schema.yaml")
-    assert not any(p.name.startswith(f"{schema.name}-{schema.fingerprint()[:20]}") for p in stores.glob("*")) \
-        if stores.is_dir() else True  # no broken store cached (nor its temporary)
+    assert (
+        not any(p.name.startswith(f"{schema.name}-{schema.fingerprint()[:20]}") for p in stores.glob("*"))
+        if stores.is_dir()
+        else True
+    )  # no broken store cached (nor its temporary)
     assert not list(stores.glob(".*.tmp")) if stores.is_dir() else True
 
 
@@ -93,8 +118,12 @@ def test_fill_that_is_not_a_number_is_refused_at_schema_load(cli, toy: Path, tmp
     data["source"]["train"] = str(toy.parent / "toy.csv")
     path = tmp_path / "schema.yaml"
     path.write_text(yaml.safe_dump(data))
-    assert_user_error(cli("train", "--schema", str(path), "--out", str(tmp_path / "run"), *SMALL),
-                      str(path), "features.0", "fill 'abc'")
+    assert_user_error(
+        cli("train", "--schema", str(path), "--out", str(tmp_path / "run"), *SMALL),
+        str(path),
+        "features.0",
+        "fill 'abc'",
+    )
 
 
 def test_out_naming_an_existing_file(cli, toy: Path, tmp_path: Path) -> None:
@@ -123,19 +152,30 @@ def test_damaged_runs_are_clear_errors(cli, toy_run: Path, toy: Path, tmp_path: 
         (r / "config.json").write_text(json.dumps(config))
 
     future = damaged("future", other_format)
-    assert_user_error(cli("evaluate", "--run", str(future)), f"run format {RUN_FORMAT + 1}", f"reads format {RUN_FORMAT}",
-                      "train the run again")
+    assert_user_error(
+        cli("evaluate", "--run", str(future)),
+        f"run format {RUN_FORMAT + 1}",
+        f"reads format {RUN_FORMAT}",
+        "train the run again",
+    )
     # the weights of another model: same model name, other layer sizes
     other = tmp_path / "other"
-    done = cli("train", "--schema", str(toy), "--out", str(other),
-               *[a if a != "bottom_hidden=[8],tower_hidden=[4]" else "bottom_hidden=[6],tower_hidden=[4]" for a in SMALL])
+    done = cli(
+        "train",
+        "--schema",
+        str(toy),
+        "--out",
+        str(other),
+        *[a if a != "bottom_hidden=[8],tower_hidden=[4]" else "bottom_hidden=[6],tower_hidden=[4]" for a in SMALL],
+    )
     assert done.code == 0, done.err
     swapped = damaged("swapped", lambda r: shutil.copy(other / WEIGHTS, r / WEIGHTS))
     assert_user_error(cli("evaluate", "--run", str(swapped)), WEIGHTS, "weights of another model")
 
 
-def test_missing_and_broken_yaml_and_json_files_are_one_error_naming_the_file(cli, toy_run: Path, toy: Path,
-                                                                              tmp_path: Path) -> None:
+def test_missing_and_broken_yaml_and_json_files_are_one_error_naming_the_file(
+    cli, toy_run: Path, toy: Path, tmp_path: Path
+) -> None:
     """Each file mtrec parses (schema, grid, fusion spec: YAML; a run's history: JSON) reports a missing
     file and a syntax error as one error line naming the file (and, for JSON, the line)."""
     broken = tmp_path / "broken.yaml"
@@ -144,8 +184,16 @@ def test_missing_and_broken_yaml_and_json_files_are_one_error_naming_the_file(cl
     commands = {
         "schema file": ["train", "--out", str(tmp_path / "run"), *SMALL, "--schema"],
         "grid file": ["bench", "--out", str(tmp_path / "bench")],
-        "fusion spec": ["predict", "--run", str(toy_run), "--input", str(toy.parent / "toy.csv"),
-                        "--output", str(tmp_path / "p.csv"), "--fusion"],
+        "fusion spec": [
+            "predict",
+            "--run",
+            str(toy_run),
+            "--input",
+            str(toy.parent / "toy.csv"),
+            "--output",
+            str(tmp_path / "p.csv"),
+            "--fusion",
+        ],
     }
     for what, args in commands.items():
         assert_user_error(cli(*args, str(missing)), f"{missing}: {what} not found")
@@ -187,7 +235,12 @@ def _command_cases(tmp_path: Path) -> list[list[str]]:
     command = typer.main.get_command(app)
     cases = []
     for name, cmd in sorted(command.commands.items()):
-        numbers = [p for p in cmd.params if isinstance(p, click.Option) and isinstance(p.type, (click.types.IntParamType, click.types.FloatParamType))]
+        numbers = [
+            p
+            for p in cmd.params
+            if isinstance(p, click.Option)
+            and isinstance(p.type, (click.types.IntParamType, click.types.FloatParamType))
+        ]
         required = [p for p in cmd.params if p.required]
         variants = []
         for fill in ("missing", "garbage"):
@@ -218,8 +271,21 @@ def test_no_command_shows_a_traceback(cli, tmp_path: Path) -> None:
     and no exception ever escapes ``main()`` (``cli`` would raise it)."""
     cases = _command_cases(tmp_path)
     names = {c[0] for c in cases}
-    assert {"train", "evaluate", "predict", "export", "calibrate", "fuse", "serve", "diagnose", "relate", "bench",
-            "models", "balancers", "demo"} <= names
+    assert {
+        "train",
+        "evaluate",
+        "predict",
+        "export",
+        "calibrate",
+        "fuse",
+        "serve",
+        "diagnose",
+        "relate",
+        "bench",
+        "models",
+        "balancers",
+        "demo",
+    } <= names
     before = sorted(p.name for p in tmp_path.iterdir())
     for args in cases:
         result = cli(*args)
@@ -231,16 +297,21 @@ def test_no_command_shows_a_traceback(cli, tmp_path: Path) -> None:
 
 # ---- 3. nothing overwritten, nothing half written ---------------------------------------------------
 
-def test_predict_refuses_to_overwrite_its_input(cli, toy_run: Path, toy: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+
+def test_predict_refuses_to_overwrite_its_input(
+    cli, toy_run: Path, toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = tmp_path / "in.csv"
     shutil.copy(toy.parent / "toy.csv", data)
     before = data.read_bytes()
-    assert_user_error(cli("predict", "--run", str(toy_run), "--input", str(data), "--output", str(data)),
-                      "is the input file")
+    assert_user_error(
+        cli("predict", "--run", str(toy_run), "--input", str(data), "--output", str(data)), "is the input file"
+    )
     monkeypatch.chdir(tmp_path)  # the same file under another spelling
-    assert_user_error(cli("predict", "--run", str(toy_run), "--input", "in.csv", "--output", str(tmp_path / "." / "in.csv")),
-                      "is the input file")
+    assert_user_error(
+        cli("predict", "--run", str(toy_run), "--input", "in.csv", "--output", str(tmp_path / "." / "in.csv")),
+        "is the input file",
+    )
     assert data.read_bytes() == before
 
 
@@ -254,7 +325,9 @@ def test_training_into_a_finished_run_needs_overwrite(cli, toy: Path, tmp_path: 
     old_metrics = (out / "metrics.json").read_bytes()
     assert old_events
     assert_user_error(cli(*args), "a finished run is here", "--overwrite")
-    assert (out / "metrics.json").read_bytes() == old_metrics and sorted((out / "tensorboard").glob("events.*")) == old_events
+    assert (out / "metrics.json").read_bytes() == old_metrics and sorted(
+        (out / "tensorboard").glob("events.*")
+    ) == old_events
     again = cli(*args, "--overwrite")
     assert again.code == 0, again.err
     new_events = sorted((out / "tensorboard").glob("events.*"))
@@ -283,6 +356,7 @@ def test_stale_store_temporaries_are_cleaned(toy: Path) -> None:
 
 # ---- 5. what a user sees ----------------------------------------------------------------------------
 
+
 def test_progress_lines_when_not_a_terminal(cli, tmp_path: Path) -> None:
     schema = write_toy(tmp_path / "fresh", rows=300, seed=5)
     first = cli("train", "--schema", str(schema), "--out", str(tmp_path / "a"), *SMALL)
@@ -303,18 +377,53 @@ def test_progress_lines_when_not_a_terminal(cli, tmp_path: Path) -> None:
 
 def test_predict_keeps_input_columns(cli, toy_run: Path, toy: Path, tmp_path: Path) -> None:
     out = tmp_path / "scores.parquet"
-    result = cli("predict", "--run", str(toy_run), "--input", str(toy.parent / "toy.csv"), "--output", str(out),
-                 "--keep", "user,city")
+    result = cli(
+        "predict",
+        "--run",
+        str(toy_run),
+        "--input",
+        str(toy.parent / "toy.csv"),
+        "--output",
+        str(out),
+        "--keep",
+        "user,city",
+    )
     assert result.code == 0, result.err
     scores = pl.read_parquet(out)
     source = pl.read_csv(toy.parent / "toy.csv", infer_schema=False)
     assert scores.columns[:2] == ["user", "city"] and "click" in scores.columns
     assert scores["user"].to_list() == source["user"].to_list()
     assert scores["city"].to_list() == source["city"].to_list()
-    assert_user_error(cli("predict", "--run", str(toy_run), "--input", str(toy.parent / "toy.csv"),
-                          "--output", str(tmp_path / "x.csv"), "--keep", "user,nope"), "--keep", "nope")
-    assert_user_error(cli("predict", "--run", str(toy_run), "--input", str(toy.parent / "toy.csv"),
-                          "--output", str(tmp_path / "x.csv"), "--keep", "click"), "--keep", "score column")
+    assert_user_error(
+        cli(
+            "predict",
+            "--run",
+            str(toy_run),
+            "--input",
+            str(toy.parent / "toy.csv"),
+            "--output",
+            str(tmp_path / "x.csv"),
+            "--keep",
+            "user,nope",
+        ),
+        "--keep",
+        "nope",
+    )
+    assert_user_error(
+        cli(
+            "predict",
+            "--run",
+            str(toy_run),
+            "--input",
+            str(toy.parent / "toy.csv"),
+            "--output",
+            str(tmp_path / "x.csv"),
+            "--keep",
+            "click",
+        ),
+        "--keep",
+        "score column",
+    )
 
 
 def test_tensorboard_viewer_is_installed() -> None:

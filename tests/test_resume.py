@@ -29,9 +29,29 @@ def schema_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def train_args(schema: Path, balancer: str, out: Path) -> list[str]:
     return [
-        "train", "--schema", str(schema), "--model", "mmoe", "--model-args", "num_experts=2,expert_hidden=[16],tower_hidden=[8]",
-        "--balancer", balancer, "--epochs", "2", "--batch-size", "128", "--threads", "1", "--seed", "3",
-        "--checkpoint-every", "3", "--monitor-every", "4", "--out", str(out),
+        "train",
+        "--schema",
+        str(schema),
+        "--model",
+        "mmoe",
+        "--model-args",
+        "num_experts=2,expert_hidden=[16],tower_hidden=[8]",
+        "--balancer",
+        balancer,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "128",
+        "--threads",
+        "1",
+        "--seed",
+        "3",
+        "--checkpoint-every",
+        "3",
+        "--monitor-every",
+        "4",
+        "--out",
+        str(out),
     ]
 
 
@@ -39,8 +59,14 @@ def kill_at_checkpoint(args: list[str], number: int, point: str) -> subprocess.C
     """Start ``mtrec ARGS`` as a real process, wait until it is inside (``before`` its rename) or just
     past (``after``) its ``number``-th checkpoint write, and SIGKILL it there."""
     env = dict(os.environ, MTREC_TEST_CHECKPOINT_PAUSE=f"{number}:{point}", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "mtrec.cli", *args], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mtrec.cli", *args],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = []
     try:
         for line in proc.stderr:
@@ -105,8 +131,14 @@ def test_resume_refuses_other_arguments_and_a_second_trainer(cli, schema_path: P
     run = tmp_path / "run"
     args = train_args(schema_path, "fixed", run)
     env = dict(os.environ, MTREC_TEST_CHECKPOINT_PAUSE="1:after", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "mtrec.cli", *args], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mtrec.cli", *args],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in proc.stderr:
             if line.startswith("test hook: paused"):

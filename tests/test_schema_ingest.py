@@ -86,7 +86,12 @@ def test_batches_are_slices_covering_every_row_once(census_store) -> None:
     import torch
 
     train = census_store.split("train")
-    seen = torch.cat([b.labels[:, 0] * 0 + b.dense[:, 0] for b in iterate_batches(train, 512, shuffle=True, generator=torch.Generator().manual_seed(0))])
+    seen = torch.cat(
+        [
+            b.labels[:, 0] * 0 + b.dense[:, 0]
+            for b in iterate_batches(train, 512, shuffle=True, generator=torch.Generator().manual_seed(0))
+        ]
+    )
     assert len(seen) == len(train)
     assert torch.allclose(seen.sort().values, train.dense[:, 0].sort().values)
 

@@ -24,12 +24,12 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, example
+from conftest import write_census_slice
+from helpers import write_toy
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import write_census_slice
-from helpers import write_toy
 from mtrec.cli import app
 from mtrec.data.ingest import encode_file, read_frame
 from mtrec.data.store import load_store
@@ -49,7 +49,9 @@ PROCESSES: dict[str, subprocess.Popen] = {}  # base URL -> the server process
 
 
 def _train(schema_path: Path, model: str, out: Path) -> Path:
-    train_run(load_schema(schema_path), model, out, TrainConfig(epochs=1, batch_size=512, progress=False), tensorboard=False)
+    train_run(
+        load_schema(schema_path), model, out, TrainConfig(epochs=1, batch_size=512, progress=False), tensorboard=False
+    )
     return out
 
 
@@ -91,9 +93,28 @@ def server(runs: dict):
     port = _free_port()
     env = {**os.environ, "MTREC_CACHE": str(runs["cache"])}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mtrec.cli", "serve", "--run", str(runs["mmoe"]), "--port", str(port), "--threads", "1",
-         "--max-candidates", str(MAX_CANDIDATES), "--max-body-mb", str(MAX_BODY / (1 << 20)), "--timeout-ms", "30000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "mtrec.cli",
+            "serve",
+            "--run",
+            str(runs["mmoe"]),
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--max-candidates",
+            str(MAX_CANDIDATES),
+            "--max-body-mb",
+            str(MAX_BODY / (1 << 20)),
+            "--timeout-ms",
+            "30000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -127,7 +148,10 @@ def _rows(runs: dict, n: int) -> pl.DataFrame:
     """``n`` real test rows, one with an id never seen in training and one with a missing id."""
     frame = runs["frame"].head(n)
     return frame.with_columns(
-        pl.when(pl.int_range(pl.len()) == 2).then(pl.lit("Astronaut")).otherwise(pl.col("class_of_worker")).alias("class_of_worker"),
+        pl.when(pl.int_range(pl.len()) == 2)
+        .then(pl.lit("Astronaut"))
+        .otherwise(pl.col("class_of_worker"))
+        .alias("class_of_worker"),
         pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col("major_industry")).alias("major_industry"),
     )
 
@@ -161,7 +185,9 @@ def test_rank_equals_predict(runs: dict, client: httpx.Client, tmp_path: Path) -
     rows = _rows(runs, 40)
     response = client.post("/rank", json=request_from_frame(rows, runs["schema"], CONTEXT))
     assert response.status_code == 200, response.text
-    assert {"parse", "encode", "model", "total"} <= {p.split(";")[0] for p in response.headers["server-timing"].split(", ")}
+    assert {"parse", "encode", "model", "total"} <= {
+        p.split(";")[0] for p in response.headers["server-timing"].split(", ")
+    }
     pred = _predict(runs["mmoe"], rows, tmp_path)
     assert "score" in pred.columns  # the run's fusion.yaml, applied on calibrated scores
     _check_against_predict(response.json()["ranking"], pred, "score")
@@ -179,13 +205,17 @@ def test_encoder_matches_ingest_with_sequences(tmp_path: Path, monkeypatch: pyte
     schema = load_schema(write_toy(tmp_path / "toy", rows=120))
     store = load_store(schema)
     frame = read_frame(tmp_path / "toy" / "toy.csv", schema).head(12)
-    frame = frame.with_columns(pl.when(pl.int_range(pl.len()) == 4).then(pl.lit("atlantis")).otherwise(pl.col("city")).alias("city"))
+    frame = frame.with_columns(
+        pl.when(pl.int_range(pl.len()) == 4).then(pl.lit("atlantis")).otherwise(pl.col("city")).alias("city")
+    )
     body = request_from_frame(frame, schema, ["tags"])  # a sequence given once, in the context
     body["candidates"][5]["city"] = None
     body["candidates"][6]["age"] = float(body["candidates"][6]["age"])  # 30.0 and 30 are the same value
     encoded = RequestEncoder(schema, store.encoders, 100).encode(body)
-    rows = frame.with_columns(pl.lit(frame["tags"][0]).alias("tags"),
-                              pl.when(pl.int_range(pl.len()) == 5).then(None).otherwise(pl.col("city")).alias("city"))
+    rows = frame.with_columns(
+        pl.lit(frame["tags"][0]).alias("tags"),
+        pl.when(pl.int_range(pl.len()) == 5).then(None).otherwise(pl.col("city")).alias("city"),
+    )
     rows.write_csv(tmp_path / "rows.csv")
     expected = encode_file(tmp_path / "rows.csv", schema, store.encoders, with_labels=False)
     np.testing.assert_array_equal(encoded.sparse, expected["sparse"])
@@ -196,10 +226,14 @@ def test_encoder_matches_ingest_with_sequences(tmp_path: Path, monkeypatch: pyte
     # per candidate, with lists of ids, numbers among them, and one over max_len
     body = request_from_frame(frame, schema, [])
     body["candidates"][0]["tags"] = ["a", "b", "c", "d"]
-    rows = frame.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("a|b|c|d")).otherwise(pl.col("tags")).alias("tags"))
+    rows = frame.with_columns(
+        pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("a|b|c|d")).otherwise(pl.col("tags")).alias("tags")
+    )
     rows.write_csv(tmp_path / "rows2.csv")
     expected = encode_file(tmp_path / "rows2.csv", schema, store.encoders, with_labels=False)
-    np.testing.assert_array_equal(RequestEncoder(schema, store.encoders, 100).encode(body).sequences["tags"], expected["seq.tags"])
+    np.testing.assert_array_equal(
+        RequestEncoder(schema, store.encoders, 100).encode(body).sequences["tags"], expected["seq.tags"]
+    )
     with pytest.raises(RequestError, match=r"candidates\[1\]\.tags\[0\]"):
         body["candidates"][1]["tags"] = [None]
         RequestEncoder(schema, store.encoders, 100).encode(body)
@@ -219,27 +253,55 @@ def _bad_cases(base: dict) -> list[tuple[str, bytes, int, str]]:
     marked = copy.deepcopy(base)
     marked["candidates"][1]["capital_gains"] = 987654321
     for name, literal in (("NaN", "NaN"), ("Infinity", "-Infinity")):
-        cases.append((name, json.dumps(marked).replace("987654321", literal).encode(), 422, "candidates[1].capital_gains"))
+        cases.append(
+            (name, json.dumps(marked).replace("987654321", literal).encode(), 422, "candidates[1].capital_gains")
+        )
     cases.append(("not an object", b"[1, 2]", 422, "body"))
     variant("unknown top-level field", 422, "contxt", lambda b: b.update(contxt={}))
     variant("context not an object", 422, "context", lambda b: b.update(context=[1]))
     variant("no candidates", 422, "candidates", lambda b: b.pop("candidates"))
     variant("empty candidates", 422, "candidates", lambda b: b.update(candidates=[]))
-    variant("too many candidates", 422, "candidates", lambda b: b.update(candidates=b["candidates"][:1] * (MAX_CANDIDATES + 1)))
+    variant(
+        "too many candidates",
+        422,
+        "candidates",
+        lambda b: b.update(candidates=b["candidates"][:1] * (MAX_CANDIDATES + 1)),
+    )
     variant("candidate not an object", 422, "candidates[1]", lambda b: b["candidates"].__setitem__(1, "x"))
     variant("missing feature column", 422, "candidates[0].education", lambda b: b["context"].pop("education"))
-    variant("missing in one candidate", 422, "candidates[3].weeks_worked", lambda b: b["candidates"][3].pop("weeks_worked"))
+    variant(
+        "missing in one candidate", 422, "candidates[3].weeks_worked", lambda b: b["candidates"][3].pop("weeks_worked")
+    )
     variant("column on both sides", 422, "candidates[0].sex", lambda b: b["candidates"][0].update(sex="Male"))
     variant("unknown column", 422, "context.nope", lambda b: b["context"].update(nope=1))
     variant("unknown candidate column", 422, "candidates[1].nope", lambda b: b["candidates"][1].update(nope=1))
-    variant("dense as a string", 422, "candidates[1].wage_per_hour", lambda b: b["candidates"][1].update(wage_per_hour="12"))
-    variant("dense as a boolean", 422, "candidates[2].capital_losses", lambda b: b["candidates"][2].update(capital_losses=True))
-    variant("dense missing, no fill", 422, "candidates[4].weeks_worked", lambda b: b["candidates"][4].update(weeks_worked=None))
+    variant(
+        "dense as a string", 422, "candidates[1].wage_per_hour", lambda b: b["candidates"][1].update(wage_per_hour="12")
+    )
+    variant(
+        "dense as a boolean",
+        422,
+        "candidates[2].capital_losses",
+        lambda b: b["candidates"][2].update(capital_losses=True),
+    )
+    variant(
+        "dense missing, no fill",
+        422,
+        "candidates[4].weeks_worked",
+        lambda b: b["candidates"][4].update(weeks_worked=None),
+    )
     variant("dense too large", 422, "context.age", lambda b: b["context"].update(age=10**400))
-    variant("id as a list", 422, "candidates[0].class_of_worker", lambda b: b["candidates"][0].update(class_of_worker=["a"]))
+    variant(
+        "id as a list", 422, "candidates[0].class_of_worker", lambda b: b["candidates"][0].update(class_of_worker=["a"])
+    )
     variant("id as an object", 422, "context.race", lambda b: b["context"].update(race={"a": 1}))
     variant("id as a boolean", 422, "context.sex", lambda b: b["context"].update(sex=False))
-    variant("dense out of range", 422, "candidates[0].num_persons_worked", lambda b: b["candidates"][0].update(num_persons_worked=1e308))
+    variant(
+        "dense out of range",
+        422,
+        "candidates[0].num_persons_worked",
+        lambda b: b["candidates"][0].update(num_persons_worked=1e308),
+    )
     big = copy.deepcopy(base)
     big["candidates"][0]["class_of_worker"] = "x" * (MAX_BODY + 10)
     cases.append(("body above the size limit", json.dumps(big).encode(), 413, "body"))
@@ -262,9 +324,19 @@ def test_bad_requests_get_4xx_naming_the_field(runs: dict, client: httpx.Client)
 def test_fuzzed_bodies_never_get_5xx(runs: dict, client: httpx.Client) -> None:
     base = _body(runs, 3)
     columns = list(base["context"]) + list(base["candidates"][0]) + ["nope", ""]
-    leaf = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6)
-            | st.sampled_from(["Male", "?", "617.0", "Not in universe", "NaN"]))
-    value = st.recursive(leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+    leaf = (
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**70), 2**70)
+        | st.floats()
+        | st.text(max_size=6)
+        | st.sampled_from(["Male", "?", "617.0", "Not in universe", "NaN"])
+    )
+    value = st.recursive(
+        leaf,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+        max_leaves=6,
+    )
 
     @st.composite
     def bodies(draw) -> bytes:
@@ -346,7 +418,10 @@ def test_health_model_and_metrics(runs: dict, client: httpx.Client) -> None:
     metrics = json.loads((runs["mmoe"] / "metrics.json").read_text())
     assert info["model"] == "mmoe" and [t["name"] for t in info["tasks"]] == ["income", "never_married"]
     assert info["test_metrics"] == metrics["test"] and info["calibration"] == "platt"
-    assert info["fusion"]["formula"] == "weighted_product" and [t["weight"] for t in info["fusion"]["tasks"]] == [1.0, 0.5]
+    assert info["fusion"]["formula"] == "weighted_product" and [t["weight"] for t in info["fusion"]["tasks"]] == [
+        1.0,
+        0.5,
+    ]
     trained = datetime.fromisoformat(info["trained_at"]).timestamp()
     assert info["version"]["mtrec"] and abs(trained - (runs["mmoe"] / "model.safetensors").stat().st_mtime) < 1
     assert info["columns"]["age"] == [{"feature": "age", "type": "dense"}, {"feature": "age_bucket", "type": "sparse"}]
@@ -354,8 +429,12 @@ def test_health_model_and_metrics(runs: dict, client: httpx.Client) -> None:
     def counts() -> dict:
         out = {}
         for line in client.get("/metrics").text.splitlines():
-            for key in ('mtrec_requests_total{endpoint="/rank",status="200"}', 'mtrec_requests_total{endpoint="/rank",status="422"}',
-                        'mtrec_request_seconds_count{endpoint="/rank"}', "mtrec_candidates_ranked_total"):
+            for key in (
+                'mtrec_requests_total{endpoint="/rank",status="200"}',
+                'mtrec_requests_total{endpoint="/rank",status="422"}',
+                'mtrec_request_seconds_count{endpoint="/rank"}',
+                "mtrec_candidates_ranked_total",
+            ):
                 if line.startswith(key + " "):
                     out[key] = float(line.split()[-1])
         return out
@@ -447,7 +526,9 @@ def test_onnx_backend_ranks_as_torch(runs: dict, one_thread) -> None:
         answers[backend] = json.loads(ranker.rank(body)[0])["ranking"]
     assert (runs["mmoe"] / "model.onnx").is_file()
     torch_scores = {e["index"]: e["score"] for e in answers["torch"]}
-    np.testing.assert_allclose([e["score"] for e in answers["onnx"]], [torch_scores[e["index"]] for e in answers["onnx"]], atol=1e-5)
+    np.testing.assert_allclose(
+        [e["score"] for e in answers["onnx"]], [torch_scores[e["index"]] for e in answers["onnx"]], atol=1e-5
+    )
     assert np.all(np.diff([e["score"] for e in answers["onnx"]]) <= 0)
 
 
@@ -461,13 +542,17 @@ def test_onnx_context_graph_ranks_as_torch(runs: dict, one_thread) -> None:
     run = runs["mmoe"]
     features = [f.name for f in runs["schema"].features if f.source_column in CONTEXT]
     assert len(features) == len(CONTEXT) + 1  # age feeds two features
-    result = CliRunner().invoke(app, ["export", "--run", str(run), "--context-features", ",".join(features), "--threads", "1"])
+    result = CliRunner().invoke(
+        app, ["export", "--run", str(run), "--context-features", ",".join(features), "--threads", "1"]
+    )
     assert result.exit_code == 0, result.output
     try:
         rows = _rows(runs, 30)
         bodies = {
             "context": request_from_frame(rows, runs["schema"], CONTEXT),
-            "partial": request_from_frame(rows.with_columns([pl.lit(rows[c][0]).alias(c) for c in CONTEXT]), runs["schema"], CONTEXT[:2]),
+            "partial": request_from_frame(
+                rows.with_columns([pl.lit(rows[c][0]).alias(c) for c in CONTEXT]), runs["schema"], CONTEXT[:2]
+            ),
         }
         torch_ranker = load_ranker(ServeSettings(run=run, backend="torch", threads=1))
         onnx_ranker = load_ranker(ServeSettings(run=run, backend="onnx", threads=1))
@@ -485,12 +570,18 @@ def test_onnx_context_graph_ranks_as_torch(runs: dict, one_thread) -> None:
             want = json.loads(torch_ranker.rank(raw)[0])["ranking"]
             got = json.loads(onnx_ranker.rank(raw)[0])["ranking"]
             by_index = {e["index"]: e for e in want}
-            np.testing.assert_allclose([e["score"] for e in got], [by_index[e["index"]]["score"] for e in got], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(
+                [e["score"] for e in got], [by_index[e["index"]]["score"] for e in got], atol=1e-5, rtol=0
+            )
             for task in ("income", "never_married"):
-                np.testing.assert_allclose([e["scores"][task] for e in got], [by_index[e["index"]]["scores"][task] for e in got], atol=1e-5)
+                np.testing.assert_allclose(
+                    [e["scores"][task] for e in got], [by_index[e["index"]]["scores"][task] for e in got], atol=1e-5
+                )
             assert np.all(np.diff([e["score"] for e in got]) <= 0)
             want_scores = np.array([e["score"] for e in want])
-            assert [e["index"] for e in got] == [e["index"] for e in want] or np.min(np.abs(np.diff(want_scores))) < 1e-5
+            assert [e["index"] for e in got] == [e["index"] for e in want] or np.min(
+                np.abs(np.diff(want_scores))
+            ) < 1e-5
     finally:
         (run / CONTEXT_ONNX_FILE).unlink(missing_ok=True)
 

@@ -17,9 +17,7 @@ from mtrec.models.funnel import FunnelModel
 from mtrec.train.trainer import seed_everything
 
 # Variants beyond the defaults whose structure changes who reaches what.
-VARIANTS = [
-    (name, {}) for name in MODELS.names()
-] + [
+VARIANTS = [(name, {}) for name in MODELS.names()] + [
     ("mmoe", {"bottom": "dcn_v2"}),
     ("ple", {"bottom": "deepfm", "num_levels": 3, "specific_experts": [1, 2, 1]}),
     ("ple", {"shared_experts": 0}),
@@ -82,7 +80,9 @@ def reached_members(model, data) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("name, options", VARIANTS, ids=[f"{n}{'-' + '-'.join(map(str, o)) if o else ''}" for n, o in VARIANTS])
+@pytest.mark.parametrize(
+    "name, options", VARIANTS, ids=[f"{n}{'-' + '-'.join(map(str, o)) if o else ''}" for n, o in VARIANTS]
+)
 def test_declared_sharing_is_what_per_task_autograd_finds(name: str, options: dict, census_store, one_thread) -> None:
     seed_everything(0)
     options = dict(options)
@@ -111,7 +111,14 @@ def test_ple_inner_task_experts_are_shared_and_the_last_levels_are_not(census_st
     model = build_model("ple", census_store.layout, {"num_levels": 2, "specific_experts": 2, "shared_experts": 2})
     inner, last = model.levels
     assert [set(o) for o in model.sharing.of(inner.experts.layers[0].weight).owners] == [{0, 1}] * 6
-    assert [set(o) for o in model.sharing.of(last.experts.layers[0].weight).owners] == [{0}, {0}, {1}, {1}, {0, 1}, {0, 1}]
+    assert [set(o) for o in model.sharing.of(last.experts.layers[0].weight).owners] == [
+        {0},
+        {0},
+        {1},
+        {1},
+        {0, 1},
+        {0, 1},
+    ]
     assert [set(o) for o in model.sharing.of(last.gates.weight).owners] == [{0}, {1}]
     # an inner task gate feeds the next level's task experts and gate only: its task's; the shared gate every task
     assert [set(o) for o in model.sharing.of(inner.gates.weight).owners] == [{0}, {1}, {0, 1}]
@@ -125,7 +132,10 @@ def _expert_gradient_scale(balancer: str, census_store) -> tuple[dict, float, fl
     batch = census_store.split("train").slice(0, 512)
     bal = BALANCERS.get(balancer)(model.task_names)
     losses = model.losses(model(batch), batch)
-    own = [torch.autograd.grad(losses[t], model.levels[-1].experts.layers[-1].weight, retain_graph=True)[0] for t in range(2)]
+    own = [
+        torch.autograd.grad(losses[t], model.levels[-1].experts.layers[-1].weight, retain_graph=True)[0]
+        for t in range(2)
+    ]
     model.zero_grad()
     bal.backward(losses, StepContext(step=0, epoch=0, model=model, extra={}))
     grad = model.levels[-1].experts.layers[-1].weight.grad  # [E, H1, H]; experts 0,1 income's, 2,3 never_married's
@@ -163,7 +173,9 @@ def test_gradnorm_measures_norms_on_the_declared_shared_members(name: str, censu
     expected = []
     for t in range(2):
         grads = torch.autograd.grad(losses[t], [s.param for s in slices], retain_graph=True)
-        expected.append(float(torch.sqrt(sum(((g[s.mask] if s.mask is not None else g) ** 2).sum() for g, s in zip(grads, slices)))))
+        expected.append(
+            float(torch.sqrt(sum(((g[s.mask] if s.mask is not None else g) ** 2).sum() for g, s in zip(grads, slices))))
+        )
     bal.backward(losses, StepContext(step=0, epoch=0, model=model, extra={}))
     stats = bal.stats()
     for t, task in enumerate(model.task_names):

@@ -58,7 +58,9 @@ def _probe(tmp_path: Path) -> dict:
 
 
 def test_import_of_the_cli_loads_neither_torch_nor_polars() -> None:
-    code = "import mtrec.cli, sys; assert 'torch' not in sys.modules and 'polars' not in sys.modules, sorted(sys.modules)"
+    code = (
+        "import mtrec.cli, sys; assert 'torch' not in sys.modules and 'polars' not in sys.modules, sorted(sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 

@@ -13,14 +13,20 @@ from mtrec.errors import MtrecError
 def test_a_change_inside_the_measured_seed_spread_is_noise_not_a_seesaw() -> None:
     """The demo's old case: mmoe income -0.00003 against a seed spread of ~0.0003 is no change."""
     res = compare_to_baseline(
-        {"single_task": {"income": 0.95090, "never_married": 0.99460}, "mmoe": {"income": 0.95087, "never_married": 0.99470}},
+        {
+            "single_task": {"income": 0.95090, "never_married": 0.99460},
+            "mmoe": {"income": 0.95087, "never_married": 0.99470},
+        },
         noise={"income": 0.0006, "never_married": 0.0002},
     )
     assert res["mmoe"]["changed"] == {"income": "noise", "never_married": "noise"}
     assert res["mmoe"]["verdict"] == "neutral"
     # the same deltas with a (hypothetically) tiny noise are real changes, in opposite directions
     tight = compare_to_baseline(
-        {"single_task": {"income": 0.95090, "never_married": 0.99460}, "mmoe": {"income": 0.95087, "never_married": 0.99470}},
+        {
+            "single_task": {"income": 0.95090, "never_married": 0.99460},
+            "mmoe": {"income": 0.95087, "never_married": 0.99470},
+        },
         noise={"income": 1e-6, "never_married": 1e-6},
     )
     assert tight["mmoe"]["verdict"] == "seesaw"
@@ -38,7 +44,10 @@ def test_seeds_give_the_noise_the_larger_seed_std_of_the_two() -> None:
 
 def test_regression_metrics_are_better_when_lower() -> None:
     """MSE down is better: the same numbers read as AUC would give the opposite verdict."""
-    results = {"single_task": {"click": [0.80, 0.80], "watch": [2.0, 2.0]}, "mmoe": {"click": [0.80, 0.80], "watch": [1.5, 1.5]}}
+    results = {
+        "single_task": {"click": [0.80, 0.80], "watch": [2.0, 2.0]},
+        "mmoe": {"click": [0.80, 0.80], "watch": [1.5, 1.5]},
+    }
     res = compare_to_baseline(results, metrics={"click": "auc", "watch": "mse"}, noise={"click": 0.01, "watch": 0.01})
     assert res["mmoe"]["changed"]["watch"] == "better" and res["mmoe"]["verdict"] == "not-bad"
     as_auc = compare_to_baseline(results, noise={"click": 0.01, "watch": 0.01})

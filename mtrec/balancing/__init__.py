@@ -22,5 +22,12 @@ from mtrec.balancing.base import BALANCERS, Balancer, StepContext, build_balance
 from mtrec.balancing.gradient import GradientBalancer
 from mtrec.balancing.options import BalancerConfig
 
-__all__ = ["BALANCERS", "Balancer", "BalancerConfig", "GradientBalancer", "StepContext", "build_balancer",
-           "validate_balancer_options"]
+__all__ = [
+    "BALANCERS",
+    "Balancer",
+    "BalancerConfig",
+    "GradientBalancer",
+    "StepContext",
+    "build_balancer",
+    "validate_balancer_options",
+]

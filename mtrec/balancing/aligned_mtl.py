@@ -28,11 +28,15 @@ def aligned_matrix(M: np.ndarray) -> np.ndarray:
     return np.sqrt(lam.min()) * (V / np.sqrt(lam)) @ V.T
 
 
-@BALANCERS.register("aligned_mtl", "Aligned-MTL: align task gradients to an orthogonal, equal-norm system (Senushkin et al. 2023)")
+@BALANCERS.register(
+    "aligned_mtl", "Aligned-MTL: align task gradients to an orthogonal, equal-norm system (Senushkin et al. 2023)"
+)
 class AlignedMTL(GradientBalancer):
     """Aligned-MTL; ``--task-weights`` weight the aligned gradients."""
 
-    def task_losses(self, losses: Tensor) -> Tensor:  # alignment removes any scaling of the gradients: weights apply after it
+    def task_losses(
+        self, losses: Tensor
+    ) -> Tensor:  # alignment removes any scaling of the gradients: weights apply after it
         return losses
 
     def coefficients(self, M: np.ndarray, losses: np.ndarray) -> np.ndarray:

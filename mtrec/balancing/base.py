@@ -10,8 +10,9 @@ of the shared parameters.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from mtrec.errors import MtrecError
 from mtrec.options import describe_options, validate_options
 from mtrec.registry import Registry
 
-BALANCERS: Registry[type["Balancer"]] = Registry("balancer")
+BALANCERS: Registry[type[Balancer]] = Registry("balancer")
 
 
 @dataclass
@@ -47,8 +48,14 @@ class Balancer(nn.Module):
     # generators, which are found by themselves): saved in checkpoints through get_extra_state
     checkpointed: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, *,
-                 config: Optional[BalancerConfig] = None, **options: object) -> None:
+    def __init__(
+        self,
+        task_names: Sequence[str],
+        task_weights: Sequence[float] | None = None,
+        *,
+        config: BalancerConfig | None = None,
+        **options: object,
+    ) -> None:
         """Either an already validated ``config`` or the raw ``task_weights`` and ``options``."""
         super().__init__()
         self.task_names = list(task_names)
@@ -71,7 +78,9 @@ class Balancer(nn.Module):
                 out[name] = {"torch_generator": value.get_state()}
         for name in self.checkpointed:
             value = getattr(self, name)
-            out[name] = {"array": torch.from_numpy(np.array(value))} if isinstance(value, np.ndarray) else {"value": value}
+            out[name] = (
+                {"array": torch.from_numpy(np.array(value))} if isinstance(value, np.ndarray) else {"value": value}
+            )
         return out
 
     def set_extra_state(self, state: dict) -> None:
@@ -88,7 +97,7 @@ class Balancer(nn.Module):
     def combine(self, losses: Tensor, context: StepContext) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def backward(self, losses: Tensor, context: StepContext, aux_loss: Optional[Tensor] = None) -> Tensor:
+    def backward(self, losses: Tensor, context: StepContext, aux_loss: Tensor | None = None) -> Tensor:
         """Default: back-propagate ``combine(losses)`` (plus the model's regulariser)."""
         total = self.combine(losses, context)
         if aux_loss is not None:
@@ -111,9 +120,12 @@ class Balancer(nn.Module):
         """Hook for methods that adapt per epoch (mean training loss per task given)."""
 
 
-def validate_balancer_options(balancer: Union[str, type[Balancer]], task_names: Sequence[str],
-                              options: Optional[Mapping[str, object]] = None,
-                              task_weights: Optional[Sequence[float]] = None) -> BalancerConfig:
+def validate_balancer_options(
+    balancer: str | type[Balancer],
+    task_names: Sequence[str],
+    options: Mapping[str, object] | None = None,
+    task_weights: Sequence[float] | None = None,
+) -> BalancerConfig:
     """``options`` (``--balancer-args``) and ``task_weights`` (``--task-weights``) as the balancer's
     ``Config``, checked against ``task_names``; any problem is one :class:`MtrecError` naming the
     balancer and the option and listing the options it takes."""
@@ -125,13 +137,19 @@ def validate_balancer_options(balancer: Union[str, type[Balancer]], task_names: 
             raise MtrecError(f"balancer '{name}': task weights given twice (--task-weights and task_weights=)")
         merged["task_weights"] = list(task_weights)
     if "task_weights" in merged and "task_weights" not in cls.Config.model_fields:
-        raise MtrecError(f"balancer '{name}' does not use --task-weights: {cls.Config.no_task_weights}; "
-                         f"its options: {describe_options(cls.Config)}")
+        raise MtrecError(
+            f"balancer '{name}' does not use --task-weights: {cls.Config.no_task_weights}; "
+            f"its options: {describe_options(cls.Config)}"
+        )
     return validate_options(cls.Config, merged, f"balancer '{name}'", context={"task_names": list(task_names)})
 
 
-def build_balancer(name: str, task_names: Sequence[str], options: Optional[Mapping[str, object]] = None,
-                   task_weights: Optional[Sequence[float]] = None) -> Balancer:
+def build_balancer(
+    name: str,
+    task_names: Sequence[str],
+    options: Mapping[str, object] | None = None,
+    task_weights: Sequence[float] | None = None,
+) -> Balancer:
     """Instantiate a registered balancer; its options are validated against its ``Config``."""
     cls = BALANCERS.get(name)
     config = validate_balancer_options(cls, task_names, options, task_weights)

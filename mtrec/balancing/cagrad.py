@@ -14,7 +14,7 @@ approaches MGDA.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from pydantic import Field
@@ -23,7 +23,7 @@ from mtrec.balancing.base import BALANCERS
 from mtrec.balancing.gradient import GradientBalancer, GradientConfig
 
 
-def cagrad_coefficients(M: np.ndarray, c: float, w0: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+def cagrad_coefficients(M: np.ndarray, c: float, w0: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Coefficients of ``d`` on the task gradients, and the dual weights ``w*`` (for a warm start)."""
     T = M.shape[0]
     avg = np.full(T, 1.0 / T)
@@ -40,9 +40,15 @@ def cagrad_coefficients(M: np.ndarray, c: float, w0: Optional[np.ndarray] = None
         return float(w @ b) + radius * norm, b + radius * Mw / norm
 
     start = avg if w0 is None else w0
-    res = minimize(objective, start, jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * T,
-                   constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)},),
-                   options={"ftol": 1e-12, "maxiter": 200})
+    res = minimize(
+        objective,
+        start,
+        jac=True,
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * T,
+        constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)},),
+        options={"ftol": 1e-12, "maxiter": 200},
+    )
     w = np.clip(res.x, 0.0, None)
     w = w / w.sum()
     norm = np.sqrt(max(float(w @ M @ w), 1e-30))
@@ -59,10 +65,12 @@ class CAGrad(GradientBalancer):
     config: Config
     checkpointed = ("_w",)  # the warm start of the dual solver, carried from step to step
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+    def __init__(
+        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
+    ) -> None:
         super().__init__(task_names, task_weights, **options)
         self.c = self.config.c
-        self._w: Optional[np.ndarray] = None
+        self._w: np.ndarray | None = None
 
     def coefficients(self, M: np.ndarray, losses: np.ndarray) -> np.ndarray:
         coef, self._w = cagrad_coefficients(M, self.c, self._w)

@@ -19,7 +19,8 @@ define.
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -43,11 +44,15 @@ class DTP(Balancer):
         gamma: per_task(ge=0.0) = 1.0  # type: ignore[valid-type]
         alpha: float = Field(0.1, gt=0.0, le=1.0, allow_inf_nan=False)
 
-        no_task_weights: ClassVar[str] = "its per-task knob is gamma (e.g. gamma=[2,1]), which sets how fast a task that does well loses weight"
+        no_task_weights: ClassVar[str] = (
+            "its per-task knob is gamma (e.g. gamma=[2,1]), which sets how fast a task that does well loses weight"
+        )
 
     config: Config
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+    def __init__(
+        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
+    ) -> None:
         super().__init__(task_names, task_weights, **options)
         self.register_buffer("gamma", torch.tensor(self.config.gamma))
         self.alpha = self.config.alpha

@@ -16,7 +16,7 @@ when a task's loss is multiplied by a constant, so DWA's weights on ``b_t L_t`` 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from pydantic import Field
@@ -32,7 +32,9 @@ def dwa_weights(last: Tensor, before_last: Tensor, temperature: float) -> Tensor
     return last.numel() * torch.softmax(ratio / temperature, dim=0)
 
 
-@BALANCERS.register("dwa", "dynamic weight averaging: weight by each task's loss ratio over the last two epochs (Liu et al. 2019)")
+@BALANCERS.register(
+    "dwa", "dynamic weight averaging: weight by each task's loss ratio over the last two epochs (Liu et al. 2019)"
+)
 class DWA(Balancer):
     """DWA with ``temperature`` (default 2, the paper's value)."""
 
@@ -41,7 +43,9 @@ class DWA(Balancer):
 
     config: Config
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+    def __init__(
+        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
+    ) -> None:
         super().__init__(task_names, task_weights, **options)
         self.temperature = self.config.temperature
         self.register_buffer("base", torch.tensor(base_weights(self.config, self.num_tasks)))  # --task-weights

@@ -25,7 +25,8 @@ a task's loss cannot shift the balance between tasks (it only rescales the whole
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -54,12 +55,16 @@ class FAMO(Balancer):
         gamma: float = Field(1e-3, ge=0.0, allow_inf_nan=False)
         min_losses: per_task() = 0.0  # type: ignore[valid-type]
 
-        no_task_weights: ClassVar[str] = ("it descends the log of each loss, where a constant factor cannot "
-                                          "shift the balance between tasks; the task weights are what it learns")
+        no_task_weights: ClassVar[str] = (
+            "it descends the log of each loss, where a constant factor cannot "
+            "shift the balance between tasks; the task weights are what it learns"
+        )
 
     config: Config
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+    def __init__(
+        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
+    ) -> None:
         super().__init__(task_names, task_weights, **options)
         self.lr = self.config.lr
         self.gamma = self.config.gamma

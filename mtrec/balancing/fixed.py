@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -20,7 +20,9 @@ class Fixed(Balancer):
 
     config: Config
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+    def __init__(
+        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
+    ) -> None:
         super().__init__(task_names, task_weights, **options)
         self.register_buffer("w", torch.tensor(base_weights(self.config, self.num_tasks)))
 

@@ -48,7 +48,8 @@ two tasks (level with LibMTL, whose methods run ``T`` full passes) and 2.6-2.8x 
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -58,7 +59,6 @@ from mtrec.balancing.base import Balancer, StepContext
 from mtrec.balancing.options import BalancerConfig, TaskWeightsConfig, base_weights
 from mtrec.errors import MtrecError
 from mtrec.models.reach import SharedSlice
-
 
 EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
@@ -121,7 +121,9 @@ class GradientBalancer(Balancer):
     Config = GradientConfig
     config: GradientOptions
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+    def __init__(
+        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
+    ) -> None:
         super().__init__(task_names, task_weights, **options)
         self.level = self.config.level
         self.embeddings = self.config.embeddings
@@ -129,7 +131,7 @@ class GradientBalancer(Balancer):
         self._checked_repr = False
         self._stats: dict[str, float] = {}
         self._last_c = np.ones(self.num_tasks)
-        self._last_gram: Optional[np.ndarray] = None
+        self._last_gram: np.ndarray | None = None
 
     # ---- the method ---------------------------------------------------------------------
     def coefficients(self, M: np.ndarray, losses: np.ndarray) -> np.ndarray:  # pragma: no cover
@@ -142,7 +144,7 @@ class GradientBalancer(Balancer):
         conflict monitor measures them (then it reads :meth:`shared_gram` instead of recomputing)."""
         return self.level == "params" and self.embeddings == "sum"
 
-    def shared_gram(self) -> Optional[np.ndarray]:
+    def shared_gram(self) -> np.ndarray | None:
         """The last step's Gram matrix of the (unweighted) task gradients: ``--task-weights`` divided out."""
         if self._last_gram is None:
             return None
@@ -170,7 +172,7 @@ class GradientBalancer(Balancer):
         """The scalar these coefficients would back-propagate (for callers that want a number)."""
         return (torch.as_tensor(self._last_c, dtype=losses.dtype, device=losses.device) * losses).sum()
 
-    def backward(self, losses: Tensor, context: StepContext, aux_loss: Optional[Tensor] = None) -> Tensor:
+    def backward(self, losses: Tensor, context: StepContext, aux_loss: Tensor | None = None) -> Tensor:
         model = context.model
         shared = [s for s in model.shared_slices() if s.param.requires_grad]
         if not shared:
@@ -216,7 +218,7 @@ class GradientBalancer(Balancer):
             p.grad = grad
 
     @staticmethod
-    def _flatten_into(row: Tensor, grads: Sequence[Optional[Tensor]], slices: Sequence[SharedSlice]) -> None:
+    def _flatten_into(row: Tensor, grads: Sequence[Tensor | None], slices: Sequence[SharedSlice]) -> None:
         offset = 0
         for g, s in zip(grads, slices):
             n = s.numel()
@@ -224,8 +226,7 @@ class GradientBalancer(Balancer):
                 row[offset : offset + n] = s.take(g)
             offset += n
 
-    def _backward_repr(self, task: Tensor, losses: Tensor, context: StepContext,
-                       aux_loss: Optional[Tensor]) -> None:
+    def _backward_repr(self, task: Tensor, losses: Tensor, context: StepContext, aux_loss: Tensor | None) -> None:
         output = context.extra.get("output")
         z = getattr(output, "shared", None)
         if z is None or not z.requires_grad:

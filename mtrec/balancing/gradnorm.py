@@ -21,7 +21,7 @@ Cost: ``T`` backward passes down to ``W`` only, plus the ordinary backward pass.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from pydantic import Field
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from mtrec.balancing.base import BALANCERS, Balancer, StepContext
 from mtrec.balancing.options import TaskWeightsConfig, base_weights
 from mtrec.errors import MtrecError
+
 
 def models_with_shared_layer(layout) -> list[str]:
     """Registered models that declare a shared layer when built on ``layout`` (for an error message)."""
@@ -48,7 +49,9 @@ def models_with_shared_layer(layout) -> list[str]:
 MIN_WEIGHT = 1e-4  # a weight is never allowed to reach zero (or go negative) between renormalisations
 
 
-@BALANCERS.register("gradnorm", "GradNorm: weights that equalise gradient norms on the last shared layer (Chen et al. 2018)")
+@BALANCERS.register(
+    "gradnorm", "GradNorm: weights that equalise gradient norms on the last shared layer (Chen et al. 2018)"
+)
 class GradNorm(Balancer):
     """GradNorm with asymmetry ``alpha`` (default 1.5); initial weights from ``--task-weights``."""
 
@@ -57,7 +60,9 @@ class GradNorm(Balancer):
 
     config: Config
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+    def __init__(
+        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
+    ) -> None:
         super().__init__(task_names, task_weights, **options)
         self.alpha = self.config.alpha
         start = torch.tensor(base_weights(self.config, self.num_tasks))  # the config refuses all zeros
@@ -73,7 +78,7 @@ class GradNorm(Balancer):
     def combine(self, losses: Tensor, context: StepContext) -> Tensor:
         return (self.normalised().to(losses.dtype) * losses).sum()
 
-    def backward(self, losses: Tensor, context: StepContext, aux_loss: Optional[Tensor] = None) -> Tensor:
+    def backward(self, losses: Tensor, context: StepContext, aux_loss: Tensor | None = None) -> Tensor:
         layer = [s for s in context.model.last_shared_slices() if s.param.requires_grad]
         if not layer:
             raise MtrecError(

@@ -14,7 +14,7 @@ gradient (the paper's coarsest granularity), tracked as coefficients on the Gram
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -24,8 +24,9 @@ from mtrec.balancing.base import BALANCERS
 from mtrec.balancing.gradient import GradientBalancer, GradientConfig
 
 
-def gradvac_adjust(M: np.ndarray, targets: np.ndarray, orders: Sequence[Sequence[int]],
-                   beta: float) -> tuple[np.ndarray, np.ndarray]:
+def gradvac_adjust(
+    M: np.ndarray, targets: np.ndarray, orders: Sequence[Sequence[int]], beta: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Coefficients ``A [T, T]`` of the vaccinated gradients and the updated EMA targets ``[T, T]``."""
     T = M.shape[0]
     A = np.eye(T)
@@ -40,8 +41,10 @@ def gradvac_adjust(M: np.ndarray, targets: np.ndarray, orders: Sequence[Sequence
             phi = float(np.clip((a @ M[:, j]) / (norm_i * norm_j), -1.0, 1.0))
             target = float(targets[i, j])
             if phi < target:
-                a[j] += norm_i * (target * np.sqrt(1 - phi**2) - phi * np.sqrt(1 - target**2)) / (
-                    norm_j * np.sqrt(max(1 - target**2, 1e-12))
+                a[j] += (
+                    norm_i
+                    * (target * np.sqrt(1 - phi**2) - phi * np.sqrt(1 - target**2))
+                    / (norm_j * np.sqrt(max(1 - target**2, 1e-12)))
                 )
             new[i, j] = (1 - beta) * target + beta * phi
     return A, new
@@ -56,7 +59,9 @@ class GradVac(GradientBalancer):
 
     config: Config
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+    def __init__(
+        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
+    ) -> None:
         super().__init__(task_names, task_weights, **options)
         self.beta = self.config.beta
         self.register_buffer("targets", torch.zeros(self.num_tasks, self.num_tasks, dtype=torch.float64))

@@ -17,7 +17,8 @@ absorbing any constant factor.
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -43,19 +44,25 @@ def imtl_weights(M: np.ndarray) -> np.ndarray:
     return np.concatenate([[1.0 - rest.sum()], rest])
 
 
-@BALANCERS.register("imtl", "IMTL-G: equal projection of the update on every task gradient's direction (Liu et al. 2021)")
+@BALANCERS.register(
+    "imtl", "IMTL-G: equal projection of the update on every task gradient's direction (Liu et al. 2021)"
+)
 class IMTL(GradientBalancer):
     """IMTL-G; ``hybrid=true`` for IMTL (loss scaling IMTL-L plus IMTL-G)."""
 
     class Config(GradientOptions):
         hybrid: bool = False
 
-        no_task_weights: ClassVar[str] = ("IMTL-G's update direction is the same whatever the size of each "
-                                          "task's gradient, and IMTL-L learns each loss's scale itself")
+        no_task_weights: ClassVar[str] = (
+            "IMTL-G's update direction is the same whatever the size of each "
+            "task's gradient, and IMTL-L learns each loss's scale itself"
+        )
 
     config: Config
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+    def __init__(
+        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
+    ) -> None:
         super().__init__(task_names, task_weights, **options)
         self.hybrid = self.config.hybrid
         if self.hybrid:

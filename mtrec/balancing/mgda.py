@@ -14,7 +14,8 @@ finitely many affine solves, where the Frank-Wolfe iterations of the paper only 
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 from pydantic import model_validator
@@ -72,7 +73,9 @@ def min_norm_weights(M: np.ndarray, tol: float = 1e-12, max_iter: int = 1000) ->
     return out
 
 
-@BALANCERS.register("mgda", "MGDA: min-norm point of the task gradients' convex hull; level=repr for MGDA-UB (Sener & Koltun 2018)")
+@BALANCERS.register(
+    "mgda", "MGDA: min-norm point of the task gradients' convex hull; level=repr for MGDA-UB (Sener & Koltun 2018)"
+)
 class MGDA(GradientBalancer):
     """Option ``normalize``: ``none`` (default), ``l2`` (unit gradients), ``loss`` (divide by the loss)
     or ``loss+`` (both), the normalisations of the paper's code; the weights then apply to the
@@ -86,15 +89,19 @@ class MGDA(GradientBalancer):
         normalize: Literal["none", "l2", "loss", "loss+"] = "none"
 
         @model_validator(mode="after")
-        def _weights_survive(self) -> "MGDA.Config":
+        def _weights_survive(self) -> MGDA.Config:
             if self.task_weights is not None and self.normalize in ("l2", "loss+"):
-                raise ValueError(f"normalize={self.normalize} scales every task gradient to unit norm, "
-                                 "which cancels --task-weights: drop them or use normalize=none|loss")
+                raise ValueError(
+                    f"normalize={self.normalize} scales every task gradient to unit norm, "
+                    "which cancels --task-weights: drop them or use normalize=none|loss"
+                )
             return self
 
     config: Config
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+    def __init__(
+        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
+    ) -> None:
         super().__init__(task_names, task_weights, **options)
         self.normalize = self.config.normalize
 

@@ -14,8 +14,6 @@ no solver dependency). A tiny ridge keeps ``F`` bounded when the gradients can c
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 from torch import Tensor
 
@@ -25,7 +23,7 @@ from mtrec.balancing.gradient import GradientBalancer
 RIDGE = 1e-8  # relative to each task's own squared gradient norm, so scaling a task leaves it invariant
 
 
-def nash_weights(M: np.ndarray, w: Optional[np.ndarray] = None, tol: float = 1e-14, max_iter: int = 100) -> np.ndarray:
+def nash_weights(M: np.ndarray, w: np.ndarray | None = None, tol: float = 1e-14, max_iter: int = 100) -> np.ndarray:
     """``a [T] >= 0`` with ``(M a)_t = w_t / a_t`` on the tasks whose gradient is not zero (0 elsewhere)."""
     T = M.shape[0]
     w = np.ones(T) if w is None else np.asarray(w, dtype=np.float64)

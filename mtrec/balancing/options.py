@@ -8,7 +8,7 @@ is a list of the right length, or a scalar meaning the same value for every task
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Optional
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -60,11 +60,11 @@ def per_task(**bounds: float) -> Any:
 class TaskWeightsConfig(BalancerConfig):
     """Adds ``task_weights`` (``--task-weights``): finite, non-negative, one per task, not all zero."""
 
-    task_weights: Optional[per_task(ge=0.0)] = None  # type: ignore[valid-type]
+    task_weights: per_task(ge=0.0) | None = None  # type: ignore[valid-type]
 
     @field_validator("task_weights")
     @classmethod
-    def _not_all_zero(cls, weights: Optional[list[float]]) -> Optional[list[float]]:
+    def _not_all_zero(cls, weights: list[float] | None) -> list[float] | None:
         if weights is not None and not any(w > 0 for w in weights):
             raise ValueError("task_weights are all 0: no task would train")
         return weights

@@ -10,7 +10,8 @@ and fade later (or the reverse above 1). The defaults (``initial`` from ``--task
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from pydantic import model_validator
@@ -25,24 +26,28 @@ def ple_weights(initial: Tensor, ratio: Tensor, k: int) -> Tensor:
     return initial * ratio**k
 
 
-@BALANCERS.register("ple_schedule", "PLE paper's schedule: initial weight times an update ratio per step (Tang et al. 2020)")
+@BALANCERS.register(
+    "ple_schedule", "PLE paper's schedule: initial weight times an update ratio per step (Tang et al. 2020)"
+)
 class PLESchedule(Balancer):
     """Options ``initial`` and ``ratio`` (scalar or one per task) and ``per`` (``step``, default, or ``epoch``)."""
 
     class Config(TaskWeightsConfig):
-        initial: Optional[per_task(ge=0.0)] = None  # type: ignore[valid-type]  # default: --task-weights or 1
+        initial: per_task(ge=0.0) | None = None  # type: ignore[valid-type]  # default: --task-weights or 1
         ratio: per_task(gt=0.0) = 1.0  # type: ignore[valid-type]
         per: Literal["step", "epoch"] = "step"
 
         @model_validator(mode="after")
-        def _one_start(self) -> "PLESchedule.Config":
+        def _one_start(self) -> PLESchedule.Config:
             if self.initial is not None and self.task_weights is not None:
                 raise ValueError("initial and --task-weights both set the initial weights; give one")
             return self
 
     config: Config
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+    def __init__(
+        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
+    ) -> None:
         super().__init__(task_names, task_weights, **options)
         c = self.config
         start = base_weights(c, self.num_tasks) if c.initial is None else c.initial

@@ -11,7 +11,8 @@ preference for any task, and fixed preferences are what ``fixed`` is for.
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -31,13 +32,17 @@ class RLW(Balancer):
     """RLW; option ``seed`` (default: the run's seed)."""
 
     class Config(BalancerConfig):
-        seed: Optional[int] = Field(None, ge=0)  # None: the run's seed
+        seed: int | None = Field(None, ge=0)  # None: the run's seed
 
-        no_task_weights: ClassVar[str] = "its weights are random draws with no preference for any task (use 'fixed' for fixed weights)"
+        no_task_weights: ClassVar[str] = (
+            "its weights are random draws with no preference for any task (use 'fixed' for fixed weights)"
+        )
 
     config: Config
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+    def __init__(
+        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
+    ) -> None:
         super().__init__(task_names, task_weights, **options)
         seed = self.config.seed
         self.generator = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)

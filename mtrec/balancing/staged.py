@@ -15,7 +15,8 @@ epochs per stage, one number for all or a list (the last stage runs until traini
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import torch
 from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
@@ -57,7 +58,9 @@ def _epochs_per_stage(value: Any, info: ValidationInfo) -> Any:
     return [value] * max(len(stages) - 1, 1) if stages else [value]
 
 
-@BALANCERS.register("staged", "staged continual multi-task training: tasks added stage by stage, earlier ones kept (ERNIE 2.0)")
+@BALANCERS.register(
+    "staged", "staged continual multi-task training: tasks added stage by stage, earlier ones kept (ERNIE 2.0)"
+)
 class Staged(Balancer):
     """Loss mask by epoch: stage ``k`` trains every task introduced in stages ``1..k``."""
 
@@ -80,7 +83,9 @@ class Staged(Balancer):
 
     config: Config
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+    def __init__(
+        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
+    ) -> None:
         super().__init__(task_names, task_weights, **options)
         introduced = self.config.stages
         epochs = self.config.stage_epochs

@@ -14,7 +14,8 @@ error (regression) or twice its loss (classification). The form of each task fol
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,9 @@ class UncertaintyWeighting(Balancer):
 
     config: Config
 
-    def __init__(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None, **options: object) -> None:
+    def __init__(
+        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
+    ) -> None:
         super().__init__(task_names, task_weights, **options)
         self.form = self.config.form
         self.log_var = nn.Parameter(torch.zeros(self.num_tasks))  # s_t = log sigma_t^2

@@ -8,10 +8,10 @@ encodes exactly as training did. Every check of the input raises one
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import polars as pl
@@ -61,7 +61,7 @@ def read_frame(path: Path, schema: Schema) -> pl.DataFrame:
     return frame
 
 
-def _sample_weights(frame: pl.DataFrame, schema: Schema, labels: np.ndarray, path: Path) -> Optional[np.ndarray]:
+def _sample_weights(frame: pl.DataFrame, schema: Schema, labels: np.ndarray, path: Path) -> np.ndarray | None:
     """Per-sample, per-task loss weights ``[N, T]`` (the schema's ``sample_weight`` column times each
     task's own), or None when the schema weighs nothing."""
     columns = [(schema.sample_weight, "sample_weight", None)] + [
@@ -142,7 +142,7 @@ class Encoders:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Encoders":
+    def from_dict(cls, data: dict) -> Encoders:
         return cls(
             vocabs={k: list(v) for k, v in data["vocabs"].items()},
             stats=dict(data["stats"]),
@@ -157,7 +157,9 @@ def _vocab_owner(f: FeatureSpec) -> str:
 def _sequence_tokens(frame: pl.DataFrame, f: FeatureSpec) -> pl.Series:
     """Per row, the list of the first ``max_len`` tokens (a missing cell is an empty list)."""
     column = frame.get_column(f.source_column).cast(pl.String).fill_null("")
-    return column.str.split(f.separator).list.head(f.max_len).list.eval(pl.element().str.replace(INTEGRAL_FLOAT, "${1}"))
+    return (
+        column.str.split(f.separator).list.head(f.max_len).list.eval(pl.element().str.replace(INTEGRAL_FLOAT, "${1}"))
+    )
 
 
 def _dense_values(frame: pl.DataFrame, f: FeatureSpec, path: Path) -> np.ndarray:
@@ -230,7 +232,9 @@ def _vocab_table(vocab: list[str]) -> pl.DataFrame:
     if hit is not None and hit[0] is vocab:
         return hit[1]
     # vocabularies fitted before ids were canonical may hold "617.0": read them the same way (first wins)
-    table = pl.DataFrame({"token": canonical_ids(pl.Series(vocab, dtype=pl.String)), "id": np.arange(2, len(vocab) + 2)})
+    table = pl.DataFrame(
+        {"token": canonical_ids(pl.Series(vocab, dtype=pl.String)), "id": np.arange(2, len(vocab) + 2)}
+    )
     table = table.unique("token", keep="first", maintain_order=True)
     if len(_TABLES) >= 256:
         _TABLES.clear()
@@ -303,7 +307,9 @@ def _regression_labels(frame: pl.DataFrame, t: TaskSpec, path: Path) -> np.ndarr
     """Values as float64, NaN where blank or NaN; infinities are an error."""
     values = _as_float(frame, t.label, path, f"task {t.name}")
     if np.isinf(values).any():
-        raise MtrecError(f"{path}: column '{t.label}' (task {t.name}) has {int(np.isinf(values).sum())} infinite label(s)")
+        raise MtrecError(
+            f"{path}: column '{t.label}' (task {t.name}) has {int(np.isinf(values).sum())} infinite label(s)"
+        )
     return values
 
 
@@ -388,7 +394,7 @@ def load_splits(schema: Schema) -> dict[str, tuple[pl.DataFrame, Path]]:
     """Read the source files and carve the missing splits from train (seeded)."""
     paths = schema.source_paths()
     frames = {split: (read_frame(path, schema), path) for split, path in paths.items()}
-    for split, (frame, path) in frames.items():
+    for frame, path in frames.values():
         check_columns(frame, path, schema)
         read_labels(frame, schema, path)  # label errors counted over the whole file, before any carving
     train, train_path = frames["train"]
@@ -406,7 +412,9 @@ def load_splits(schema: Schema) -> dict[str, tuple[pl.DataFrame, Path]]:
     return frames
 
 
-def ingest(schema: Schema, echo: Optional[Callable[[str], None]] = None) -> tuple[dict[str, dict[str, np.ndarray]], Encoders, FeatureLayout]:
+def ingest(
+    schema: Schema, echo: Callable[[str], None] | None = None
+) -> tuple[dict[str, dict[str, np.ndarray]], Encoders, FeatureLayout]:
     """Read, split, fit on train, and encode every split (``echo`` gets a line with the row counts)."""
     frames = load_splits(schema)
     if echo is not None:
@@ -421,4 +429,3 @@ def ingest(schema: Schema, echo: Optional[Callable[[str], None]] = None) -> tupl
 def encode_file(path: Path, schema: Schema, enc: Encoders, with_labels: bool) -> dict[str, np.ndarray]:
     """Encode a new file (prediction, evaluation) with already fitted encoders."""
     return encode(read_frame(path, schema), schema, enc, path, with_labels=with_labels)
-

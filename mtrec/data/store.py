@@ -16,9 +16,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ class Store:
     layout: FeatureLayout
     schema: dict
 
-    def split(self, name: str) -> Optional[TensorTable]:
+    def split(self, name: str) -> TensorTable | None:
         return self.splits.get(name)
 
 
@@ -86,7 +86,9 @@ def clean_stale_temporaries(folder: Path) -> list[Path]:
             continue
         match = TMP_PID.match(path.name)
         try:
-            stale = not _pid_alive(int(match.group(1))) if match else time.time() - path.stat().st_mtime > STALE_UNKNOWN_S
+            stale = (
+                not _pid_alive(int(match.group(1))) if match else time.time() - path.stat().st_mtime > STALE_UNKNOWN_S
+            )
         except OSError:
             continue
         if stale:
@@ -95,7 +97,7 @@ def clean_stale_temporaries(folder: Path) -> list[Path]:
     return removed
 
 
-def _write_store(target: Path, schema: Schema, echo: Optional[Callable[[str], None]] = None) -> None:
+def _write_store(target: Path, schema: Schema, echo: Callable[[str], None] | None = None) -> None:
     arrays, enc, layout = ingest(schema, echo=echo)  # raises MtrecError before anything is written
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.pid{os.getpid()}.", suffix=".tmp"))
@@ -108,7 +110,9 @@ def _write_store(target: Path, schema: Schema, echo: Optional[Callable[[str], No
             "schema": schema.to_dict(),
             "encoders": enc.to_dict(),
             "layout": layout.to_dict(),
-            "splits": {split: {"rows": int(cols["labels"].shape[0]), "arrays": sorted(cols)} for split, cols in arrays.items()},
+            "splits": {
+                split: {"rows": int(cols["labels"].shape[0]), "arrays": sorted(cols)} for split, cols in arrays.items()
+            },
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
@@ -139,7 +143,7 @@ def store_path(schema: Schema) -> Path:
     return cache_root() / "stores" / f"{schema.name}-{schema.fingerprint()[:20]}"
 
 
-def load_store(schema: Schema, rebuild: bool = False, echo: Optional[Callable[[str], None]] = None) -> Store:
+def load_store(schema: Schema, rebuild: bool = False, echo: Callable[[str], None] | None = None) -> Store:
     """Open the store of ``schema``, building it first when missing or stale (``echo`` gets one line
     saying which)."""
     path = store_path(schema)

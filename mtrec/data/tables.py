@@ -9,8 +9,8 @@ so there is no per-row ``__getitem__`` anywhere.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -29,14 +29,14 @@ class SequenceField:
     vocab_size: int
     embed_dim: int
     max_len: int
-    shares: Optional[str] = None  # sparse feature whose embedding rows this sequence uses
+    shares: str | None = None  # sparse feature whose embedding rows this sequence uses
 
 
 @dataclass
 class TaskField:
     name: str
     type: str  # "binary" or "regression"
-    space: Optional[str] = None
+    space: str | None = None
     weight: float = 1.0
     # regression: train mean/std of the label; training compares outputs with (label - mean) / std,
     # predictions are output * std + mean (0 and 1 when not standardised, and for binary tasks)
@@ -68,7 +68,7 @@ class FeatureLayout:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FeatureLayout":
+    def from_dict(cls, data: dict) -> FeatureLayout:
         return cls(
             sparse=[SparseField(**d) for d in data["sparse"]],
             dense=list(data["dense"]),
@@ -85,13 +85,13 @@ class TensorTable:
     dense: Tensor  # [N, F_dense] float32, standardised
     labels: Tensor  # [N, T] float32 (zeros where a table has no labels)
     sequences: dict[str, Tensor] = field(default_factory=dict)  # name -> [N, L] int64, 0 = padding
-    weight: Optional[Tensor] = None  # [N, T] float32 per-sample, per-task loss weight
-    user: Optional[Tensor] = None  # [N] int64 user index, for grouped metrics
+    weight: Tensor | None = None  # [N, T] float32 per-sample, per-task loss weight
+    user: Tensor | None = None  # [N] int64 user index, for grouped metrics
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def _map(self, fn) -> "TensorTable":
+    def _map(self, fn) -> TensorTable:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -103,15 +103,15 @@ class TensorTable:
                 out[f.name] = fn(value)
         return replace(self, **out)
 
-    def slice(self, start: int, stop: int) -> "TensorTable":
+    def slice(self, start: int, stop: int) -> TensorTable:
         """Rows ``start:stop`` as views (no copy)."""
         return self._map(lambda t: t[start:stop])
 
-    def take(self, index: Tensor) -> "TensorTable":
+    def take(self, index: Tensor) -> TensorTable:
         """Rows at ``index`` (one gather per tensor)."""
         return self._map(lambda t: t.index_select(0, index))
 
-    def to(self, device: torch.device | str) -> "TensorTable":
+    def to(self, device: torch.device | str) -> TensorTable:
         return self._map(lambda t: t.to(device))
 
 
@@ -119,7 +119,7 @@ def iterate_batches(
     table: TensorTable,
     batch_size: int,
     shuffle: bool = False,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     drop_last: bool = False,
 ) -> Iterator[TensorTable]:
     """Yield batches as contiguous slices; when ``shuffle``, permute once per call."""

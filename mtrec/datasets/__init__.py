@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from pydantic import ValidationError
 
@@ -19,7 +18,7 @@ DATASETS: dict[str, str] = {
 }
 
 
-def dataset_schema_path(name: str, args: Optional[dict] = None) -> Path:
+def dataset_schema_path(name: str, args: dict | None = None) -> Path:
     """Path of the schema file of an embedded data set (generated first for ``synthetic``)."""
     if name not in DATASETS:
         raise MtrecError(f"unknown dataset '{name}'; choose one of: {', '.join(sorted(DATASETS))}")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 import yaml
@@ -16,8 +16,9 @@ from pydantic import BaseModel
 from mtrec.files import write_atomic, write_text_atomic
 
 
-def write_once(cache: Path, kind: str, args: BaseModel, rows: Callable[[], pl.DataFrame], spec: dict,
-               what: str) -> Path:
+def write_once(
+    cache: Path, kind: str, args: BaseModel, rows: Callable[[], pl.DataFrame], spec: dict, what: str
+) -> Path:
     """Return the schema path of data set ``kind`` with ``args`` in ``cache``, writing it first if absent:
     ``rows()`` to ``rows.parquet`` then ``spec`` (the schema, with a comment line naming ``what`` and the
     arguments) to ``schema.yaml``. The schema is written last, so its presence means the rows are whole."""

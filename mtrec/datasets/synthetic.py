@@ -72,6 +72,9 @@ def schema_path(args: SyntheticArgs, cache: Path) -> Path:
         "format": {"type": "parquet"},
         "split": {"valid": args.valid, "test": args.test},
         "features": [{"name": f"x{i}", "type": "dense"} for i in range(args.dim)],
-        "tasks": [{"name": "y1", "type": "regression", "label": "y1"}, {"name": "y2", "type": "regression", "label": "y2"}],
+        "tasks": [
+            {"name": "y1", "type": "regression", "label": "y1"},
+            {"name": "y2", "type": "regression", "label": "y2"},
+        ],
     }
     return write_once(cache, "synthetic", args, rows, spec, "MMoE paper synthetic data")

@@ -42,8 +42,12 @@ def run_demo(out: Path, seed: int = 0, epochs: int = 30, progress: bool | None =
                 seconds[model] = time.perf_counter() - start
                 best_epoch[model] = result.fit.best_epoch
             test_auc.setdefault(model, []).append({t: result.metrics["test"][t]["auc"] for t in tasks})
-            print(f"{model} (seed {s}): " + ", ".join(f"{t} {test_auc[model][-1][t]:.4f}" for t in tasks)
-                  + f" ({time.perf_counter() - start:.0f}s)", flush=True)
+            print(
+                f"{model} (seed {s}): "
+                + ", ".join(f"{t} {test_auc[model][-1][t]:.4f}" for t in tasks)
+                + f" ({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
     spread = {t: statistics.stdev(r[t] for r in test_auc["single_task"]) for t in tasks}
     noise = {t: NOISE_FACTOR * spread[t] for t in tasks}
     per_seed = {m: {t: [r[t] for r in runs] for t in tasks} for m, runs in test_auc.items()}
@@ -61,7 +65,9 @@ def run_demo(out: Path, seed: int = 0, epochs: int = 30, progress: bool | None =
         aucs = " | ".join(f"{mean[model][t]:.4f}" for t in tasks)
         if model in verdicts:
             v = verdicts[model]
-            deltas = " | ".join(f"{v['deltas'][t]:+.5f}{'' if v['changed'][t] != 'noise' else ' (noise)'}" for t in tasks)
+            deltas = " | ".join(
+                f"{v['deltas'][t]:+.5f}{'' if v['changed'][t] != 'noise' else ' (noise)'}" for t in tasks
+            )
             word = v["verdict"]
         else:
             deltas, word = " | ".join("baseline" for _ in tasks), "-"
@@ -69,8 +75,10 @@ def run_demo(out: Path, seed: int = 0, epochs: int = 30, progress: bool | None =
     lines += [
         "",
         "Noise: the seed-to-seed standard deviation of single_task's test AUC over its "
-        f"{BASELINE_SEEDS} seeds, " + ", ".join(f"{t} {spread[t]:.5f}" for t in tasks)
-        + f"; a change counts only beyond {NOISE_FACTOR:g} times it (" + ", ".join(f"{t} {noise[t]:.5f}" for t in tasks)
+        f"{BASELINE_SEEDS} seeds, "
+        + ", ".join(f"{t} {spread[t]:.5f}" for t in tasks)
+        + f"; a change counts only beyond {NOISE_FACTOR:g} times it ("
+        + ", ".join(f"{t} {noise[t]:.5f}" for t in tasks)
         + "), smaller ones are marked (noise).",
         "Verdicts against single_task: well-done (every task better), not-bad (none worse, at least one better),",
         "seesaw (some better, some worse), negative-transfer (none better, at least one worse; all worse is",

@@ -8,21 +8,20 @@ atomically) and a few plain-language lines.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from mtrec.data.ingest import encode, load_splits
 from mtrec.data.store import table_from_arrays
-from mtrec.files import read_json, write_json_atomic
 from mtrec.diagnostics.gates import findings as gate_findings
 from mtrec.diagnostics.gates import gate_utilisation
 from mtrec.errors import MtrecError
+from mtrec.files import read_json, write_json_atomic
 
 ALIGNED_COS = 0.1  # mean cosine above which (with few conflicts) two tasks' gradients pull together
 CONFLICT_SHARE = 0.5  # share of samples in conflict above which a pair is called conflicting
 LEARNING = 0.9  # a task whose loss stays above this fraction of its first value is hardly learning
 
 
-def monitor_summary(history: list[dict]) -> Optional[dict]:
+def monitor_summary(history: list[dict]) -> dict | None:
     """The monitor's samples over all epochs: per pair the sample-weighted mean cosine and conflict share
     and the last epoch's norm ratio; per task the last velocity. None when the run had no monitor."""
     epochs = [h["monitor"] for h in history if h.get("monitor", {}).get("samples")]
@@ -43,7 +42,7 @@ def monitor_summary(history: list[dict]) -> Optional[dict]:
     return {"samples": samples, "every": epochs[-1].get("every"), "pairs": pairs, "tasks": tasks}
 
 
-def monitor_findings(summary: Optional[dict]) -> list[str]:
+def monitor_findings(summary: dict | None) -> list[str]:
     if summary is None:
         return ["conflict monitor: this run was trained without it (--monitor-every 0)"]
     lines = []
@@ -53,8 +52,11 @@ def monitor_findings(summary: Optional[dict]) -> list[str]:
             continue
         a, b = name.split("~")
         word = (
-            "conflicting" if p["cos_mean"] < 0 or p["conflict_share"] > CONFLICT_SHARE
-            else "aligned" if p["cos_mean"] > ALIGNED_COS else "nearly orthogonal"
+            "conflicting"
+            if p["cos_mean"] < 0 or p["conflict_share"] > CONFLICT_SHARE
+            else "aligned"
+            if p["cos_mean"] > ALIGNED_COS
+            else "nearly orthogonal"
         )
         ratio = p["norm_ratio_last_epoch"]
         lines.append(

@@ -60,8 +60,9 @@ def gate_means(model: torch.nn.Module, table: TensorTable, batch_size: int = 819
     return out
 
 
-def gate_utilisation(model: torch.nn.Module, table: TensorTable, unused: float = UNUSED,
-                     monopoly: float = MONOPOLY) -> dict[str, dict]:
+def gate_utilisation(
+    model: torch.nn.Module, table: TensorTable, unused: float = UNUSED, monopoly: float = MONOPOLY
+) -> dict[str, dict]:
     """Panels of gate usage (see the module docstring); empty for a model without gates."""
     per_gate = gate_means(model, table)
     panels: dict[str, dict] = {}
@@ -109,4 +110,3 @@ def findings(util: dict[str, dict]) -> list[str]:
         for m in p["monopolised"]:
             lines.append(f"{where}expert {m['expert']} is shared but {m['by']} takes {m['share']:.0%} of its use")
     return lines
-

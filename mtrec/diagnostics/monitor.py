@@ -17,7 +17,7 @@ same gradients: the monitor then reads its Gram matrix instead, at no cost.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ def pair_names(tasks: list[str]) -> list[tuple[int, int, str]]:
     return [(a, b, f"{tasks[a]}~{tasks[b]}") for a in range(len(tasks)) for b in range(a + 1, len(tasks))]
 
 
-def gram_of_task_gradients(model: torch.nn.Module, losses: torch.Tensor) -> Optional[np.ndarray]:
+def gram_of_task_gradients(model: torch.nn.Module, losses: torch.Tensor) -> np.ndarray | None:
     """``M = G G^T`` ``[T, T]`` of the tasks' gradients on the shared dense elements (None: nothing shared)."""
     slices = [s for s in dense_shared_slices(model) if s.param.requires_grad]
     if not slices:
@@ -44,7 +44,9 @@ def gram_of_task_gradients(model: torch.nn.Module, losses: torch.Tensor) -> Opti
     rows = []
     for t in range(losses.shape[0]):
         grads = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
-        parts = [s.take(g) if g is not None else torch.zeros(s.numel(), dtype=s.param.dtype) for g, s in zip(grads, slices)]
+        parts = [
+            s.take(g) if g is not None else torch.zeros(s.numel(), dtype=s.param.dtype) for g, s in zip(grads, slices)
+        ]
         rows.append(torch.cat(parts))
     G = torch.stack(rows)  # [T, P]
     return (G @ G.T).double().numpy()
@@ -59,13 +61,13 @@ class ConflictMonitor(Callback):
         self.every = every
         self.writer = writer  # a tensorboardX SummaryWriter, or None
         self.samples: list[dict] = []
-        self.initial: Optional[np.ndarray] = None
-        self._pending: Optional[dict] = None
+        self.initial: np.ndarray | None = None
+        self._pending: dict | None = None
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: Trainer) -> None:
         self.samples, self.initial, self._pending = [], None, None
 
-    def on_losses(self, trainer: "Trainer", step: int, losses: torch.Tensor, output: Any) -> None:
+    def on_losses(self, trainer: Trainer, step: int, losses: torch.Tensor, output: Any) -> None:
         if step % self.every:
             return
         loss = losses.detach().double().numpy()
@@ -73,7 +75,7 @@ class ConflictMonitor(Callback):
         if not getattr(trainer.balancer, "builds_shared_gram", False):
             self._pending["gram"] = gram_of_task_gradients(trainer.model, losses)
 
-    def on_batch_end(self, trainer: "Trainer", step: int, losses: torch.Tensor) -> None:
+    def on_batch_end(self, trainer: Trainer, step: int, losses: torch.Tensor) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -95,20 +97,25 @@ class ConflictMonitor(Callback):
             for a, b, name in pair_names(tasks):
                 self.writer.add_scalar(f"monitor/cos/{name.replace('~', '_vs_')}", float(cos[a, b]), pending["step"])
 
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, record: dict) -> None:
+    def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict) -> None:
         record["monitor"] = self.summary(trainer.model.task_names)
         self.samples = []
 
     def state_dict(self) -> dict:
         """This epoch's samples so far and the first losses (arrays as tensors), for checkpoints."""
+
         def tensors(sample: dict) -> dict:
             return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in sample.items()}
 
-        return {"samples": [tensors(s) for s in self.samples],
-                "initial": None if self.initial is None else torch.from_numpy(self.initial)}
+        return {
+            "samples": [tensors(s) for s in self.samples],
+            "initial": None if self.initial is None else torch.from_numpy(self.initial),
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.samples = [{k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in s.items()} for s in state["samples"]]
+        self.samples = [
+            {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in s.items()} for s in state["samples"]
+        ]
         self.initial = None if state["initial"] is None else state["initial"].numpy()
 
     def summary(self, tasks: list[str]) -> dict:
@@ -135,9 +142,9 @@ class ConflictMonitor(Callback):
         return out
 
 
-def _finite(x: float) -> Optional[float]:
+def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(float(x)) else None
 
 
-def _mean(values: np.ndarray) -> Optional[float]:
+def _mean(values: np.ndarray) -> float | None:
     return float(np.mean(values)) if len(values) else None

@@ -19,8 +19,6 @@ A recommendation per pair comes out of them in plain words, with the numbers beh
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression, Ridge
@@ -76,8 +74,9 @@ def representation(model, table: TensorTable, batch_size: int = 8192) -> np.ndar
     return torch.cat(out).numpy()
 
 
-def probe_score(rep_fit: np.ndarray, rep_score: np.ndarray, fit: TensorTable, score: TensorTable, layout, t: int,
-                seed: int) -> Optional[float]:
+def probe_score(
+    rep_fit: np.ndarray, rep_score: np.ndarray, fit: TensorTable, score: TensorTable, layout, t: int, seed: int
+) -> float | None:
     """A linear probe for task ``t`` fitted on the representation ``rep_fit`` of ``fit``'s rows, scored on
     ``rep_score`` of ``score``'s rows (AUC or R^2)."""
     a, b = _observed(fit, layout, t), _observed(score, layout, t)
@@ -96,13 +95,16 @@ class _Probes(Callback):
 
     def __init__(self, fit: TensorTable, score: TensorTable, layout, seed: int) -> None:
         self.fit, self.score, self.layout, self.seed = fit, score, layout, seed
-        self.curves: list[list[Optional[float]]] = []  # [epochs + 1][T]
+        self.curves: list[list[float | None]] = []  # [epochs + 1][T]
 
     def _measure(self, model) -> None:
         rep_fit, rep_score = representation(model, self.fit), representation(model, self.score)  # once for every task
-        self.curves.append([
-            probe_score(rep_fit, rep_score, self.fit, self.score, self.layout, t, self.seed) for t in range(self.layout.num_tasks)
-        ])
+        self.curves.append(
+            [
+                probe_score(rep_fit, rep_score, self.fit, self.score, self.layout, t, self.seed)
+                for t in range(self.layout.num_tasks)
+            ]
+        )
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self._measure(trainer.model)
@@ -111,18 +113,24 @@ class _Probes(Callback):
         self._measure(trainer.model)
 
 
-def train_alone(store: Store, a: int, epochs: int, seed: int, config: TrainConfig) -> list[list[Optional[float]]]:
+def train_alone(store: Store, a: int, epochs: int, seed: int, config: TrainConfig) -> list[list[float | None]]:
     """Train ``shared_bottom`` on task ``a`` only; every task's probe curve ``[epochs + 1][T]``."""
     layout = store.layout
     train, valid = store.split("train"), store.split("valid")
     gen = torch.Generator().manual_seed(seed)
-    fit = train.slice(0, len(train)) if len(train) <= PROBE_ROWS else train.take(torch.randperm(len(train), generator=gen)[:PROBE_ROWS])
+    fit = (
+        train.slice(0, len(train))
+        if len(train) <= PROBE_ROWS
+        else train.take(torch.randperm(len(train), generator=gen)[:PROBE_ROWS])
+    )
     seed_everything(seed)
     model = build_model("shared_bottom", layout, MODEL)
     weights = [1.0 if t == a else 0.0 for t in range(layout.num_tasks)]
     balancer = build_balancer("fixed", layout.task_names, {}, weights)
     probes = _Probes(fit, valid, layout, seed)
-    cfg = config.model_copy(update={"epochs": epochs, "patience": epochs, "seed": seed, "monitor_every": 0, "progress": False})
+    cfg = config.model_copy(
+        update={"epochs": epochs, "patience": epochs, "seed": seed, "monitor_every": 0, "progress": False}
+    )
     Trainer(model, balancer, cfg, callbacks=[probes]).fit(train, valid)
     return probes.curves
 
@@ -135,7 +143,9 @@ def sharing_verdict(store: Store, epochs: int, seeds: int, config: TrainConfig) 
     for name in ("single_task", "shared_bottom"):
         for seed in range(seeds):
             seed_everything(seed)
-            model = build_model(name, layout, {"bottom_hidden": MODEL["bottom_hidden"], "tower_hidden": MODEL["tower_hidden"]})
+            model = build_model(
+                name, layout, {"bottom_hidden": MODEL["bottom_hidden"], "tower_hidden": MODEL["tower_hidden"]}
+            )
             cfg = config.model_copy(update={"epochs": epochs, "seed": seed, "monitor_every": 0, "progress": False})
             trainer = Trainer(model, build_balancer("fixed", layout.task_names, {}, None), cfg)
             trainer.fit(store.split("train"), store.split("valid"))
@@ -146,7 +156,7 @@ def sharing_verdict(store: Store, epochs: int, seeds: int, config: TrainConfig) 
     return {"metric": metric, "valid": results, **verdict}
 
 
-def relate(schema: Schema, epochs: int = 3, seeds: int = 2, config: Optional[TrainConfig] = None) -> dict:
+def relate(schema: Schema, epochs: int = 3, seeds: int = 2, config: TrainConfig | None = None) -> dict:
     """Every probe of the module docstring on ``schema``; a JSON-able dict with ``findings``."""
     config = config or TrainConfig()
     store = load_store(schema)
@@ -159,7 +169,7 @@ def relate(schema: Schema, epochs: int = 3, seeds: int = 2, config: Optional[Tra
     corr = label_correlation(store.split("train"), layout)
     curves = {names[a]: train_alone(store, a, epochs, seed=0, config=config) for a in range(len(names))}
     transfer: dict[str, dict[str, dict]] = {}
-    for a, name_a in enumerate(names):
+    for _a, name_a in enumerate(names):
         for b, name_b in enumerate(names):
             series = [row[b] for row in curves[name_a]]
             start, end = series[0], series[-1]
@@ -193,7 +203,11 @@ def findings(result: dict) -> list[str]:
             helps = [g for g in (g_xy, g_yx) if g is not None]
             changes = [verdict["changed"][x], verdict["changed"][y]]
             if "worse" in changes:
-                word = "conflicting: hard sharing hurt " + " and ".join(t for t, c in zip((x, y), changes) if c == "worse") + "; prefer gated models (mmoe, ple) or separate models"
+                word = (
+                    "conflicting: hard sharing hurt "
+                    + " and ".join(t for t, c in zip((x, y), changes) if c == "worse")
+                    + "; prefer gated models (mmoe, ple) or separate models"
+                )
             elif helps and max(helps) > TRANSFER:
                 word = "related, MTL safe" + (" and helpful" if "better" in changes else "")
             else:
@@ -206,5 +220,5 @@ def findings(result: dict) -> list[str]:
     return lines
 
 
-def _fmt(x: Optional[float]) -> str:
+def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.3f}"

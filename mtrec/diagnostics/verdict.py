@@ -16,16 +16,16 @@ verdict to give, and :func:`compare_to_baseline` says so instead of calling nois
 from __future__ import annotations
 
 import statistics
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 from mtrec.errors import MtrecError
 from mtrec.metrics.core import HIGHER_IS_BETTER
 
 VERDICTS = ("well-done", "not-bad", "seesaw", "negative-transfer", "neutral")
-Values = Union[float, Sequence[float], None]
+Values = float | Sequence[float] | None
 
 
-def verdict(deltas: Sequence[float], tolerance: Union[float, Sequence[float]] = 0.0) -> str:
+def verdict(deltas: Sequence[float], tolerance: float | Sequence[float] = 0.0) -> str:
     """Verdict from per-task changes (positive = better than single-task); a change within its
     ``tolerance`` (one for all tasks, or one per task) is no change."""
     tol = [tolerance] * len(deltas) if isinstance(tolerance, (int, float)) else list(tolerance)
@@ -54,8 +54,8 @@ def _seeds(values: Values, model: str, task: str, metric: str) -> list[float]:
 def compare_to_baseline(
     results: Mapping[str, Mapping[str, Values]],
     baseline: str = "single_task",
-    metrics: Optional[Mapping[str, str]] = None,
-    noise: Optional[Mapping[str, float]] = None,
+    metrics: Mapping[str, str] | None = None,
+    noise: Mapping[str, float] | None = None,
 ) -> dict[str, dict]:
     """``results``: model -> task -> the metric (one value, or one per seed). ``metrics``: task -> metric
     name (default ``auc``), for its direction. ``noise``: task -> the smallest change that counts (a

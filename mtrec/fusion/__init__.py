@@ -11,4 +11,11 @@
 from mtrec.fusion.calibration import Calibrators, expected_calibration_error
 from mtrec.fusion.spec import FusionSpec, apply_fusion, apply_fusion_torch, load_fusion
 
-__all__ = ["Calibrators", "FusionSpec", "apply_fusion", "apply_fusion_torch", "expected_calibration_error", "load_fusion"]
+__all__ = [
+    "Calibrators",
+    "FusionSpec",
+    "apply_fusion",
+    "apply_fusion_torch",
+    "expected_calibration_error",
+    "load_fusion",
+]

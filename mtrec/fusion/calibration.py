@@ -22,8 +22,9 @@ applies them, and so can any other scorer: ``Calibrators.load(run).apply(scores)
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ def _bin_index(p: np.ndarray, bins: int) -> np.ndarray:
     return np.clip((np.asarray(p, np.float64) * bins).astype(np.int64), 0, bins - 1)
 
 
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = DEFAULT_BINS) -> Optional[float]:
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = DEFAULT_BINS) -> float | None:
     """ECE of probabilities ``p`` against 0/1 labels ``y`` over ``bins`` equal-width bins (None when empty)."""
     y, p = np.asarray(y, np.float64), np.asarray(p, np.float64)
     if len(y) == 0:
@@ -65,8 +66,13 @@ def calibration_curve(y: np.ndarray, p: np.ndarray, bins: int = DEFAULT_BINS) ->
     pos = np.bincount(b, weights=y, minlength=bins)
     tot = np.bincount(b, weights=p, minlength=bins)
     return [
-        {"lo": i / bins, "hi": (i + 1) / bins, "count": int(count[i]),
-         "mean_score": float(tot[i] / count[i]), "positive_rate": float(pos[i] / count[i])}
+        {
+            "lo": i / bins,
+            "hi": (i + 1) / bins,
+            "count": int(count[i]),
+            "mean_score": float(tot[i] / count[i]),
+            "positive_rate": float(pos[i] / count[i]),
+        }
         for i in np.flatnonzero(count)
     ]
 
@@ -87,8 +93,11 @@ def fit_calibrator(method: Method, p: np.ndarray, y: np.ndarray) -> dict:
         raise ValueError("needs both label classes")
     if method == "temperature":
         z = _logit(p)
-        res = minimize_scalar(lambda log_t: log_loss(y, np.clip(_sigmoid(z / np.exp(log_t)), EPS, 1 - EPS), labels=[0, 1]),
-                              bounds=(-5.0, 5.0), method="bounded")
+        res = minimize_scalar(
+            lambda log_t: log_loss(y, np.clip(_sigmoid(z / np.exp(log_t)), EPS, 1 - EPS), labels=[0, 1]),
+            bounds=(-5.0, 5.0),
+            method="bounded",
+        )
         return {"temperature": float(np.exp(res.x))}
     if method == "platt":
         lr = LogisticRegression(C=1e10, max_iter=1000).fit(_logit(p)[:, None], y.astype(int))
@@ -166,29 +175,33 @@ class Calibrators:
     calibrated ones; a run without ``calibration.json`` gets the identity.
     """
 
-    def __init__(self, method: Optional[str], task_names: Sequence[str], params: dict[str, Optional[dict]]):
+    def __init__(self, method: str | None, task_names: Sequence[str], params: dict[str, dict | None]):
         self.method = method
         self.task_names = list(task_names)
         self.params = params
 
     @classmethod
-    def identity(cls, task_names: Sequence[str]) -> "Calibrators":
+    def identity(cls, task_names: Sequence[str]) -> Calibrators:
         return cls(None, task_names, {})
 
     @classmethod
-    def fit(cls, method: Method, scores: np.ndarray, labels: np.ndarray, layout: FeatureLayout) -> "Calibrators":
+    def fit(cls, method: Method, scores: np.ndarray, labels: np.ndarray, layout: FeatureLayout) -> Calibrators:
         """Fit on a split's scores and labels (``[N, T]``), each task on the rows where it is observed."""
         if method not in METHODS:
             raise MtrecError(f"--method: unknown calibration method '{method}' (choose from {', '.join(METHODS)})")
-        params: dict[str, Optional[dict]] = {}
+        params: dict[str, dict | None] = {}
         for t, task in enumerate(layout.tasks):
             if task.type != "binary":
                 continue
-            inside = np.ones(len(labels), bool) if task.space is None else labels[:, layout.task_index(task.space)] > 0.5
+            inside = (
+                np.ones(len(labels), bool) if task.space is None else labels[:, layout.task_index(task.space)] > 0.5
+            )
             try:
                 params[task.name] = fit_calibrator(method, scores[inside, t], labels[inside, t])
             except ValueError:
-                raise MtrecError(f"task {task.name}: the validation split has one label class only; cannot calibrate") from None
+                raise MtrecError(
+                    f"task {task.name}: the validation split has one label class only; cannot calibrate"
+                ) from None
         return cls(method, layout.task_names, params)
 
     @property
@@ -217,7 +230,8 @@ class Calibrators:
             return scores
         cols = [
             apply_calibrator_torch(self.method, self.params[name], scores[:, t]).to(scores.dtype)
-            if self.params.get(name) is not None else scores[:, t]
+            if self.params.get(name) is not None
+            else scores[:, t]
             for t, name in enumerate(self.task_names)
         ]
         return torch.stack(cols, dim=1)
@@ -233,7 +247,7 @@ class Calibrators:
         return path
 
     @classmethod
-    def load(cls, run: Path) -> "Calibrators":
+    def load(cls, run: Path) -> Calibrators:
         """The calibrators saved in ``run`` (the identity when the run has none)."""
         task_names = _run_task_names(run)
         path = run / CALIBRATION_FILE
@@ -259,7 +273,10 @@ def _run_task_names(run: Path) -> list[str]:
 
 
 def calibration_report(
-    labels: np.ndarray, scores: np.ndarray, layout: FeatureLayout, calibrators: Optional[Calibrators] = None,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    layout: FeatureLayout,
+    calibrators: Calibrators | None = None,
     bins: int = DEFAULT_BINS,
 ) -> dict:
     """Per binary task on one split: ECE and calibration curve of the model's scores, and of the
@@ -271,7 +288,10 @@ def calibration_report(
             continue
         inside = np.ones(len(labels), bool) if task.space is None else labels[:, layout.task_index(task.space)] > 0.5
         y = labels[inside, t]
-        entry = {"ece": expected_calibration_error(y, scores[inside, t], bins), "curve": calibration_curve(y, scores[inside, t], bins)}
+        entry = {
+            "ece": expected_calibration_error(y, scores[inside, t], bins),
+            "curve": calibration_curve(y, scores[inside, t], bins),
+        }
         if calibrated is not None:
             entry["ece_calibrated"] = expected_calibration_error(y, calibrated[inside, t], bins)
             entry["curve_calibrated"] = calibration_curve(y, calibrated[inside, t], bins)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
 from mtrec.data.tables import FeatureLayout
-
 
 
 @dataclass
@@ -19,7 +18,7 @@ class SplitPredictions:
 
     scores: np.ndarray
     labels: np.ndarray
-    user: Optional[np.ndarray]
+    user: np.ndarray | None
     layout: FeatureLayout
 
     def inside(self, t: int) -> np.ndarray:
@@ -30,7 +29,9 @@ class SplitPredictions:
         return self.labels[:, self.layout.task_index(task.space)] > 0.5
 
 
-def run_predictions(run: Path, splits: Sequence[str] = ("valid", "test"), calibrated: bool = True) -> dict[str, SplitPredictions]:
+def run_predictions(
+    run: Path, splits: Sequence[str] = ("valid", "test"), calibrated: bool = True
+) -> dict[str, SplitPredictions]:
     """Score the run's own ``splits`` (read from the run's schema, encoded with its encoders);
     with ``calibrated`` the run's calibrator (if any) is applied, as ``mtrec predict`` does."""
     from mtrec.data.ingest import encode, load_splits

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -33,7 +32,7 @@ from mtrec.metrics.core import per_group_auc
 @dataclass(frozen=True)
 class Objective:
     kind: str  # "gauc", "ndcg" or "recall"
-    k: Optional[int]
+    k: int | None
     importance: dict[str, float]  # binary task name -> weight
 
     @property
@@ -41,7 +40,7 @@ class Objective:
         return self.kind if self.k is None else f"{self.kind}@{self.k}"
 
     @classmethod
-    def parse(cls, text: str, importance: dict[str, float], layout: FeatureLayout) -> "Objective":
+    def parse(cls, text: str, importance: dict[str, float], layout: FeatureLayout) -> Objective:
         """``gauc`` | ``ndcg@K`` | ``recall@K`` with importances of the run's binary tasks."""
         m = re.fullmatch(r"\s*(gauc|ndcg@(\d+)|recall@(\d+))\s*", text)
         if not m:
@@ -67,7 +66,7 @@ def check_binary_tasks(values: dict[str, float], layout: FeatureLayout, flag: st
             raise MtrecError(f"{flag}: task '{name}' is a regression task; objectives and floors use binary labels")
 
 
-def dense_groups(user: Optional[np.ndarray], n: int) -> tuple[np.ndarray, int]:
+def dense_groups(user: np.ndarray | None, n: int) -> tuple[np.ndarray, int]:
     """Users as 0..U-1 (one group of every row without a user column)."""
     if user is None:
         return np.zeros(n, np.int64), 1
@@ -102,7 +101,9 @@ def _within_group_position(g_sorted: np.ndarray) -> np.ndarray:
     return np.arange(len(g_sorted)) - starts[np.cumsum(new) - 1]
 
 
-def _top_k_sum(order_key: np.ndarray, rel: np.ndarray, group: np.ndarray, n_groups: int, k: int, discount: bool) -> np.ndarray:
+def _top_k_sum(
+    order_key: np.ndarray, rel: np.ndarray, group: np.ndarray, n_groups: int, k: int, discount: bool
+) -> np.ndarray:
     """Per group: the (discounted) relevance of its K rows with the highest ``order_key``."""
     order = np.lexsort((-order_key, group), axis=0)  # stable: ties keep their row order
     pos = _within_group_position(group[order])
@@ -112,7 +113,9 @@ def _top_k_sum(order_key: np.ndarray, rel: np.ndarray, group: np.ndarray, n_grou
     return np.bincount(group[order], weights=gain, minlength=n_groups)
 
 
-def ranking_parts(kind: str, score: np.ndarray, rel: np.ndarray, group: np.ndarray, n_groups: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def ranking_parts(
+    kind: str, score: np.ndarray, rel: np.ndarray, group: np.ndarray, n_groups: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per group: ``(nDCG@K or recall@K, 1)``, zeros for a group without a relevant row."""
     if kind == "ndcg":
         got = _top_k_sum(score, rel, group, n_groups, k, discount=True)
@@ -129,7 +132,7 @@ def ranking_parts(kind: str, score: np.ndarray, rel: np.ndarray, group: np.ndarr
 @dataclass
 class Evaluation:
     value: float
-    task_auc: dict[str, Optional[float]]  # every binary task: (G)AUC of the fused score
+    task_auc: dict[str, float | None]  # every binary task: (G)AUC of the fused score
     parts: list[tuple[float, np.ndarray, np.ndarray]]  # (coef, numer [U], denom [U]) of the objective
 
 
@@ -142,10 +145,12 @@ def evaluate(objective: Objective, fused: np.ndarray, preds: SplitPredictions, a
     objective needs unless ``all_tasks``)."""
     layout = preds.layout
     group, n_groups = dense_groups(preds.user, len(fused))
-    task_auc: dict[str, Optional[float]] = {}
+    task_auc: dict[str, float | None] = {}
     auc_by_task: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for t, task in enumerate(layout.tasks):
-        if task.type != "binary" or not (all_tasks or (objective.kind == "gauc" and objective.importance.get(task.name))):
+        if task.type != "binary" or not (
+            all_tasks or (objective.kind == "gauc" and objective.importance.get(task.name))
+        ):
             continue
         numer, denom = auc_parts(fused, preds.labels[:, t], group, n_groups)
         auc_by_task[task.name] = (numer, denom)
@@ -155,14 +160,20 @@ def evaluate(objective: Objective, fused: np.ndarray, preds: SplitPredictions, a
         parts = [(w, *auc_by_task[name]) for name, w in objective.importance.items() if w > 0]
     else:
         rel = sum(w * preds.labels[:, layout.task_index(name)] for name, w in objective.importance.items())
-        parts = [(1.0, *ranking_parts(objective.kind, fused, np.asarray(rel, np.float64), group, n_groups, objective.k))]
+        parts = [
+            (1.0, *ranking_parts(objective.kind, fused, np.asarray(rel, np.float64), group, n_groups, objective.k))
+        ]
     value = sum(c * _ratio(n.sum(), d.sum()) for c, n, d in parts)
     return Evaluation(float(value), task_auc, parts)
 
 
 def paired_bootstrap(
-    objective: Objective, fused_a: np.ndarray, fused_b: np.ndarray, preds: SplitPredictions,
-    reps: int = 200, seed: int = 0,
+    objective: Objective,
+    fused_a: np.ndarray,
+    fused_b: np.ndarray,
+    preds: SplitPredictions,
+    reps: int = 200,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Bootstrap of ``value(a) - value(b)`` resampling users (rows without a user column), both
     scores on the same resamples: ``{"diff", "std", "lo", "hi"}`` (95% percentile interval)."""
@@ -170,7 +181,9 @@ def paired_bootstrap(
     ea, eb = evaluate(objective, fused_a, preds), evaluate(objective, fused_b, preds)
     if preds.user is not None:
         n_units = len(ea.parts[0][1])
-        counts = np.stack([np.bincount(rng.integers(0, n_units, n_units), minlength=n_units) for _ in range(reps)]).astype(np.float64)
+        counts = np.stack(
+            [np.bincount(rng.integers(0, n_units, n_units), minlength=n_units) for _ in range(reps)]
+        ).astype(np.float64)
 
         def boot(ev: Evaluation) -> np.ndarray:
             return sum(c * (counts @ n) / np.maximum(counts @ d, 1e-300) for c, n, d in ev.parts)
@@ -182,6 +195,13 @@ def paired_bootstrap(
         for r in range(reps):  # a global AUC / one list does not decompose: resample rows
             idx = np.sort(rng.integers(0, n, n))
             sub = SplitPredictions(preds.scores[idx], preds.labels[idx], None, preds.layout)
-            diffs[r] = evaluate(objective, fused_a[idx], sub, False).value - evaluate(objective, fused_b[idx], sub, False).value
-    return {"diff": ea.value - eb.value, "std": float(np.std(diffs, ddof=1)),
-            "lo": float(np.quantile(diffs, 0.025)), "hi": float(np.quantile(diffs, 0.975))}
+            diffs[r] = (
+                evaluate(objective, fused_a[idx], sub, False).value
+                - evaluate(objective, fused_b[idx], sub, False).value
+            )
+    return {
+        "diff": ea.value - eb.value,
+        "std": float(np.std(diffs, ddof=1)),
+        "lo": float(np.quantile(diffs, 0.025)),
+        "hi": float(np.quantile(diffs, 0.975)),
+    }

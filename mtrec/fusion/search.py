@@ -20,13 +20,12 @@ import json
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from mtrec.errors import MtrecError
-from mtrec.fusion.calibration import Calibrators
 from mtrec.files import write_atomic
+from mtrec.fusion.calibration import Calibrators
 from mtrec.fusion.io import run_predictions
 from mtrec.fusion.objectives import Objective, check_binary_tasks, evaluate, paired_bootstrap, random_lists
 from mtrec.fusion.spec import FUSION_FILE, FusionSpec, apply_fusion, build_spec
@@ -43,7 +42,7 @@ class FuseResult:
     plot: Path
     trials: int  # complete trials in the study
     valid: dict
-    test: Optional[dict]
+    test: dict | None
     notes: list[str] = field(default_factory=list)
 
 
@@ -69,7 +68,13 @@ def pareto_mask(points: np.ndarray) -> np.ndarray:
 
 
 def plot_pareto(
-    path: Path, tasks: list[str], points: np.ndarray, chosen: int, baseline: Optional[np.ndarray], title: str, metric: str = "AUC"
+    path: Path,
+    tasks: list[str],
+    points: np.ndarray,
+    chosen: int,
+    baseline: np.ndarray | None,
+    title: str,
+    metric: str = "AUC",
 ) -> None:
     """Scatter of per-task quality over the trials (every pair of tasks), the Pareto front marked."""
     import matplotlib
@@ -93,15 +98,21 @@ def plot_pareto(
             ax.scatter(points[:, i], points[:, j], s=10, c="0.6", label="trials")
             pair = points[:, [i, j]][pareto_mask(points[:, [i, j]])]
             order = np.argsort(pair[:, 0])
-            ax.step(pair[order, 0], pair[order, 1], where="post", c="tab:red", lw=1, alpha=0.6, label="front of this pair")
+            ax.step(
+                pair[order, 0], pair[order, 1], where="post", c="tab:red", lw=1, alpha=0.6, label="front of this pair"
+            )
             ax.scatter(points[front, i], points[front, j], s=18, c="tab:red", label="Pareto front (all tasks)")
-            ax.scatter([points[chosen, i]], [points[chosen, j]], s=140, marker="*", c="tab:blue", zorder=5, label="chosen")
+            ax.scatter(
+                [points[chosen, i]], [points[chosen, j]], s=140, marker="*", c="tab:blue", zorder=5, label="chosen"
+            )
             if baseline is not None:
-                ax.scatter([baseline[i]], [baseline[j]], s=70, marker="s", c="tab:green", zorder=5, label="equal weights")
+                ax.scatter(
+                    [baseline[i]], [baseline[j]], s=70, marker="s", c="tab:green", zorder=5, label="equal weights"
+                )
             ax.set_xlabel(f"{tasks[i]} {metric}")
             ax.set_ylabel(f"{tasks[j]} {metric}")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(pairs):]:
+    for ax in list(axes.flat)[len(pairs) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
@@ -125,7 +136,7 @@ def fuse_run(
     normalize: str = "rank",
     regression_transform: str = "percentile",
     bootstrap: int = 200,
-    list_size: Optional[int] = None,
+    list_size: int | None = None,
 ) -> FuseResult:
     """Search the weights of a fusion spec for ``run`` (see the module docstring). ``list_size``: on data
     without a user column, rank lists of that many random rows (per split, seeded) instead of one list."""
@@ -157,8 +168,15 @@ def fuse_run(
     calibration = Calibrators.load(run).method
     base = build_spec(formula, layout, valid.scores, normalize, regression_transform, calibration)
 
-    setup = {"objective": objective.label, "importance": objective.importance, "floor": floors, "formula": formula,
-             "normalize": normalize, "regression_transform": regression_transform, "calibration": calibration}
+    setup = {
+        "objective": objective.label,
+        "importance": objective.importance,
+        "floor": floors,
+        "formula": formula,
+        "normalize": normalize,
+        "regression_transform": regression_transform,
+        "calibration": calibration,
+    }
     if list_size is not None:
         setup["list_size"] = list_size
     study_name = f"fuse-{objective.label}-{_setup_key(setup)}"
@@ -191,7 +209,9 @@ def fuse_run(
     feasible = [t for t in complete if all(c <= 0 for c in t.constraints.values())]
     if not feasible:
         best_seen = {n: max((t.user_attrs["task_auc"].get(n) or 0.0) for t in complete) for n in floors}
-        raise MtrecError(f"no trial meets the floors {floors} (best AUC seen per task: {best_seen}); lower --floor or add --trials")
+        raise MtrecError(
+            f"no trial meets the floors {floors} (best AUC seen per task: {best_seen}); lower --floor or add --trials"
+        )
     best = max(feasible, key=lambda t: t.value)
     spec = _params_to_spec(base, best.params)
 
@@ -201,31 +221,58 @@ def fuse_run(
     baseline = np.array([equal_eval.task_auc.get(n) or 0.0 for n in names])
     plot = run / PARETO_FILE
     metric = "GAUC" if valid.user is not None else "AUC"
-    plot_pareto(plot, names, points, feasible.index(best), baseline,
-                f"{run.name}: per-task {metric} of the fused score, {len(feasible)} feasible trials (validation)", metric)
+    plot_pareto(
+        plot,
+        names,
+        points,
+        feasible.index(best),
+        baseline,
+        f"{run.name}: per-task {metric} of the fused score, {len(feasible)} feasible trials (validation)",
+        metric,
+    )
 
-    valid_fig = {"value": best.value, "task_auc": best.user_attrs["task_auc"],
-                 "equal_weights": {"value": equal_eval.value, "task_auc": equal_eval.task_auc}}
+    valid_fig = {
+        "value": best.value,
+        "task_auc": best.user_attrs["task_auc"],
+        "equal_weights": {"value": equal_eval.value, "task_auc": equal_eval.task_auc},
+    }
     test_fig = None
     notes = []
     if test is not None and len(test.labels):
         chosen_fused, equal_fused = apply_fusion(test.scores, spec), apply_fusion(test.scores, base)
         ce, ee = evaluate(objective, chosen_fused, test), evaluate(objective, equal_fused, test)
-        test_fig = {"value": ce.value, "task_auc": ce.task_auc,
-                    "equal_weights": {"value": ee.value, "task_auc": ee.task_auc},
-                    "bootstrap": {"reps": bootstrap, "unit": ("list" if list_size else "user") if test.user is not None else "row",
-                                  **paired_bootstrap(objective, chosen_fused, equal_fused, test, bootstrap, seed)}}
+        test_fig = {
+            "value": ce.value,
+            "task_auc": ce.task_auc,
+            "equal_weights": {"value": ee.value, "task_auc": ee.task_auc},
+            "bootstrap": {
+                "reps": bootstrap,
+                "unit": ("list" if list_size else "user") if test.user is not None else "row",
+                **paired_bootstrap(objective, chosen_fused, equal_fused, test, bootstrap, seed),
+            },
+        }
     else:
         notes.append("the run's schema has no test split: no test figures")
     if valid.user is None and objective.kind != "gauc":
         notes.append(f"no user column: {objective.label} ranks the whole split as one list (see --list-size)")
     elif list_size is not None:
         notes.append(f"no user column: {objective.label} per list of {list_size} random rows (bootstrap over lists)")
-    spec = spec.model_copy(update={"search": {
-        "objective": objective.label, "importance": objective.importance, "floor": floors,
-        "study": study_name, "storage": STUDY_FILE, "trials": len(complete), "best_trial": best.number,
-        "seed": seed, "valid": valid_fig, "test": test_fig,
-    }})
+    spec = spec.model_copy(
+        update={
+            "search": {
+                "objective": objective.label,
+                "importance": objective.importance,
+                "floor": floors,
+                "study": study_name,
+                "storage": STUDY_FILE,
+                "trials": len(complete),
+                "best_trial": best.number,
+                "seed": seed,
+                "valid": valid_fig,
+                "test": test_fig,
+            }
+        }
+    )
     path = run / FUSION_FILE
     spec.save(path)
     return FuseResult(spec, path, plot, len(complete), valid_fig, test_fig, notes)
@@ -243,7 +290,9 @@ def summary_yaml(spec: FusionSpec) -> str:
 def report(result: FuseResult, objective_label: str) -> str:
     """Human-readable figures of a search: validation and test, chosen against equal weights."""
     lines = [f"fusion spec (written to {result.path}):", summary_yaml(result.spec).rstrip(), ""]
-    lines.append(f"{'split':<6} {'spec':<14} {objective_label:>10}  " + "  ".join(f"{n:>12}" for n in result.valid["task_auc"]))
+    lines.append(
+        f"{'split':<6} {'spec':<14} {objective_label:>10}  " + "  ".join(f"{n:>12}" for n in result.valid["task_auc"])
+    )
     for split, fig in (("valid", result.valid), ("test", result.test)):
         if fig is None:
             continue
@@ -252,8 +301,10 @@ def report(result: FuseResult, objective_label: str) -> str:
             lines.append(f"{split:<6} {label:<14} {f['value']:10.4f}  {aucs}")
     if result.test is not None:
         b = result.test["bootstrap"]
-        lines.append(f"test: chosen - equal = {b['diff']:+.4f}; paired bootstrap over {b['unit']}s ({b['reps']} reps): "
-                     f"std {b['std']:.4f}, 95% interval [{b['lo']:+.4f}, {b['hi']:+.4f}]")
+        lines.append(
+            f"test: chosen - equal = {b['diff']:+.4f}; paired bootstrap over {b['unit']}s ({b['reps']} reps): "
+            f"std {b['std']:.4f}, 95% interval [{b['lo']:+.4f}, {b['hi']:+.4f}]"
+        )
     lines.append(f"{result.trials} trials in the study; Pareto front plot: {result.plot}")
     lines.extend(f"note: {n}" for n in result.notes)
     return "\n".join(lines)

@@ -27,8 +27,9 @@ search: {...}              # how the spec was chosen (written by mtrec fuse; fre
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ class Cdf(_Strict):
     y: list[float] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _shape(self) -> "Cdf":
+    def _shape(self) -> Cdf:
         if len(self.x) != len(self.y):
             raise ValueError("x and y must have the same length")
         if any(b <= a for a, b in zip(self.x, self.x[1:])):
@@ -64,7 +65,7 @@ class Cdf(_Strict):
         return self
 
     @classmethod
-    def fit(cls, values: np.ndarray, points: int = GRID_POINTS) -> "Cdf":
+    def fit(cls, values: np.ndarray, points: int = GRID_POINTS) -> Cdf:
         """Empirical CDF of ``values`` on ``points`` quantile levels; a repeated quantile keeps its
         highest level, so a mass point maps to the share of values at or below it."""
         values = np.asarray(values, np.float64)
@@ -88,13 +89,13 @@ class TaskTerm(_Strict):
     bias: float = Field(0.0, ge=0.0)  # b_i, weighted_product only
     transform: Literal["none", "log1p", "percentile"] = "none"
     normalize: Literal["none", "rank", "z"] = "none"
-    percentile: Optional[Cdf] = None  # for transform: percentile
-    rank: Optional[Cdf] = None  # for normalize: rank
-    mean: Optional[float] = None  # for normalize: z
-    std: Optional[float] = Field(None, gt=0.0)
+    percentile: Cdf | None = None  # for transform: percentile
+    rank: Cdf | None = None  # for normalize: rank
+    mean: float | None = None  # for normalize: z
+    std: float | None = Field(None, gt=0.0)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TaskTerm":
+    def _consistent(self) -> TaskTerm:
         if self.type == "binary" and self.transform != "none":
             raise ValueError(f"task {self.name}: transform applies to regression tasks only")
         if self.type == "regression" and self.transform == "none":
@@ -112,12 +113,12 @@ class FusionSpec(_Strict):
     """A fusion formula and its parameters; ``tasks`` lists every score column in order."""
 
     formula: Literal["weighted_sum", "weighted_product"]
-    calibration: Optional[str] = None
+    calibration: str | None = None
     tasks: list[TaskTerm] = Field(min_length=1)
-    search: Optional[dict[str, Any]] = None
+    search: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "FusionSpec":
+    def _consistent(self) -> FusionSpec:
         names = [t.name for t in self.tasks]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -135,7 +136,7 @@ class FusionSpec(_Strict):
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
-    def check_run(self, layout: FeatureLayout, calibration: Optional[str], where: str) -> None:
+    def check_run(self, layout: FeatureLayout, calibration: str | None, where: str) -> None:
         """Fail with a clear error when this spec was not fitted for a run with these tasks and calibrator."""
         expected = [(t.name, t.type) for t in layout.tasks]
         found = [(t.name, t.type) for t in self.tasks]
@@ -147,7 +148,7 @@ class FusionSpec(_Strict):
                 f"{calibration or 'none'}; re-run mtrec fuse"
             )
 
-    def with_weights(self, weights: Sequence[float], biases: Optional[Sequence[float]] = None) -> "FusionSpec":
+    def with_weights(self, weights: Sequence[float], biases: Sequence[float] | None = None) -> FusionSpec:
         """A copy with new weights (and biases for weighted_product)."""
         tasks = [
             t.model_copy(update={"weight": float(w), **({"bias": float(biases[i])} if biases is not None else {})})
@@ -171,7 +172,7 @@ def build_spec(
     valid_scores: np.ndarray,
     normalize: str = "none",
     regression_transform: str = "percentile",
-    calibration: Optional[str] = None,
+    calibration: str | None = None,
 ) -> FusionSpec:
     """A spec with equal weights (1, biases 0) whose statistics are fitted on ``valid_scores`` ``[N, T]``."""
     if formula == "weighted_product" and normalize != "none":
@@ -295,7 +296,9 @@ def load_fusion(path: Path) -> FusionSpec:
         raise MtrecError(f"{path}: {where}: {msg}") from None
 
 
-def fusion_for_run(run: Path, layout: FeatureLayout, calibration: Optional[str], path: Optional[Path] = None) -> Optional[FusionSpec]:
+def fusion_for_run(
+    run: Path, layout: FeatureLayout, calibration: str | None, path: Path | None = None
+) -> FusionSpec | None:
     """The spec to apply when scoring with ``run``: ``path`` if given, else the run's
     ``fusion.yaml`` if it has one (else None), checked against the run's tasks and calibrator."""
     target = path if path is not None else run / FUSION_FILE

@@ -9,7 +9,6 @@ one label class only are skipped, as usual.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 from sklearn.metrics import log_loss, mean_absolute_error, mean_squared_error, roc_auc_score
@@ -20,15 +19,22 @@ EPS = 1e-7
 
 
 # the direction of every metric mtrec reports: whether a larger value is the better one
-HIGHER_IS_BETTER: dict[str, bool] = {"auc": True, "gauc": True, "uauc": True, "logloss": False, "mse": False, "mae": False}
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "auc": True,
+    "gauc": True,
+    "uauc": True,
+    "logloss": False,
+    "mse": False,
+    "mae": False,
+}
 
 
-def _clean(value: float) -> Optional[float]:
+def _clean(value: float) -> float | None:
     """JSON has no NaN: an undefined metric (one class only) is reported as null."""
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, Optional[float]]:
+def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float | None]:
     """AUC and logloss of probabilities ``p`` against 0/1 labels ``y``."""
     if len(y) == 0:
         return {"auc": None, "logloss": None}
@@ -37,13 +43,13 @@ def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, Optional[float]]:
     return {"auc": _clean(auc), "logloss": _clean(loss)}
 
 
-def regression_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, Optional[float]]:
+def regression_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float | None]:
     if len(y) == 0:
         return {"mse": None, "mae": None}
     return {"mse": _clean(mean_squared_error(y, p)), "mae": _clean(mean_absolute_error(y, p))}
 
 
-def grouped_auc(y: np.ndarray, p: np.ndarray, group: np.ndarray) -> tuple[Optional[float], Optional[float]]:
+def grouped_auc(y: np.ndarray, p: np.ndarray, group: np.ndarray) -> tuple[float | None, float | None]:
     """(uAUC, GAUC): per-group AUC averaged plainly, and weighted by group size."""
     auc, size, _ = per_group_auc(y, p, group)
     if len(auc) == 0:
@@ -80,15 +86,15 @@ def per_group_auc(y: np.ndarray, p: np.ndarray, group: np.ndarray) -> tuple[np.n
 
 
 def evaluate_predictions(
-    labels: np.ndarray, scores: np.ndarray, layout: FeatureLayout, user: Optional[np.ndarray] = None
-) -> dict[str, dict[str, Optional[float]]]:
+    labels: np.ndarray, scores: np.ndarray, layout: FeatureLayout, user: np.ndarray | None = None
+) -> dict[str, dict[str, float | None]]:
     """``{task: {metric: value}}`` for scores ``[N, T]`` against labels ``[N, T]``.
 
     A task with a sample space is evaluated inside it under its own name (CVR on
     clicked impressions) and on every sample with the joint probability under
     ``<task>@all`` (CTCVR; along a longer chain, the product over every ancestor).
     """
-    out: dict[str, dict[str, Optional[float]]] = {}
+    out: dict[str, dict[str, float | None]] = {}
     names = layout.task_names
     for t, task in enumerate(layout.tasks):
         y, p = labels[:, t], scores[:, t]
@@ -128,7 +134,7 @@ def joint_scores(scores: np.ndarray, layout: FeatureLayout) -> dict[str, np.ndar
     }
 
 
-def mean_auc(metrics: dict[str, dict[str, Optional[float]]], layout: FeatureLayout) -> float:
+def mean_auc(metrics: dict[str, dict[str, float | None]], layout: FeatureLayout) -> float:
     """Model-selection score: mean AUC over binary tasks (minus mean MSE when none is binary)."""
     aucs = [metrics[t.name]["auc"] for t in layout.tasks if t.type == "binary"]
     aucs = [a for a in aucs if a is not None]

@@ -46,7 +46,14 @@ class FusionLevel(nn.Module):
     """
 
     def __init__(
-        self, num_tasks: int, in_dim: int, hidden: list[int], specific: int, shared: int, shared_unit: bool, dropout: float
+        self,
+        num_tasks: int,
+        in_dim: int,
+        hidden: list[int],
+        specific: int,
+        shared: int,
+        shared_unit: bool,
+        dropout: float,
     ) -> None:
         super().__init__()
         self.num_tasks, self.specific = num_tasks, specific
@@ -95,7 +102,10 @@ class AdaTTConfig(ModelConfig):
     num_levels: int = Field(2, ge=1)
 
 
-@MODELS.register("adatt", "adaptive task-to-task fusion: per-task and shared experts, gates over all experts plus a native residual (Li et al. 2023)")
+@MODELS.register(
+    "adatt",
+    "adaptive task-to-task fusion: per-task and shared experts, gates over all experts plus a native residual (Li et al. 2023)",
+)
 class AdaTT(MultiTaskModel):
     """``num_levels`` fusion levels; the towers read the task units of the last level."""
 
@@ -111,8 +121,13 @@ class AdaTT(MultiTaskModel):
         for level in range(config.num_levels):
             inner = level < config.num_levels - 1
             layer = FusionLevel(
-                self.num_tasks, in_dim, config.expert_hidden, config.specific_experts, config.shared_experts,
-                shared_unit=inner and config.shared_experts > 0, dropout=config.dropout,
+                self.num_tasks,
+                in_dim,
+                config.expert_hidden,
+                config.specific_experts,
+                config.shared_experts,
+                shared_unit=inner and config.shared_experts > 0,
+                dropout=config.dropout,
             )
             self.levels.append(layer)
             in_dim = layer.out_dim

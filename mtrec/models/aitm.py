@@ -63,7 +63,9 @@ class AIT(nn.Module):
         return (weights.unsqueeze(-1) * self.h1(u)).sum(1), weights  # [B, k], [B, 2]
 
 
-@MODELS.register("aitm", "adaptive information transfer between adjacent funnel towers, with the behavioural calibrator")
+@MODELS.register(
+    "aitm", "adaptive information transfer between adjacent funnel towers, with the behavioural calibrator"
+)
 class AITM(FunnelModel):
     """Towers per step, attention-based transfer from the previous step, calibrated losses."""
 
@@ -81,7 +83,9 @@ class AITM(FunnelModel):
         self.ait = nn.ModuleDict({str(t): AIT(k) for t in linked})
         self.heads = Towers(self.num_tasks, k, config.output_hidden, config.dropout)
         self.register_buffer("child", torch.tensor(linked, dtype=torch.long), persistent=False)
-        self.register_buffer("parent", torch.tensor([self.funnel.parent[t] for t in linked], dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "parent", torch.tensor([self.funnel.parent[t] for t in linked], dtype=torch.long), persistent=False
+        )
 
     def declare_sharing(self, s: Sharing) -> None:
         """Step ``t``'s encoder, transfer and attention make ``z_t``, which step ``t``'s head and (through
@@ -109,7 +113,9 @@ class AITM(FunnelModel):
                 gates[f"{self.task_names[t]}/transfer"] = w
         joint = self.heads(torch.stack(z))  # [B, T]: members logit(ŷ_t), entire space; other tasks their own logit
         log_joint = F.logsigmoid(joint)
-        in_space = logit_from_log_prob(log_joint[:, self.child] - log_joint[:, self.parent])  # ŷ_t / ŷ_{t-1} <= 1, [B, K]
+        in_space = logit_from_log_prob(
+            log_joint[:, self.child] - log_joint[:, self.parent]
+        )  # ŷ_t / ŷ_{t-1} <= 1, [B, K]
         logits = joint.index_copy(1, self.child, in_space)  # [B, T]
         return ModelOutput(logits=logits, gates=gates, shared=x, joint_logits=joint)
 

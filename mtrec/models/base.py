@@ -11,7 +11,6 @@ never needs to know which model it holds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,15 +35,15 @@ class ModelConfig(BaseModel):
 class ModelOutput:
     logits: Tensor  # [B, T], in layout task order
     gates: dict[str, Tensor] = field(default_factory=dict)  # name -> [B, E] gate weights
-    shared: Optional[Tensor] = None  # last representation shared by several tasks
-    aux_loss: Optional[Tensor] = None  # model regulariser added once to the combined loss
+    shared: Tensor | None = None  # last representation shared by several tasks
+    aux_loss: Tensor | None = None  # model regulariser added once to the combined loss
     # funnel models: [B, T] logits of each task's entire-space probability, the task together with
     # every ancestor in its space chain (pCTCVR for a CVR task), while `logits` stay in-space (pCVR)
-    joint_logits: Optional[Tensor] = None
+    joint_logits: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)  # model-specific tensors its own losses() reads
 
 
-MODELS: Registry[type["MultiTaskModel"]] = Registry("model")
+MODELS: Registry[type[MultiTaskModel]] = Registry("model")
 
 
 class MultiTaskModel(nn.Module):
@@ -58,9 +57,7 @@ class MultiTaskModel(nn.Module):
         self.config = config
         self.task_names = layout.task_names
         self.num_tasks = layout.num_tasks
-        self.register_buffer(
-            "is_binary", torch.tensor([t.type == "binary" for t in layout.tasks]), persistent=False
-        )
+        self.register_buffer("is_binary", torch.tensor([t.type == "binary" for t in layout.tasks]), persistent=False)
         # space[t] = index of the task whose positives define task t's sample space, or -1
         self.register_buffer(
             "space_index",
@@ -70,9 +67,7 @@ class MultiTaskModel(nn.Module):
         # train mean/std of each regression label (0 and 1 for binary tasks and unstandardised labels):
         # losses see (label - mean) / std, predictions are logit * std + mean; the layout carries them,
         # so they are not part of the weights
-        self.register_buffer(
-            "label_mean", torch.tensor([float(t.label_mean) for t in layout.tasks]), persistent=False
-        )
+        self.register_buffer("label_mean", torch.tensor([float(t.label_mean) for t in layout.tasks]), persistent=False)
         self.register_buffer("label_std", torch.tensor([float(t.label_std) for t in layout.tasks]), persistent=False)
 
     # ---- to implement -----------------------------------------------------------------
@@ -150,7 +145,7 @@ class MultiTaskModel(nn.Module):
         return [p for p in self.parameters() if id(p) not in shared]
 
 
-def validate_model_options(name: str, options: Optional[dict] = None) -> ModelConfig:
+def validate_model_options(name: str, options: dict | None = None) -> ModelConfig:
     """``options`` (``--model-args``) as the model's ``Config``; any problem is one error naming the
     model and the option and listing the options the model takes."""
     from mtrec.options import validate_options
@@ -158,6 +153,6 @@ def validate_model_options(name: str, options: Optional[dict] = None) -> ModelCo
     return validate_options(MODELS.get(name).Config, options, f"model '{name}'")
 
 
-def build_model(name: str, layout: FeatureLayout, options: Optional[dict] = None) -> MultiTaskModel:
+def build_model(name: str, layout: FeatureLayout, options: dict | None = None) -> MultiTaskModel:
     """Instantiate a registered model; ``options`` are validated against its ``Config``."""
     return MODELS.get(name)(layout, validate_model_options(name, options))

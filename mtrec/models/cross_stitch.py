@@ -71,7 +71,10 @@ class CrossStitchConfig(ModelConfig):
     stitch_self: float = Field(0.9, ge=0.0, le=1.0)
 
 
-@MODELS.register("cross_stitch", "one network per task, activations mixed after every layer by learned T x T stitches (Misra et al. 2016)")
+@MODELS.register(
+    "cross_stitch",
+    "one network per task, activations mixed after every layer by learned T x T stitches (Misra et al. 2016)",
+)
 class CrossStitch(MultiTaskModel):
     """``h^{l}_t = relu(W^l_t h~^{l-1}_t + b^l_t)``, ``h~^l = a^l h^l`` across tasks; towers read ``h~^L``."""
 
@@ -90,7 +93,11 @@ class CrossStitch(MultiTaskModel):
         """The stitches carry every task's gradient into every network, except the last stitch: its row
         ``t`` mixes what tower ``t`` alone reads."""
         s.reach(self.embedding).reach(self.nets).per_task(self.towers).last_layer(self.nets.last_layer)
-        s.elements(self.stitches.weight, last_layer_rows(self.stitches.weight.shape[0], self.num_tasks, 1), last_layer_owners(self.num_tasks))
+        s.elements(
+            self.stitches.weight,
+            last_layer_rows(self.stitches.weight.shape[0], self.num_tasks, 1),
+            last_layer_owners(self.num_tasks),
+        )
 
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         h: Tensor = self.embedding(batch).squeeze(1)  # [B, D], read by every task's first layer
@@ -111,13 +118,16 @@ class SluiceConfig(ModelConfig):
     orthogonality: float = Field(1e-3, ge=0.0)
 
     @model_validator(mode="after")
-    def _subspaces_divide_width(self) -> "SluiceConfig":
+    def _subspaces_divide_width(self) -> SluiceConfig:
         if self.hidden % self.subspaces:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of subspaces ({self.subspaces})")
         return self
 
 
-@MODELS.register("sluice", "per-task networks split into subspaces mixed by learned alphas, towers mix layers by betas (Ruder et al. 2019)")
+@MODELS.register(
+    "sluice",
+    "per-task networks split into subspaces mixed by learned alphas, towers mix layers by betas (Ruder et al. 2019)",
+)
 class Sluice(MultiTaskModel):
     """Sluice network: alpha ``[L, T m, T m]`` mixes (task, subspace) blocks per layer; beta ``[T, L]`` feeds the towers."""
 

@@ -59,7 +59,9 @@ class _ESCM2(FunnelModel):
         super().__init__(layout, config)
         linked = self.funnel.linked
         self.register_buffer("child", torch.tensor(linked, dtype=torch.long), persistent=False)  # CVR-like tasks
-        self.register_buffer("parent", torch.tensor([self.funnel.parent[t] for t in linked], dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "parent", torch.tensor([self.funnel.parent[t] for t in linked], dtype=torch.long), persistent=False
+        )
         heads = self.num_tasks + (len(linked) if self.doubly_robust else 0)  # + one imputation tower per CVR task
         self.embedding = FeatureEmbedding(layout)
         self.towers = Towers(heads, self.embedding.output_dim, config.tower_hidden, config.dropout)

@@ -36,8 +36,6 @@ The purchase task's logit slot holds ``logit(pCVR)`` in its space, and
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -51,10 +49,12 @@ from mtrec.nn.embedding import FeatureEmbedding
 
 
 class ESM2Config(FunnelConfig):
-    action_task: Optional[str] = None  # a task observed on the same space as the purchase: the DAction label
+    action_task: str | None = None  # a task observed on the same space as the purchase: the DAction label
 
 
-@MODELS.register("esm2", "ESMM with post-click behaviour decomposition: click -> (deterministic / other action) -> purchase")
+@MODELS.register(
+    "esm2", "ESMM with post-click behaviour decomposition: click -> (deterministic / other action) -> purchase"
+)
 class ESM2(FunnelModel):
     """Towers for every task plus the decomposition's extra towers; entire-space losses."""
 
@@ -66,7 +66,9 @@ class ESM2(FunnelModel):
         action = None
         if config.action_task is not None:
             if config.action_task not in names:
-                raise MtrecError(f"model 'esm2' option action_task: '{config.action_task}' is not a task ({', '.join(names)})")
+                raise MtrecError(
+                    f"model 'esm2' option action_task: '{config.action_task}' is not a task ({', '.join(names)})"
+                )
             action = names.index(config.action_task)
             if f.parent[action] < 0 or f.parent[f.parent[action]] >= 0:
                 raise MtrecError(
@@ -75,8 +77,11 @@ class ESM2(FunnelModel):
                 )
         # decomposed purchases: funnel leaves whose space is a root (click), other than the action itself
         decomposed = [
-            t for t in f.linked
-            if not f.children(t) and f.parent[f.parent[t]] < 0 and t != action
+            t
+            for t in f.linked
+            if not f.children(t)
+            and f.parent[f.parent[t]] < 0
+            and t != action
             and (action is None or f.parent[t] == f.parent[action])
         ]
         if action is not None and not decomposed:
@@ -87,7 +92,7 @@ class ESM2(FunnelModel):
         # extra towers: pO for every decomposed task, pA too when the action is latent
         heads = self.num_tasks
         a_idx, o_idx = [], []
-        for t in decomposed:
+        for _t in decomposed:
             o_idx.append(heads)
             heads += 1
             if action is None:

@@ -20,15 +20,18 @@ and each task's loss is the cross-entropy of that product over all impressions.
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.models.base import MODELS, ModelOutput
 from mtrec.models.funnel import FunnelConfig, FunnelModel
 from mtrec.nn.batched import Towers
 from mtrec.nn.embedding import FeatureEmbedding
-from torch import Tensor
 
 
-@MODELS.register("esmm", "entire space multi-task model: pCTCVR = pCTR * pCVR, losses on CTR and CTCVR over all impressions")
+@MODELS.register(
+    "esmm", "entire space multi-task model: pCTCVR = pCTR * pCVR, losses on CTR and CTCVR over all impressions"
+)
 class ESMM(FunnelModel):
     """Shared embedding, one tower per task; losses on the entire-space (joint) probabilities."""
 

@@ -115,7 +115,9 @@ def funnel_of(layout: FeatureLayout, model: str) -> Funnel:
             continue
         s = index[task.space]
         if s == i:
-            raise MtrecError(f"model '{model}': task '{task.name}' declares itself as its space (schema field tasks[{i}].space)")
+            raise MtrecError(
+                f"model '{model}': task '{task.name}' declares itself as its space (schema field tasks[{i}].space)"
+            )
         if task.type == "binary" and layout.tasks[s].type == "binary":
             parent[i] = s
         elif task.type == "binary":
@@ -137,8 +139,10 @@ def funnel_of(layout: FeatureLayout, model: str) -> Funnel:
         if state[t] == 2:
             return
         if state[t] == 1:
-            cycle = " -> ".join(names[i] for i in path[path.index(t):] + [t])
-            raise MtrecError(f"model '{model}': the tasks' spaces form a cycle ({cycle}); check tasks[].space in the schema")
+            cycle = " -> ".join(names[i] for i in path[path.index(t) :] + [t])
+            raise MtrecError(
+                f"model '{model}': the tasks' spaces form a cycle ({cycle}); check tasks[].space in the schema"
+            )
         state[t] = 1
         if parent[t] >= 0:
             visit(parent[t], path + [t])

@@ -42,8 +42,12 @@ class GatedLevel(MixtureLayer):
     expert outputs ``[E, B, H]``.
     """
 
-    def __init__(self, in_dim: int, gate_dim: int, expert_hidden: list[int], experts: int, consumers: int, dropout: float) -> None:
-        super().__init__(in_dim, expert_hidden, specific=[0] * consumers, shared=experts, task_gates=True, dropout=dropout)
+    def __init__(
+        self, in_dim: int, gate_dim: int, expert_hidden: list[int], experts: int, consumers: int, dropout: float
+    ) -> None:
+        super().__init__(
+            in_dim, expert_hidden, specific=[0] * consumers, shared=experts, task_gates=True, dropout=dropout
+        )
         if gate_dim != in_dim:
             self.gates = BatchedLinear(consumers, gate_dim, experts)
 

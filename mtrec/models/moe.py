@@ -42,7 +42,9 @@ class _MoE(MultiTaskModel):
             dropout=config.dropout,
         )
         if config.bottom == "dcn_v2":
-            experts = member_networks(config, self.mixture.num_experts, self.embedding.output_dim, config.expert_hidden, config.dropout)
+            experts = member_networks(
+                config, self.mixture.num_experts, self.embedding.output_dim, config.expert_hidden, config.dropout
+            )
             install_experts(self.mixture, experts)
         in_dim = self.mixture.out_dim + self.bottom_input.extra_dim
         self.towers = Towers(self.num_tasks, in_dim, config.tower_hidden, config.dropout)

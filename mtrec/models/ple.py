@@ -7,9 +7,8 @@ outputs, not features, and stay MLPs.
 
 from __future__ import annotations
 
-from typing import Union
-
 from pydantic import Field
+from torch import nn
 
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.errors import MtrecError
@@ -19,11 +18,10 @@ from mtrec.nn.batched import Towers
 from mtrec.nn.bottoms import BottomInput, BottomOptions, install_experts, member_networks, output_layer, with_extra
 from mtrec.nn.embedding import Embedded, FeatureEmbedding
 from mtrec.nn.mixture import MixtureLayer
-from torch import nn
 
 
 class PLEConfig(ModelConfig, BottomOptions):
-    specific_experts: Union[int, list[int]] = 2  # per task; a list gives each task its own count
+    specific_experts: int | list[int] = 2  # per task; a list gives each task its own count
     shared_experts: int = Field(2, ge=0)
     expert_hidden: list[int] = Field(default_factory=lambda: [128, 64])
     num_levels: int = Field(2, ge=1)
@@ -47,9 +45,13 @@ class _PLE(MultiTaskModel):
         self.levels = nn.ModuleList()
         for level in range(num_levels):
             inner = level < num_levels - 1  # inner levels also mix a shared representation onward
-            layer = MixtureLayer(in_dim, config.expert_hidden, specific, config.shared_experts, True, inner, config.dropout)
+            layer = MixtureLayer(
+                in_dim, config.expert_hidden, specific, config.shared_experts, True, inner, config.dropout
+            )
             if level == 0 and config.bottom == "dcn_v2":
-                install_experts(layer, member_networks(config, layer.num_experts, in_dim, config.expert_hidden, config.dropout))
+                install_experts(
+                    layer, member_networks(config, layer.num_experts, in_dim, config.expert_hidden, config.dropout)
+                )
             self.levels.append(layer)
             in_dim = layer.out_dim
         self.towers = Towers(self.num_tasks, in_dim + self.bottom_input.extra_dim, config.tower_hidden, config.dropout)
@@ -65,7 +67,8 @@ class _PLE(MultiTaskModel):
             gate_reach = [above[g] for g in layer.gate_group.tolist()]
             allowed = layer.allowed.tolist()  # [G][E]
             expert_reach = [
-                set().union(*(gate_reach[g] for g in range(layer.num_gates) if allowed[g][e])) for e in range(layer.num_experts)
+                set().union(*(gate_reach[g] for g in range(layer.num_gates) if allowed[g][e]))
+                for e in range(layer.num_experts)
             ]
             s.stacked(layer.experts, expert_reach).stacked(layer.gates, gate_reach)
             groups, gate_groups = layer.expert_group.tolist(), layer.gate_group.tolist()

@@ -20,13 +20,13 @@ Stacked modules say how their parameters are laid out by a ``member_index(name) 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-Tasks = Optional[Iterable[int]]  # None: every task
+Tasks = Iterable[int] | None  # None: every task
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Reach:
         """``[M]`` bool: the members reached by more than one task."""
         return torch.tensor([len(o) > 1 for o in self.owners], dtype=torch.bool)
 
-    def shared_mask(self, param: Tensor) -> Optional[Tensor]:
+    def shared_mask(self, param: Tensor) -> Tensor | None:
         """Bool mask of the parameter's shared elements (its shape), or None when all or none are shared."""
         shared = self.shared_members()
         if bool(shared.all()) or not bool(shared.any()):
@@ -61,7 +61,7 @@ class SharedSlice:
     """A parameter's shared elements: the whole tensor (``mask`` None) or the elements where ``mask`` holds."""
 
     param: nn.Parameter
-    mask: Optional[Tensor] = None
+    mask: Tensor | None = None
 
     def numel(self) -> int:
         return self.param.numel() if self.mask is None else int(self.mask.sum())
@@ -123,7 +123,7 @@ class Sharing:
             raise ValueError(f"parameter of shape {tuple(p.shape)} declared twice")
         self.entries[id(p)] = reach
 
-    def reach(self, target: Union[nn.Module, nn.Parameter, None], tasks: Tasks = None) -> "Sharing":
+    def reach(self, target: nn.Module | nn.Parameter | None, tasks: Tasks = None) -> Sharing:
         """Every element of ``target`` reached by ``tasks`` (default: every task)."""
         if target is None:
             return self
@@ -133,7 +133,7 @@ class Sharing:
             self._add(p, Reach(torch.zeros((), dtype=torch.long), owners))
         return self
 
-    def stacked(self, module: Optional[nn.Module], owners: Sequence[Tasks]) -> "Sharing":
+    def stacked(self, module: nn.Module | None, owners: Sequence[Tasks]) -> Sharing:
         """Member ``i`` of every stack in ``module`` reached by ``owners[i]`` (None: every task)."""
         if module is None:
             return self
@@ -145,16 +145,16 @@ class Sharing:
             self._add(params[pid], Reach(member, sets))
         return self
 
-    def per_task(self, module: Optional[nn.Module]) -> "Sharing":
+    def per_task(self, module: nn.Module | None) -> Sharing:
         """A stack with one member per task (towers, per-task networks, gates)."""
         return self.stacked(module, [[t] for t in range(self.num_tasks)])
 
-    def elements(self, param: nn.Parameter, member: Tensor, owners: Sequence[Tasks]) -> "Sharing":
+    def elements(self, param: nn.Parameter, member: Tensor, owners: Sequence[Tasks]) -> Sharing:
         """``param`` with explicit member ids (broadcastable to its shape)."""
         self._add(param, Reach(member, tuple(_task_set(o, self.num_tasks) for o in owners)))
         return self
 
-    def last_layer(self, *targets: Union[nn.Module, nn.Parameter, None]) -> "Sharing":
+    def last_layer(self, *targets: nn.Module | nn.Parameter | None) -> Sharing:
         """The last shared layer: its shared elements are where GradNorm measures norms."""
         for t in targets:
             if t is not None:

@@ -31,7 +31,9 @@ class SingleTask(MultiTaskModel):
         super().__init__(layout, config)
         self.embedding = FeatureEmbedding(layout, copies=self.num_tasks)
         self.bottom_input = BottomInput(config, layout, copies=self.num_tasks)  # per-task FM / attention
-        self.nets = member_networks(config, self.num_tasks, self.embedding.output_dim, config.bottom_hidden, config.dropout)
+        self.nets = member_networks(
+            config, self.num_tasks, self.embedding.output_dim, config.bottom_hidden, config.dropout
+        )
         in_dim = self.nets.out_dim + self.bottom_input.extra_dim
         self.towers = Towers(self.num_tasks, in_dim, config.tower_hidden, config.dropout)
 
@@ -46,7 +48,9 @@ class SingleTask(MultiTaskModel):
         return ModelOutput(logits=self.towers(h))  # [B, T]
 
 
-@MODELS.register("shared_bottom", "hard parameter sharing: one shared bottom (MLP, DCN-v2, DeepFM or DIN), one tower per task")
+@MODELS.register(
+    "shared_bottom", "hard parameter sharing: one shared bottom (MLP, DCN-v2, DeepFM or DIN), one tower per task"
+)
 class SharedBottom(MultiTaskModel):
     """Shared-Bottom: embedding and bottom shared by all tasks, towers per task."""
 
@@ -57,7 +61,9 @@ class SharedBottom(MultiTaskModel):
         self.embedding = FeatureEmbedding(layout)
         self.bottom_input = BottomInput(config, layout)
         self.bottom = member_networks(config, 1, self.embedding.output_dim, config.bottom_hidden, config.dropout)
-        self.towers = Towers(self.num_tasks, self.bottom.out_dim + self.bottom_input.extra_dim, config.tower_hidden, config.dropout)
+        self.towers = Towers(
+            self.num_tasks, self.bottom.out_dim + self.bottom_input.extra_dim, config.tower_hidden, config.dropout
+        )
 
     def declare_sharing(self, s: Sharing) -> None:
         s.reach(self.embedding).reach(self.bottom_input).reach(self.bottom).per_task(self.towers)

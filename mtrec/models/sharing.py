@@ -12,8 +12,6 @@ Both run every task's bottom as one ``BatchedMLP`` (stacked weights), no loop ov
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from pydantic import Field, field_validator
 
@@ -32,7 +30,7 @@ class AsymmetricConfig(ModelConfig):
     # task name -> name of the task whose lower representation it also reads. None: each task
     # reads the task listed before it in the schema (the first reads none), a chain that
     # suits funnels (CVR reads CTR) and gives any number of tasks a one-directional link.
-    reads: Optional[dict[str, str]] = None
+    reads: dict[str, str] | None = None
 
     @field_validator("bottom_hidden")
     @classmethod
@@ -43,7 +41,8 @@ class AsymmetricConfig(ModelConfig):
 
 
 @MODELS.register(
-    "asymmetric_sharing", "per-task bottoms; a task's upper bottom also reads another task's lower layer (PLE paper, Fig. 1b)"
+    "asymmetric_sharing",
+    "per-task bottoms; a task's upper bottom also reads another task's lower layer (PLE paper, Fig. 1b)",
 )
 class AsymmetricSharing(MultiTaskModel):
     """Task ``t``'s upper bottom reads ``[r_t, r_s]``: its own lower output and that of the task ``s`` it reads.

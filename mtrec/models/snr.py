@@ -40,7 +40,9 @@ from mtrec.nn.embedding import FeatureEmbedding
 class HardConcreteGates(nn.Module):
     """A ``[J, I]`` matrix of hard concrete coding variables with learned ``log_alpha``."""
 
-    def __init__(self, consumers: int, producers: int, init_log_alpha: float, beta: float, gamma: float, zeta: float) -> None:
+    def __init__(
+        self, consumers: int, producers: int, init_log_alpha: float, beta: float, gamma: float, zeta: float
+    ) -> None:
         super().__init__()
         self.log_alpha = nn.Parameter(torch.full((consumers, producers), float(init_log_alpha)))
         self.beta, self.gamma, self.zeta = beta, gamma, zeta
@@ -100,7 +102,9 @@ class _SNR(MultiTaskModel):
 
     def __init__(self, layout: FeatureLayout, config: SNRConfig) -> None:
         super().__init__(layout, config)
-        gate_options = dict(init_log_alpha=config.init_log_alpha, beta=config.beta, gamma=config.gamma, zeta=config.zeta)
+        gate_options = dict(
+            init_log_alpha=config.init_log_alpha, beta=config.beta, gamma=config.gamma, zeta=config.zeta
+        )
         k = config.num_subnets
         self.embedding = FeatureEmbedding(layout)
         first = BatchedMLP(k, self.embedding.output_dim, config.subnet_hidden, config.dropout)
@@ -108,7 +112,9 @@ class _SNR(MultiTaskModel):
         self.subnets = nn.ModuleList(
             [first] + [BatchedMLP(k, h, config.subnet_hidden, config.dropout) for _ in range(config.num_levels - 1)]
         )
-        self.routes = nn.ModuleList(Routing(k, k, h, self.transform, gate_options) for _ in range(config.num_levels - 1))
+        self.routes = nn.ModuleList(
+            Routing(k, k, h, self.transform, gate_options) for _ in range(config.num_levels - 1)
+        )
         self.task_route = Routing(k, self.num_tasks, h, self.transform, gate_options)
         self.towers = Towers(self.num_tasks, h, config.tower_hidden, config.dropout)
 
@@ -146,12 +152,17 @@ class _SNR(MultiTaskModel):
         return ModelOutput(logits=self.towers(u), gates=gates, shared=v, aux_loss=aux)
 
 
-@MODELS.register("snr_trans", "sub-network routing: coded transformation matrices between sub-network levels, L0 penalty (Ma et al. 2019)")
+@MODELS.register(
+    "snr_trans",
+    "sub-network routing: coded transformation matrices between sub-network levels, L0 penalty (Ma et al. 2019)",
+)
 class SNRTrans(_SNR):
     """SNR-Trans: ``u_j = sum_i z_ji W_ji v_i``."""
 
 
-@MODELS.register("snr_aver", "sub-network routing: coded weighted sums between sub-network levels, L0 penalty (Ma et al. 2019)")
+@MODELS.register(
+    "snr_aver", "sub-network routing: coded weighted sums between sub-network levels, L0 penalty (Ma et al. 2019)"
+)
 class SNRAver(_SNR):
     """SNR-Aver: ``u_j = sum_i z_ji v_i``."""
 

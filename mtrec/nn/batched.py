@@ -11,7 +11,7 @@ such stacks: no Python loop over members anywhere.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn

@@ -37,8 +37,9 @@ keeps one batched expert stack; DCN-v2 replaces the expert stack itself
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Optional, Sequence
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,7 +61,7 @@ class BottomOptions(BaseModel):
     bottom: BottomKind = "mlp"
     cross_layers: int = Field(2, ge=1)  # dcn_v2: the paper finds 2-3 cross layers enough
     cross_structure: Literal["stacked", "parallel"] = "stacked"  # dcn_v2: MLP on the cross output, or beside it
-    cross_rank: Optional[int] = Field(None, ge=1)  # dcn_v2: None = full-rank W; r = the low-rank U V^T form
+    cross_rank: int | None = Field(None, ge=1)  # dcn_v2: None = full-rank W; r = the low-rank U V^T form
     din_hidden: list[int] = Field(default_factory=lambda: [36])  # din: activation unit (the paper's size)
 
 
@@ -124,7 +125,7 @@ def sequence_item_embeddings(embedding: FeatureEmbedding, batch: TensorTable, na
 class BatchedCrossNetwork(nn.Module):
     """``n`` independent DCN-v2 cross networks over ``[n, B, D]``: one ``baddbmm`` per layer."""
 
-    def __init__(self, n: int, dim: int, layers: int, rank: Optional[int] = None) -> None:
+    def __init__(self, n: int, dim: int, layers: int, rank: int | None = None) -> None:
         super().__init__()
         self.n, self.dim, self.rank = n, dim, rank
         bound = 1.0 / math.sqrt(dim)
@@ -132,7 +133,9 @@ class BatchedCrossNetwork(nn.Module):
             self.weight = nn.Parameter(torch.empty(layers, n, dim, dim).uniform_(-bound, bound))
         else:
             self.u = nn.Parameter(torch.empty(layers, n, dim, rank).uniform_(-bound, bound))
-            self.v = nn.Parameter(torch.empty(layers, n, rank, dim).uniform_(-1.0 / math.sqrt(rank), 1.0 / math.sqrt(rank)))
+            self.v = nn.Parameter(
+                torch.empty(layers, n, rank, dim).uniform_(-1.0 / math.sqrt(rank), 1.0 / math.sqrt(rank))
+            )
         self.bias = nn.Parameter(torch.zeros(layers, n, dim))
         self.layers = layers
 
@@ -164,7 +167,7 @@ class BatchedDCNv2(nn.Module):
         hidden: Sequence[int],
         layers: int,
         structure: str = "stacked",
-        rank: Optional[int] = None,
+        rank: int | None = None,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -185,7 +188,9 @@ class BatchedDCNv2(nn.Module):
 def member_networks(options: BottomOptions, n: int, in_dim: int, hidden: Sequence[int], dropout: float) -> nn.Module:
     """``n`` bottoms of the selected kind as one batched module (``forward([B|n, B, in]) -> [n, B, out_dim]``)."""
     if options.bottom == "dcn_v2":
-        return BatchedDCNv2(n, in_dim, hidden, options.cross_layers, options.cross_structure, options.cross_rank, dropout)
+        return BatchedDCNv2(
+            n, in_dim, hidden, options.cross_layers, options.cross_structure, options.cross_rank, dropout
+        )
     return BatchedMLP(n, in_dim, hidden, dropout)  # deepfm and din add their parts on the input side
 
 
@@ -265,10 +270,12 @@ class TargetAttention(nn.Module):
         self.copies = copies
         # one activation unit per (sequence, target) pair; its copies are the independent networks
         self.units = nn.ModuleList(
-            nn.ModuleDict({
-                "mlp": BatchedMLP(copies, 4 * slot.width, hidden),
-                "out": BatchedLinear(copies, hidden[-1] if hidden else 4 * slot.width, 1),
-            })
+            nn.ModuleDict(
+                {
+                    "mlp": BatchedMLP(copies, 4 * slot.width, hidden),
+                    "out": BatchedLinear(copies, hidden[-1] if hidden else 4 * slot.width, 1),
+                }
+            )
             for _, slot, _ in self.pairs
         )
 
@@ -303,13 +310,13 @@ class BottomInput(nn.Module):
         self.din = TargetAttention(layout, copies, options.din_hidden) if self.kind == "din" else None
         self.extra_dim = self.fm.out_dim if self.fm is not None else 0
 
-    def forward(self, emb: Tensor, batch: TensorTable, embedding: FeatureEmbedding) -> tuple[Tensor, Optional[Tensor]]:
+    def forward(self, emb: Tensor, batch: TensorTable, embedding: FeatureEmbedding) -> tuple[Tensor, Tensor | None]:
         x = self.din(emb, batch, embedding) if self.din is not None else emb
         extra = self.fm(x, batch) if self.fm is not None else None
         return x, extra
 
 
-def with_extra(h: Tensor, extra: Optional[Tensor]) -> Tensor:
+def with_extra(h: Tensor, extra: Tensor | None) -> Tensor:
     """Concatenate the input-side term ``extra`` (``[B, E]`` or ``[n, B, E]``) to ``h`` (``[n, B, H]``)."""
     if extra is None:
         return h

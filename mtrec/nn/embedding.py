@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +96,7 @@ class Embedded:
     """Says that a tensor ``x`` ``[B, D]`` is ``embedding(batch)`` for one copy, so that a layer reading
     ``x`` may compute ``x @ W + b`` with :meth:`FeatureEmbedding.linear` (folded into the tables)."""
 
-    embedding: "FeatureEmbedding"
+    embedding: FeatureEmbedding
     batch: TensorTable
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -149,7 +148,7 @@ class FeatureEmbedding(nn.Module):
                 f = layout.sparse[col]
                 self._field_slots.append((col, d, offset_of[f.name][1], f.vocab_size, pos))
                 pos += d
-        self._plans: dict[tuple[int, str], Optional[_FoldPlan]] = {}
+        self._plans: dict[tuple[int, str], _FoldPlan | None] = {}
         self.sequences = [(s.name, s.embed_dim, offset_of[s.shares or s.name][1]) for s in layout.sequences]
         self.output_dim = (
             sum(f.embed_dim for f in layout.sparse) + sum(s.embed_dim for s in layout.sequences) + self.num_dense
@@ -184,7 +183,7 @@ class FeatureEmbedding(nn.Module):
         return torch.cat(parts, dim=-1)  # [B, copies, output_dim]
 
     # ---- x @ W + b folded into the tables -------------------------------------------------
-    def _plan(self, batch_size: int, device: torch.device) -> Optional[_FoldPlan]:
+    def _plan(self, batch_size: int, device: torch.device) -> _FoldPlan | None:
         """Which fields to fold for a batch of this size (None: none), cached per size.
 
         Folded fields are grouped per table by vocabulary size rounded up to a power of two, so the

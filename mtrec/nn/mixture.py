@@ -18,7 +18,7 @@ values, about a third of the work on small-vocabulary data.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +73,7 @@ class MixtureLayer(nn.Module):
         self.gates = BatchedLinear(self.num_gates, in_dim, self.num_experts)
         self.out_dim = self.experts.out_dim
 
-    def forward(self, x: Tensor, embedded: Optional[Embedded] = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, embedded: Embedded | None = None) -> tuple[Tensor, Tensor]:
         """``x``: ``[B, in]`` read by every expert and gate, or ``[T+1, B, in]``, one input per group.
 
         ``embedded``: when ``x`` is exactly an embedding of a batch, that embedding and batch, so the
@@ -82,7 +82,7 @@ class MixtureLayer(nn.Module):
         mixed, weights, _ = self.mix(x, embedded)
         return mixed, weights
 
-    def mix(self, x: Tensor, embedded: Optional[Embedded] = None) -> tuple[Tensor, Tensor, Tensor]:
+    def mix(self, x: Tensor, embedded: Embedded | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """As :meth:`forward`, plus the expert outputs ``[E, B, H]`` the gates mixed: the representation
         every gate reads, which representation-level balancing differentiates against."""
         if x.dim() == 2 and embedded is not None and self._one_first_map(x):

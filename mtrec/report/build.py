@@ -7,7 +7,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from mtrec import __version__
 from mtrec.errors import MtrecError
@@ -24,12 +24,12 @@ RELATE = "relate.json"
 
 @dataclass
 class CellData:
-    cell: "Cell"
-    metrics: Optional[dict]
-    info: Optional[dict]
-    history: Optional[list]
-    diagnostics: Optional[dict]
-    error: Optional[str]
+    cell: Cell
+    metrics: dict | None
+    info: dict | None
+    history: list | None
+    diagnostics: dict | None
+    error: str | None
 
 
 def _read(path: Path) -> Any:
@@ -39,26 +39,32 @@ def _read(path: Path) -> Any:
         return None
 
 
-def _collect(out: Path, cells: list["Cell"], failed: dict[str, dict]) -> list[CellData]:
+def _collect(out: Path, cells: list[Cell], failed: dict[str, dict]) -> list[CellData]:
     data = []
     for c in cells:
         d = out / "cells" / c.name
-        data.append(CellData(
-            c, _read(d / "metrics.json"), _read(d / "cell.json"), _read(d / "history.json"),
-            _read(d / "diagnostics.json"), failed.get(c.name, {}).get("error"),
-        ))
+        data.append(
+            CellData(
+                c,
+                _read(d / "metrics.json"),
+                _read(d / "cell.json"),
+                _read(d / "history.json"),
+                _read(d / "diagnostics.json"),
+                failed.get(c.name, {}).get("error"),
+            )
+        )
     return data
 
 
-def _fmt(v: Optional[float], digits: int = 4) -> str:
+def _fmt(v: float | None, digits: int = 4) -> str:
     return "—" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
-def _signed(v: Optional[float], digits: int = 4) -> str:
+def _signed(v: float | None, digits: int = 4) -> str:
     return "—" if v is None or not math.isfinite(v) else f"{v:+.{digits}f}"
 
 
-def _mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
@@ -78,7 +84,7 @@ def _primary_metric(values: dict) -> str:
     return next(iter(values))
 
 
-def _by_epoch(runs: list[list[Optional[float]]]) -> list[Optional[float]]:
+def _by_epoch(runs: list[list[float | None]]) -> list[float | None]:
     """Per epoch, the mean over the runs that have a value there (early stopping ends runs at different epochs)."""
     length = max((len(r) for r in runs), default=0)
     out = []
@@ -110,7 +116,7 @@ class _Dataset:
     def row_label(self, key: tuple[str, str]) -> str:
         return key[0] if self.n_balancers == 1 else f"{key[0]} / {key[1]}"
 
-    def value(self, d: CellData, task: str) -> Optional[float]:
+    def value(self, d: CellData, task: str) -> float | None:
         v = d.metrics.get(self.split, {}).get(task, {}).get(self.metric[task])
         return float(v) if v is not None else None
 
@@ -123,7 +129,7 @@ class _Dataset:
                 out[d.cell.seed] = v
         return out
 
-    def baseline_row(self, key: tuple[str, str]) -> Optional[tuple[str, str]]:
+    def baseline_row(self, key: tuple[str, str]) -> tuple[str, str] | None:
         """The baseline model's row with the same balancer, else its first row with results."""
         if (self.baseline, key[1]) in self.rows and self.rows[(self.baseline, key[1])]:
             return (self.baseline, key[1])
@@ -172,9 +178,12 @@ def _results_section(ds: _Dataset, idx: int, doc: Document) -> None:
                         row.append(f"{_signed(ci.mean)} [{_signed(ci.low)}, {_signed(ci.high)}]{word}")
                 try:
                     v = compare_to_baseline(
-                        {"__baseline__": {t: list(ds.values(base, t).values()) for t in tasks},
-                         "row": {t: list(ds.values(key, t).values()) for t in tasks}},
-                        baseline="__baseline__", metrics=ds.metric,
+                        {
+                            "__baseline__": {t: list(ds.values(base, t).values()) for t in tasks},
+                            "row": {t: list(ds.values(key, t).values()) for t in tasks},
+                        },
+                        baseline="__baseline__",
+                        metrics=ds.metric,
                     )["row"]
                     changed = ", ".join(f"{t} {v['changed'][t]}" for t in tasks)
                     row.append(f"{v['verdict']} ({changed})")
@@ -188,34 +197,53 @@ def _results_section(ds: _Dataset, idx: int, doc: Document) -> None:
             row.append("—")
         rows.append(row)
     directions = ", ".join(f"{t}: {ds.metric[t]} ({'higher' if ds.higher(t) else 'lower'} is better)" for t in tasks)
-    doc.add(Table(headers, rows, id=f"results-{idx}",
-                  caption=f"{ds.label}: {ds.split} split, mean ± std over seeds; {directions}"))
+    doc.add(
+        Table(
+            headers,
+            rows,
+            id=f"results-{idx}",
+            caption=f"{ds.label}: {ds.split} split, mean ± std over seeds; {directions}",
+        )
+    )
     if has_base:
-        doc.add(Para(
-            f"Δ: mean over seeds of the paired difference between the row and the {ds.baseline} row of the same "
-            f"balancer (else {ds.baseline}'s first balancer) at the same seed, in the metric's units; in brackets "
-            f"the {CONFIDENCE:.0%} paired t-interval over seeds, Δ ± t(0.975, n−1)·s/√n with s the standard "
-            "deviation of the n paired differences (seeds are the replicates; with 3-5 seeds a rank test could "
-            "not reach significance). 'better'/'worse': the interval excludes 0. Verdict (compare_to_baseline): a "
-            "task changed when its mean moved by more than the larger seed standard deviation of the two rows; "
-            "well-done = every task better, not-bad = none worse and one better, seesaw = some better and some "
-            "worse, negative-transfer = none better and one worse, neutral = no change beyond the noise."
-        ))
+        doc.add(
+            Para(
+                f"Δ: mean over seeds of the paired difference between the row and the {ds.baseline} row of the same "
+                f"balancer (else {ds.baseline}'s first balancer) at the same seed, in the metric's units; in brackets "
+                f"the {CONFIDENCE:.0%} paired t-interval over seeds, Δ ± t(0.975, n−1)·s/√n with s the standard "
+                "deviation of the n paired differences (seeds are the replicates; with 3-5 seeds a rank test could "
+                "not reach significance). 'better'/'worse': the interval excludes 0. Verdict (compare_to_baseline): a "
+                "task changed when its mean moved by more than the larger seed standard deviation of the two rows; "
+                "well-done = every task better, not-bad = none worse and one better, seesaw = some better and some "
+                "worse, negative-transfer = none better and one worse, neutral = no change beyond the noise."
+            )
+        )
     else:
         doc.add(Para(f"No {ds.baseline} cells in this grid: no changes or verdicts against single-task."))
     if len(tasks) >= 2 and len(complete) >= 2:
         labels = {ds.row_label(k): m for k, m in complete.items()}
         dom = {ds.row_label(k): [ds.row_label(x) for x in v] for k, v in dominated.items()}
         axes = [f"{t} {ds.metric[t]}" for t in tasks[:2]]
-        png = plots.pareto_plot({k: m[:2] for k, m in labels.items()}, _dominance_2d(labels, ds, tasks), axes,
-                                [ds.higher(t) for t in tasks[:2]])
+        png = plots.pareto_plot(
+            {k: m[:2] for k, m in labels.items()},
+            _dominance_2d(labels, ds, tasks),
+            axes,
+            [ds.higher(t) for t in tasks[:2]],
+        )
         doc.add(Heading(3, "Pareto front"))
         if len(tasks) > 2:
             doc.add(Para(f"The plot shows the first two tasks; the table's Pareto column uses all {len(tasks)}."))
         doc.add(Image(f"pareto-{idx}", png, f"Pareto front of {ds.label}"))
         front = [k for k, v in dom.items() if not v]
-        doc.add(Para("On the front: " + ", ".join(front) + ". Dominated: "
-                     + (", ".join(k for k, v in dom.items() if v) or "none") + "."))
+        doc.add(
+            Para(
+                "On the front: "
+                + ", ".join(front)
+                + ". Dominated: "
+                + (", ".join(k for k, v in dom.items() if v) or "none")
+                + "."
+            )
+        )
 
 
 def _dominance_2d(labels: dict[str, list[float]], ds: _Dataset, tasks: list[str]) -> dict[str, list[str]]:
@@ -233,29 +261,43 @@ def _curves_section(ds: _Dataset, idx: int, doc: Document) -> None:
         label = ds.row_label(key)
         for t in losses:
             losses[t][label] = _by_epoch([[h.get("train_loss", {}).get(t) for h in run] for run in hist])
-            weights[t][label] = _by_epoch([
-                [h.get("balancer", {}).get(f"weight/{t}", h.get("weights", {}).get(t)) for h in run] for run in hist
-            ])
+            weights[t][label] = _by_epoch(
+                [[h.get("balancer", {}).get(f"weight/{t}", h.get("weights", {}).get(t)) for h in run] for run in hist]
+            )
         for run in hist:
             for h in run:
-                for pair in (h.get("monitor", {}).get("pairs") or {}):
+                for pair in h.get("monitor", {}).get("pairs") or {}:
                     cosines.setdefault(pair, {})
         for pair in cosines:
-            cosines[pair][label] = _by_epoch([
-                [((h.get("monitor", {}).get("pairs") or {}).get(pair) or {}).get("cos_mean") for h in run] for run in hist
-            ])
+            cosines[pair][label] = _by_epoch(
+                [
+                    [((h.get("monitor", {}).get("pairs") or {}).get(pair) or {}).get("cos_mean") for h in run]
+                    for run in hist
+                ]
+            )
     doc.add(Heading(3, "Training curves"))
     doc.add(Para("Per epoch, mean over seeds (a run stopped early drops out of later epochs)."))
     if any(losses[t] for t in losses):
         doc.add(Image(f"losses-{idx}", plots.curves_plot(losses, "training loss per task", "loss"), "task losses"))
     if any(any(v is not None for v in vals) for t in weights for vals in weights[t].values()):
-        doc.add(Image(f"weights-{idx}", plots.curves_plot(weights, "balancer weights (epoch means)", "weight"),
-                      "balancer weights"))
+        doc.add(
+            Image(
+                f"weights-{idx}",
+                plots.curves_plot(weights, "balancer weights (epoch means)", "weight"),
+                "balancer weights",
+            )
+        )
     live = {p: rows for p, rows in cosines.items() if any(any(v is not None for v in vals) for vals in rows.values())}
     if live:
-        doc.add(Image(f"cosines-{idx}", plots.curves_plot(
-            live, "gradient cosine between tasks on the shared parameters (conflict monitor)", "mean cosine"),
-            "gradient cosines"))
+        doc.add(
+            Image(
+                f"cosines-{idx}",
+                plots.curves_plot(
+                    live, "gradient cosine between tasks on the shared parameters (conflict monitor)", "mean cosine"
+                ),
+                "gradient cosines",
+            )
+        )
     else:
         doc.add(Para("No gradient cosines: the conflict monitor was off (monitor_every 0) or nothing is shared."))
 
@@ -271,24 +313,38 @@ def _gates_section(ds: _Dataset, idx: int, doc: Document) -> None:
             mats = [s[name]["mean"] for s in panels_by_seed if name in s and len(s[name]["mean"]) == len(p["mean"])]
             n = len(mats)
             mean = [[sum(m[r][c] for m in mats) / n for c in range(len(p["mean"][r]))] for r in range(len(p["mean"]))]
-            entropy = {row: statistics.mean(s[name]["entropy"][row] for s in panels_by_seed if name in s)
-                       for row in p["rows"]}
+            entropy = {
+                row: statistics.mean(s[name]["entropy"][row] for s in panels_by_seed if name in s) for row in p["rows"]
+            }
             collapsed = sorted({e for s in panels_by_seed if name in s for e in s[name]["collapsed"]})
             merged[name] = {"rows": p["rows"], "mean": mean, "entropy": entropy, "collapsed": collapsed}
         label = ds.row_label(key)
-        blocks.append(Image(f"gates-{idx}-{_slug(label)}", plots.gate_heatmaps(
-            merged, f"{label}: mean gate weight on the validation split (mean over {len(panels_by_seed)} seed(s))"),
-            f"gates of {label}"))
+        blocks.append(
+            Image(
+                f"gates-{idx}-{_slug(label)}",
+                plots.gate_heatmaps(
+                    merged,
+                    f"{label}: mean gate weight on the validation split (mean over {len(panels_by_seed)} seed(s))",
+                ),
+                f"gates of {label}",
+            )
+        )
         notes = []
         for name, p in merged.items():
             ent = ", ".join(f"{r} {v:.2f}" for r, v in p["entropy"].items())
-            notes.append(f"{name or 'gates'}: normalised entropy {ent}"
-                         + (f"; expert(s) {', '.join(map(str, p['collapsed']))} unused in some seed" if p["collapsed"] else ""))
+            notes.append(
+                f"{name or 'gates'}: normalised entropy {ent}"
+                + (f"; expert(s) {', '.join(map(str, p['collapsed']))} unused in some seed" if p["collapsed"] else "")
+            )
         blocks.append(Bullets(notes))
     if blocks:
         doc.add(Heading(3, "Gate utilisation"))
-        doc.add(Para("Rows: the gates (one per task, per level for PLE); columns: experts; values: mean gate weight over "
-                     "the validation split. Entropy 1 = even mixing, 0 = one expert takes everything."))
+        doc.add(
+            Para(
+                "Rows: the gates (one per task, per level for PLE); columns: experts; values: mean gate weight over "
+                "the validation split. Entropy 1 = even mixing, 0 = one expert takes everything."
+            )
+        )
         doc.add(*blocks)
 
 
@@ -304,21 +360,37 @@ def _timing_section(ds: _Dataset, idx: int, doc: Document) -> None:
             continue
         secs = [i["seconds"] for i in infos]
         rate = [i["samples_per_second"] for i in infos if i.get("samples_per_second")]
-        rows.append([key[0], key[1], str(len(infos)), _mean_std_text(secs).replace("± ", "± "),
-                     f"{statistics.mean(i['epochs'] for i in infos):.1f}",
-                     f"{statistics.mean(rate):,.0f}" if rate else "—", str(infos[0].get("threads", "—"))])
+        rows.append(
+            [
+                key[0],
+                key[1],
+                str(len(infos)),
+                _mean_std_text(secs).replace("± ", "± "),
+                f"{statistics.mean(i['epochs'] for i in infos):.1f}",
+                f"{statistics.mean(rate):,.0f}" if rate else "—",
+                str(infos[0].get("threads", "—")),
+            ]
+        )
     if rows:
         doc.add(Heading(3, "Timing"))
-        doc.add(Table(["model", "balancer", "runs", "seconds per run", "epochs", "training samples / s", "threads"],
-                      rows, id=f"timing-{idx}",
-                      caption="Seconds per run: the whole run (ingestion from the cache, training, per-epoch "
-                              "validation, test evaluation), without diagnostics. Samples / s: training rows x "
-                              "epochs over those seconds."))
+        doc.add(
+            Table(
+                ["model", "balancer", "runs", "seconds per run", "epochs", "training samples / s", "threads"],
+                rows,
+                id=f"timing-{idx}",
+                caption="Seconds per run: the whole run (ingestion from the cache, training, per-epoch "
+                "validation, test evaluation), without diagnostics. Samples / s: training rows x "
+                "epochs over those seconds.",
+            )
+        )
 
 
 def _cells_section(ds: _Dataset, idx: int, doc: Document) -> None:
-    headers = ["cell", "model", "balancer", "seed", "status"] + [f"{t} {ds.metric[t]}" for t in ds.tasks] + [
-        "best epoch", "seconds"]
+    headers = (
+        ["cell", "model", "balancer", "seed", "status"]
+        + [f"{t} {ds.metric[t]}" for t in ds.tasks]
+        + ["best epoch", "seconds"]
+    )
     rows = []
     for d in ds.data:
         if d.metrics is not None:
@@ -331,8 +403,14 @@ def _cells_section(ds: _Dataset, idx: int, doc: Document) -> None:
             vals, best, secs = ["—"] * len(ds.tasks), "—", "—"
         rows.append([d.cell.name, d.cell.model, d.cell.balancer, str(d.cell.seed), status] + vals + [best, secs])
     doc.add(Heading(3, "Cells"))
-    doc.add(Table(headers, rows, id=f"cells-{idx}", caption=f"every cell of {ds.label}, {ds.split} split "
-                                                             "(DIR/cells/<cell>/metrics.json)"))
+    doc.add(
+        Table(
+            headers,
+            rows,
+            id=f"cells-{idx}",
+            caption=f"every cell of {ds.label}, {ds.split} split (DIR/cells/<cell>/metrics.json)",
+        )
+    )
 
 
 def _across_section(sets: list[_Dataset], doc: Document) -> None:
@@ -345,15 +423,30 @@ def _across_section(sets: list[_Dataset], doc: Document) -> None:
     for key in keys:
         label = sets[0].row_label(key)
         for t in tasks:
-            series[t][label] = [_mean_std(list(s.values(key, t).values())) if key in s.rows else (None, None) for s in sets]
+            series[t][label] = [
+                _mean_std(list(s.values(key, t).values())) if key in s.rows else (None, None) for s in sets
+            ]
         for t in tasks:
-            table_rows.append([label, f"{t} {sets[0].metric[t]}"] + [
-                _mean_std_text(list(s.values(key, t).values())) if key in s.rows else "—" for s in sets])
+            table_rows.append(
+                [label, f"{t} {sets[0].metric[t]}"]
+                + [_mean_std_text(list(s.values(key, t).values())) if key in s.rows else "—" for s in sets]
+            )
     doc.add(Heading(2, "Across data sets", anchor="across"))
-    doc.add(Image("across", plots.across_datasets_plot([s.label for s in sets], series,
-                                                       {t: sets[0].metric[t] for t in tasks}), "across data sets"))
-    doc.add(Table(["row", "task"] + [s.label for s in sets], table_rows, id="across",
-                  caption="mean ± std over seeds per data set"))
+    doc.add(
+        Image(
+            "across",
+            plots.across_datasets_plot([s.label for s in sets], series, {t: sets[0].metric[t] for t in tasks}),
+            "across data sets",
+        )
+    )
+    doc.add(
+        Table(
+            ["row", "task"] + [s.label for s in sets],
+            table_rows,
+            id="across",
+            caption="mean ± std over seeds per data set",
+        )
+    )
 
 
 def _relate_section(out: Path, doc: Document) -> None:
@@ -361,9 +454,13 @@ def _relate_section(out: Path, doc: Document) -> None:
     doc.add(Heading(2, "Task relatedness (optional: DIR/relate.json)", anchor="relate"))
     path = out / RELATE
     if not path.is_file():
-        doc.add(Para(f"No {RELATE} in this directory. Save the output of the relatedness probes (mtrec relate) as "
-                     f"{path} and run the same mtrec bench command again: finished cells are kept and the report "
-                     "is redrawn with this section."))
+        doc.add(
+            Para(
+                f"No {RELATE} in this directory. Save the output of the relatedness probes (mtrec relate) as "
+                f"{path} and run the same mtrec bench command again: finished cells are kept and the report "
+                "is redrawn with this section."
+            )
+        )
         return
     data = _read(path)
     if not isinstance(data, dict):
@@ -379,15 +476,20 @@ def _relate_section(out: Path, doc: Document) -> None:
     corr = data.get("label_correlation")
     if isinstance(corr, dict) and isinstance(corr.get("tasks"), list) and isinstance(corr.get("matrix"), list):
         try:
-            doc.add(Image("relate-correlation", plots.matrix_plot(corr["matrix"], corr["tasks"], "label correlation"),
-                          "label correlation"))
+            doc.add(
+                Image(
+                    "relate-correlation",
+                    plots.matrix_plot(corr["matrix"], corr["tasks"], "label correlation"),
+                    "label correlation",
+                )
+            )
         except (TypeError, ValueError):
             pass
     doc.add(Para("Everything in relate.json:"))
     doc.add(Pre(json.dumps(data, indent=2)[:20000]))
 
 
-def build_document(out: Path, grid: "Grid", cells: list["Cell"], failed: dict[str, dict]) -> Document:
+def build_document(out: Path, grid: Grid, cells: list[Cell], failed: dict[str, dict]) -> Document:
     """The report of the grid's cells as found in ``out`` (finished, failed or not run)."""
     data = _collect(out, cells, failed)
     title = f"mtrec bench: {grid.name or out.resolve().name}"
@@ -395,16 +497,21 @@ def build_document(out: Path, grid: "Grid", cells: list["Cell"], failed: dict[st
     n_done = sum(d.metrics is not None for d in data)
     n_failed = sum(d.metrics is None and d.error is not None for d in data)
     threads = {d.info.get("threads") for d in data if d.info}
-    doc.add(Para(
-        f"{len(cells)} cells ({n_done} finished, {n_failed} failed, {len(cells) - n_done - n_failed} not run): "
-        f"{len(grid.datasets)} data set(s) x {len(grid.models)} model(s) x {len(grid.balancers)} balancer(s) x "
-        f"{len(grid.seeds)} seed(s) {grid.seeds}; torch threads per cell: {', '.join(map(str, sorted(threads))) or '—'}; "
-        f"mtrec {__version__}. Shared training options: "
-        + ", ".join(f"{k}={v}" for k, v in grid.train.model_dump().items() if k != "seed") + "."
-    ))
+    doc.add(
+        Para(
+            f"{len(cells)} cells ({n_done} finished, {n_failed} failed, {len(cells) - n_done - n_failed} not run): "
+            f"{len(grid.datasets)} data set(s) x {len(grid.models)} model(s) x {len(grid.balancers)} balancer(s) x "
+            f"{len(grid.seeds)} seed(s) {grid.seeds}; torch threads per cell: {', '.join(map(str, sorted(threads))) or '—'}; "
+            f"mtrec {__version__}. Shared training options: "
+            + ", ".join(f"{k}={v}" for k, v in grid.train.model_dump().items() if k != "seed")
+            + "."
+        )
+    )
     labels = list(dict.fromkeys(c.dataset for c in cells))
-    sets = [_Dataset(label, [d for d in data if d.cell.dataset == label], len(grid.balancers), grid.baseline)
-            for label in labels]
+    sets = [
+        _Dataset(label, [d for d in data if d.cell.dataset == label], len(grid.balancers), grid.baseline)
+        for label in labels
+    ]
     for idx, ds in enumerate(sets):
         doc.add(Heading(2, f"Data set: {ds.label}", anchor=f"dataset-{idx}"))
         if not ds.finished:
@@ -420,11 +527,17 @@ def build_document(out: Path, grid: "Grid", cells: list["Cell"], failed: dict[st
     failures = [d for d in data if d.metrics is None and d.error]
     if failures:
         doc.add(Heading(2, "Failed cells", anchor="failed"))
-        doc.add(Table(["cell", "error"], [[d.cell.name, d.error] for d in failures], id="failed",
-                      caption="run the same mtrec bench command again to retry them"))
+        doc.add(
+            Table(
+                ["cell", "error"],
+                [[d.cell.name, d.error] for d in failures],
+                id="failed",
+                caption="run the same mtrec bench command again to retry them",
+            )
+        )
     return doc
 
 
-def write_report(out: Path, grid: "Grid", cells: list["Cell"], failed: dict[str, dict]) -> dict[str, Path]:
+def write_report(out: Path, grid: Grid, cells: list[Cell], failed: dict[str, dict]) -> dict[str, Path]:
     """Write ``out/report.html`` (self-contained) and ``out/report.md`` (+ ``out/report_files/*.png``)."""
     return write_document(build_document(Path(out), grid, cells, failed), Path(out))

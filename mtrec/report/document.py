@@ -11,7 +11,6 @@ import base64
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
 
 from mtrec.files import write_bytes_atomic, write_text_atomic
 
@@ -20,7 +19,7 @@ from mtrec.files import write_bytes_atomic, write_text_atomic
 class Heading:
     level: int
     text: str
-    anchor: Optional[str] = None
+    anchor: str | None = None
 
 
 @dataclass
@@ -37,8 +36,8 @@ class Bullets:
 class Table:
     headers: list[str]
     rows: list[list[str]]
-    id: Optional[str] = None
-    caption: Optional[str] = None
+    id: str | None = None
+    caption: str | None = None
 
 
 @dataclass
@@ -53,7 +52,7 @@ class Pre:
     text: str
 
 
-Block = Union[Heading, Para, Bullets, Table, Image, Pre]
+Block = Heading | Para | Bullets | Table | Image | Pre
 
 
 @dataclass
@@ -90,8 +89,11 @@ def _is_number(text: str) -> bool:
 def render_html(doc: Document) -> str:
     """One self-contained HTML page (inline CSS, figures as data: URIs)."""
     out = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(doc.title)}</title>", f"<style>{CSS}</style>", "</head><body>",
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(doc.title)}</title>",
+        f"<style>{CSS}</style>",
+        "</head><body>",
         f"<h1>{html.escape(doc.title)}</h1>",
     ]
     for b in doc.blocks:
@@ -107,10 +109,14 @@ def render_html(doc: Document) -> str:
             rows = [f"<table{tid}>"]
             if b.caption:
                 rows.append(f"<caption>{html.escape(b.caption)}</caption>")
-            rows.append("<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in b.headers) + "</tr></thead><tbody>")
+            rows.append(
+                "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in b.headers) + "</tr></thead><tbody>"
+            )
             for r in b.rows:
                 cells = "".join(
-                    f"<td>{html.escape(c)}</td>" if _is_number(c) or i == 0 else f'<td class="text">{html.escape(c)}</td>'
+                    f"<td>{html.escape(c)}</td>"
+                    if _is_number(c) or i == 0
+                    else f'<td class="text">{html.escape(c)}</td>'
                     for i, c in enumerate(r)
                 )
                 rows.append(f"<tr>{cells}</tr>")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -33,7 +33,9 @@ def _colors(n: int) -> list:
 
 
 def pareto_plot(
-    points: Mapping[str, Sequence[float]], dominated: Mapping[str, list[str]], axes: Sequence[str],
+    points: Mapping[str, Sequence[float]],
+    dominated: Mapping[str, list[str]],
+    axes: Sequence[str],
     higher_is_better: Sequence[bool],
 ) -> bytes:
     """Scatter of the rows on the first two task metrics: one colour and marker per row (legend), the
@@ -45,8 +47,17 @@ def pareto_plot(
     for i, (name, color) in enumerate(zip(points, _colors(len(points)))):
         p = points[name]
         on = name in front
-        ax.scatter(p[0], p[1], s=60, marker=markers[i % len(markers)], facecolors=color if on else "none",
-                   edgecolors=color, linewidths=1.5, zorder=3, label=name + ("" if on else " (dominated)"))
+        ax.scatter(
+            p[0],
+            p[1],
+            s=60,
+            marker=markers[i % len(markers)],
+            facecolors=color if on else "none",
+            edgecolors=color,
+            linewidths=1.5,
+            zorder=3,
+            label=name + ("" if on else " (dominated)"),
+        )
     if len(front) > 1:
         pts = sorted((points[n][0], points[n][1]) for n in front)
         ax.plot([x for x, _ in pts], [y for _, y in pts], color="#3a6ea5", lw=1, ls="--", zorder=2)
@@ -59,12 +70,14 @@ def pareto_plot(
     return _png(fig)
 
 
-def curves_plot(series: Mapping[str, Mapping[str, list[Optional[float]]]], title: str, ylabel: str) -> bytes:
+def curves_plot(series: Mapping[str, Mapping[str, list[float | None]]], title: str, ylabel: str) -> bytes:
     """One panel per key of ``series`` (a task or a pair); in each, one line per row (model x balancer)
     over epochs (None: no value that epoch)."""
     panels = list(series)
-    rows = sorted({r for p in panels for r in series[p]}, key=lambda r: list(series[panels[0]]).index(r)
-                  if r in series[panels[0]] else 1_000)
+    rows = sorted(
+        {r for p in panels for r in series[p]},
+        key=lambda r: list(series[panels[0]]).index(r) if r in series[panels[0]] else 1_000,
+    )
     colors = dict(zip(rows, _colors(len(rows))))
     fig = Figure(figsize=(min(4.2 * len(panels), 13) + 2.6, 3.6))
     for i, panel in enumerate(panels):
@@ -107,8 +120,15 @@ def gate_heatmaps(panels: Mapping[str, dict], title: str) -> bytes:
         ax.set_title(name or "gates", fontsize=9)
         if mean.size <= 120:
             for (r, c), v in np.ndenumerate(mean):
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if v < 0.6 * mean.max() else "black")
+                ax.text(
+                    c,
+                    r,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if v < 0.6 * mean.max() else "black",
+                )
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -116,7 +136,8 @@ def gate_heatmaps(panels: Mapping[str, dict], title: str) -> bytes:
 
 
 def across_datasets_plot(
-    datasets: Sequence[str], series: Mapping[str, Mapping[str, list[tuple[Optional[float], Optional[float]]]]],
+    datasets: Sequence[str],
+    series: Mapping[str, Mapping[str, list[tuple[float | None, float | None]]]],
     ylabels: Mapping[str, str],
 ) -> bytes:
     """Per task a panel: x = data sets (in grid order), one line per row with ± std error bars."""

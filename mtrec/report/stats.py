@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
 
 from scipy import stats
 
@@ -17,8 +17,8 @@ class PairedInterval:
 
     n: int
     mean: float
-    low: Optional[float]  # None with fewer than 2 pairs
-    high: Optional[float]
+    low: float | None  # None with fewer than 2 pairs
+    high: float | None
 
     @property
     def excludes_zero(self) -> bool:

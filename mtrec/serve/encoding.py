@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from operator import itemgetter
 from itertools import chain, repeat
-from typing import Any, Callable, Optional
+from operator import itemgetter
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -35,7 +36,15 @@ from mtrec.schema import FeatureSpec, Schema
 NoneType = type(None)
 _INTEGRAL = re.compile(INTEGRAL_FLOAT)
 _INT_TEXT = re.compile(r"^-?[1-9]\d*$|^0$")
-_JSON_TYPE = {str: "string", int: "integer", float: "number", bool: "boolean", list: "list", dict: "object", NoneType: "null"}
+_JSON_TYPE = {
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    list: "list",
+    dict: "object",
+    NoneType: "null",
+}
 _ID_TYPES = frozenset({str, int, float, NoneType})
 _NUMBER_TYPES = frozenset({int, float, NoneType})
 _SEQ_TYPES = frozenset({list, NoneType})
@@ -84,7 +93,9 @@ class _Vocab:
     the integer of integral text (a JSON number; ``617.0`` finds it too, since ``617 == 617.0``)."""
 
     def __init__(self, tokens: list[str]) -> None:
-        table = pl.DataFrame({"token": canonical_ids(pl.Series(tokens, dtype=pl.String)), "id": np.arange(2, len(tokens) + 2)})
+        table = pl.DataFrame(
+            {"token": canonical_ids(pl.Series(tokens, dtype=pl.String)), "id": np.arange(2, len(tokens) + 2)}
+        )
         table = table.unique("token", keep="first", maintain_order=True)  # as ingest._lookup: first wins
         self.ids: dict[Any, int] = dict(zip(table["token"].to_list(), table["id"].to_list()))
         for token, i in list(self.ids.items()):
@@ -132,7 +143,9 @@ class RequestEncoder:
 
     def _structure(self, body: Any) -> tuple[dict, list[dict], list[str]]:
         if not isinstance(body, dict):
-            raise RequestError(422, "body", f"expected a JSON object with 'context' and 'candidates', got {_type_name(body)}")
+            raise RequestError(
+                422, "body", f"expected a JSON object with 'context' and 'candidates', got {_type_name(body)}"
+            )
         unknown = [k for k in body if k not in ("context", "candidates")]
         if unknown:
             raise RequestError(422, unknown[0], "unknown field; a request has 'context' and 'candidates'")
@@ -150,10 +163,14 @@ class RequestEncoder:
         if not cands:
             raise RequestError(422, "candidates", "empty list; give at least one candidate")
         if len(cands) > self.max_candidates:
-            raise RequestError(422, "candidates", f"{len(cands)} candidates, more than the limit of {self.max_candidates}")
+            raise RequestError(
+                422, "candidates", f"{len(cands)} candidates, more than the limit of {self.max_candidates}"
+            )
         if set(map(type, cands)) != {dict}:
             i = next(i for i, c in enumerate(cands) if not isinstance(c, dict))
-            raise RequestError(422, f"candidates[{i}]", f"expected an object {{column: value}}, got {_type_name(cands[i])}")
+            raise RequestError(
+                422, f"candidates[{i}]", f"expected an object {{column: value}}, got {_type_name(cands[i])}"
+            )
         own = [c for c in self.columns if c not in context]
         if set(map(len, cands)) != {len(own)}:  # (a missing column with an extra one: KeyError in encode)
             self._explain_columns(context, cands, own)
@@ -168,15 +185,22 @@ class RequestEncoder:
         for i, c in enumerate(cands):
             for column in c:
                 if column in context:
-                    raise RequestError(422, f"candidates[{i}].{column}", "given both in context and in candidates; give it in one of them")
+                    raise RequestError(
+                        422,
+                        f"candidates[{i}].{column}",
+                        "given both in context and in candidates; give it in one of them",
+                    )
                 if column not in self.columns:
-                    raise RequestError(422, f"candidates[{i}].{column}", f"unknown column; the model reads {self._known()}")
+                    raise RequestError(
+                        422, f"candidates[{i}].{column}", f"unknown column; the model reads {self._known()}"
+                    )
             missing = [col for col in own if col not in c]
             if missing:
                 col = missing[0]
                 features = ", ".join(f"{f.name} ({f.type})" for f in self.columns[col])
                 raise RequestError(
-                    422, f"candidates[{i}].{col}",
+                    422,
+                    f"candidates[{i}].{col}",
                     f"missing column (feature {features}); give it in context or in every candidate",
                 )
         raise RequestError(422, "candidates", "every candidate must hold the columns the context does not give")
@@ -186,7 +210,9 @@ class RequestEncoder:
     @staticmethod
     def _bad_type(values: list, allowed: frozenset, where: Callable[[int], str], expected: str, f: FeatureSpec) -> None:
         i = next(i for i, v in enumerate(values) if type(v) not in allowed)
-        raise RequestError(422, where(i), f"expected {expected} (feature {f.name}, {f.type}), got {_type_name(values[i])}")
+        raise RequestError(
+            422, where(i), f"expected {expected} (feature {f.name}, {f.type}), got {_type_name(values[i])}"
+        )
 
     def _encode_sparse(self, values: list, f: FeatureSpec, where: Callable[[int], str]) -> np.ndarray:
         types = set(map(type, values))
@@ -211,11 +237,15 @@ class RequestEncoder:
         bad = ~np.isfinite(x) if missing is None else ~np.isfinite(x) & ~missing
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise RequestError(422, where(i), f"{values[i]} is not a finite number (feature {f.name}); send null for a missing value")
+            raise RequestError(
+                422, where(i), f"{values[i]} is not a finite number (feature {f.name}); send null for a missing value"
+            )
         if missing is not None and missing.any():
             if f.fill is None:
                 i = int(np.flatnonzero(missing)[0])
-                raise RequestError(422, where(i), f"missing value (null), and feature {f.name} has no 'fill' in the schema")
+                raise RequestError(
+                    422, where(i), f"missing value (null), and feature {f.name} has no 'fill' in the schema"
+                )
             x = np.where(missing, float(f.fill), x)
         if f.log:
             x = np.sign(x) * np.log1p(np.abs(x))
@@ -230,15 +260,20 @@ class RequestEncoder:
         types = set(map(type, values))
         if not types <= _SEQ_TYPES:
             self._bad_type(values, _SEQ_TYPES, where, "a list of ids, or null", f)
-        heads = [v[: f.max_len] for v in values] if NoneType not in types else [v[: f.max_len] if v else [] for v in values]
+        heads = (
+            [v[: f.max_len] for v in values] if NoneType not in types else [v[: f.max_len] if v else [] for v in values]
+        )
         flat = list(chain.from_iterable(heads))
         item_types = set(map(type, flat))
-        if not item_types <= _ITEM_TYPES or (float in item_types and not all(math.isfinite(v) for v in flat if isinstance(v, float))):
+        if not item_types <= _ITEM_TYPES or (
+            float in item_types and not all(math.isfinite(v) for v in flat if isinstance(v, float))
+        ):
             for i, head in enumerate(heads):
                 for k, v in enumerate(head):
                     if type(v) not in _ITEM_TYPES or (isinstance(v, float) and not math.isfinite(v)):
                         raise RequestError(
-                            422, f"{where(i)}[{k}]",
+                            422,
+                            f"{where(i)}[{k}]",
                             f"expected a string or number id (feature {f.name}, sequence), got {_type_name(v) if type(v) not in _ITEM_TYPES else v}",
                         )
         lengths = np.fromiter(map(len, heads), np.int64, len(heads))
@@ -294,7 +329,7 @@ def _context_field(column: str) -> Callable[[int], str]:
     return lambda i: f"context.{column}"
 
 
-def request_from_frame(frame: pl.DataFrame, schema: Schema, context_columns: Optional[list[str]] = None) -> dict:
+def request_from_frame(frame: pl.DataFrame, schema: Schema, context_columns: list[str] | None = None) -> dict:
     """A ``/rank`` body from the rows of a ``predict`` input frame (e.g. :func:`mtrec.data.ingest.read_frame`):
     ``context_columns`` (default none) taken once from the first row, every other column the schema's
     features read per candidate; a column a dense feature reads as a JSON number (an integral one as an
@@ -316,10 +351,14 @@ def request_from_frame(frame: pl.DataFrame, schema: Schema, context_columns: Opt
             series = series.cast(pl.Float64, strict=False)
             values = [int(v) if v is not None and v.is_integer() else v for v in series.to_list()]
         elif "sequence" in types:
-            values = [[] if v is None or v == "" else v.split(separators[column]) for v in series.cast(pl.String).to_list()]
+            values = [
+                [] if v is None or v == "" else v.split(separators[column]) for v in series.cast(pl.String).to_list()
+            ]
         else:
             values = series.to_list()
         columns[column] = values
     own = [c for c in kinds if c not in context_columns]
-    candidates = [dict(zip(own, row)) for row in zip(*(columns[c] for c in own))] if own else [{} for _ in range(frame.height)]
+    candidates = (
+        [dict(zip(own, row)) for row in zip(*(columns[c] for c in own))] if own else [{} for _ in range(frame.height)]
+    )
     return {"context": {c: columns[c][0] for c in context_columns}, "candidates": candidates}

@@ -58,9 +58,10 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -170,8 +171,8 @@ class EncodedInputModel(nn.Module):
         self,
         model: MultiTaskModel,
         context_features: Sequence[str] = (),
-        calibrators: Optional[Calibrators] = None,
-        fusion: Optional[FusionSpec] = None,
+        calibrators: Calibrators | None = None,
+        fusion: FusionSpec | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -180,7 +181,9 @@ class EncodedInputModel(nn.Module):
         self.calibrators = calibrators if calibrators is not None and calibrators.active else None
         self.fusion = fusion
         if self.calibrators is not None and self.calibrators.task_names != layout.task_names:
-            raise MtrecError(f"calibration: fitted for tasks {self.calibrators.task_names}, the model has {layout.task_names}")
+            raise MtrecError(
+                f"calibration: fitted for tasks {self.calibrators.task_names}, the model has {layout.task_names}"
+            )
         if fusion is not None and fusion.task_names != layout.task_names:
             raise MtrecError(f"fusion: the spec's tasks {fusion.task_names} are not the model's {layout.task_names}")
         self.output_names = output_names(layout, self.calibrators is not None, fusion is not None)
@@ -302,9 +305,9 @@ class ParityReport:
     max_abs_score: dict[str, float]
     binary: dict[str, bool]
     batch_sizes: list[int]
-    calibration: Optional[str] = None  # the included calibrator's method
+    calibration: str | None = None  # the included calibrator's method
     max_abs_calibrated: dict[str, float] = field(default_factory=dict)  # score.<task> vs numpy on raw.<task>
-    max_rel_fused: Optional[float] = None  # score vs apply_fusion of score.<task>, relative to |numpy value|
+    max_rel_fused: float | None = None  # score vs apply_fusion of score.<task>, relative to |numpy value|
 
     def worst(self, task: str) -> float:
         """What the tolerance applies to: absolute on a binary task's logits and probabilities,
@@ -328,8 +331,9 @@ def _fail(model: MultiTaskModel, fmt: str, what: str, sizes: list[int]) -> Mtrec
     )
 
 
-def _check(model: MultiTaskModel, fmt: str, run_graph, wrapper: EncodedInputModel, rows: TensorTable,
-           sizes: Sequence[int]) -> ParityReport:
+def _check(
+    model: MultiTaskModel, fmt: str, run_graph, wrapper: EncodedInputModel, rows: TensorTable, sizes: Sequence[int]
+) -> ParityReport:
     """Run the exported graph (``run_graph(inputs) -> {output name: array}``) on ``rows`` split into
     ``sizes`` and compare with PyTorch (logits, model scores) and with the numpy calibrator and fusion
     (on the graph's own inputs to them); raise :class:`MtrecError` when an output is off by more than
@@ -337,8 +341,9 @@ def _check(model: MultiTaskModel, fmt: str, run_graph, wrapper: EncodedInputMode
     tasks = model.layout.task_names
     binary = [t.type == "binary" for t in model.layout.tasks]
     calibrators, spec = wrapper.calibrators, wrapper.fusion
-    report = ParityReport({t: 0.0 for t in tasks}, {t: 0.0 for t in tasks}, {t: 0.0 for t in tasks},
-                          dict(zip(tasks, binary)), [])
+    report = ParityReport(
+        {t: 0.0 for t in tasks}, {t: 0.0 for t in tasks}, {t: 0.0 for t in tasks}, dict(zip(tasks, binary)), []
+    )
     if calibrators is not None:
         report.calibration = calibrators.method
         report.max_abs_calibrated = {t: 0.0 for t in tasks}
@@ -366,7 +371,9 @@ def _check(model: MultiTaskModel, fmt: str, run_graph, wrapper: EncodedInputMode
             report.max_abs[name] = max(report.max_abs[name], float(diff.max(initial=0.0)))
             sdiff = np.abs(score - ref_scores[:, t])
             report.max_abs_score[name] = max(report.max_abs_score[name], float(sdiff.max(initial=0.0)))
-            rel = np.maximum(diff / np.maximum(1.0, np.abs(ref_logits[:, t])), sdiff / np.maximum(1.0, np.abs(ref_scores[:, t])))
+            rel = np.maximum(
+                diff / np.maximum(1.0, np.abs(ref_logits[:, t])), sdiff / np.maximum(1.0, np.abs(ref_scores[:, t]))
+            )
             report.max_rel[name] = max(report.max_rel[name], float(rel.max(initial=0.0)))
             if (~np.isfinite(logit) & np.isfinite(ref_logits[:, t])).any():
                 raise MtrecError(
@@ -395,14 +402,28 @@ def _check(model: MultiTaskModel, fmt: str, run_graph, wrapper: EncodedInputMode
         worst = report.worst(name)
         if not worst <= TOLERANCE:
             kind = "absolute" if binary[t] else "relative"
-            raise _fail(model, fmt, f"task '{name}': max {kind} difference {worst:.3g} from PyTorch exceeds {TOLERANCE:g}",
-                        report.batch_sizes)
+            raise _fail(
+                model,
+                fmt,
+                f"task '{name}': max {kind} difference {worst:.3g} from PyTorch exceeds {TOLERANCE:g}",
+                report.batch_sizes,
+            )
         if calibrators is not None and not report.max_abs_calibrated[name] <= TOLERANCE:
-            raise _fail(model, fmt, f"the calibrated score of task '{name}' ({calibrators.method}): max difference "
-                        f"{report.max_abs_calibrated[name]:.3g} from the numpy calibrator exceeds {TOLERANCE:g}", report.batch_sizes)
+            raise _fail(
+                model,
+                fmt,
+                f"the calibrated score of task '{name}' ({calibrators.method}): max difference "
+                f"{report.max_abs_calibrated[name]:.3g} from the numpy calibrator exceeds {TOLERANCE:g}",
+                report.batch_sizes,
+            )
     if spec is not None and not report.max_rel_fused <= TOLERANCE:
-        raise _fail(model, fmt, f"the fused score ({spec.formula}): max relative difference {report.max_rel_fused:.3g} "
-                    f"from the numpy fusion exceeds {TOLERANCE:g}", report.batch_sizes)
+        raise _fail(
+            model,
+            fmt,
+            f"the fused score ({spec.formula}): max relative difference {report.max_rel_fused:.3g} "
+            f"from the numpy fusion exceeds {TOLERANCE:g}",
+            report.batch_sizes,
+        )
     return report
 
 
@@ -425,7 +446,7 @@ def _export_failure(model: MultiTaskModel, fmt: str, err: BaseException) -> Mtre
     )
 
 
-def _description(model: MultiTaskModel, wrapper: EncodedInputModel, extra: Optional[dict]) -> dict:
+def _description(model: MultiTaskModel, wrapper: EncodedInputModel, extra: dict | None) -> dict:
     return {
         "mtrec_version": __version__,
         "model": model_name(model),
@@ -441,16 +462,19 @@ def _description(model: MultiTaskModel, wrapper: EncodedInputModel, extra: Optio
         "outputs": wrapper.output_names,
         "calibration": (
             {"method": wrapper.calibrators.method, "sha256": calibration_digest(wrapper.calibrators)}
-            if wrapper.calibrators is not None else None
+            if wrapper.calibrators is not None
+            else None
         ),
         "fusion": (
-            {"formula": wrapper.fusion.formula, "sha256": fusion_digest(wrapper.fusion)} if wrapper.fusion is not None else None
+            {"formula": wrapper.fusion.formula, "sha256": fusion_digest(wrapper.fusion)}
+            if wrapper.fusion is not None
+            else None
         ),
         **(extra or {}),
     }
 
 
-def ort_session(model_bytes_or_path: bytes | str | Path, threads: Optional[int] = None):
+def ort_session(model_bytes_or_path: bytes | str | Path, threads: int | None = None):
     """An ONNX Runtime CPU session (``threads``: intra-op threads, default torch's setting)."""
     import onnxruntime as ort
 
@@ -550,7 +574,9 @@ def _to_onnx(model: MultiTaskModel, wrapper: EncodedInputModel, example: dict[st
     return proto.SerializeToString()
 
 
-def _to_torchscript(model: MultiTaskModel, wrapper: EncodedInputModel, example: dict[str, Tensor], description: dict) -> bytes:
+def _to_torchscript(
+    model: MultiTaskModel, wrapper: EncodedInputModel, example: dict[str, Tensor], description: dict
+) -> bytes:
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -576,10 +602,10 @@ def export_model(
     path: Path,
     rows: TensorTable,
     context_features: Sequence[str] = (),
-    metadata: Optional[dict] = None,
-    sizes: Optional[Sequence[int]] = None,
-    calibrators: Optional[Calibrators] = None,
-    fusion: Optional[FusionSpec] = None,
+    metadata: dict | None = None,
+    sizes: Sequence[int] | None = None,
+    calibrators: Calibrators | None = None,
+    fusion: FusionSpec | None = None,
 ) -> ParityReport:
     """Export ``model`` (put in eval mode) to ``path`` in ``fmt`` after checking parity on ``rows``.
 
@@ -635,7 +661,7 @@ def weights_digest(run: Path) -> str:
     return hashlib.sha256((run / WEIGHTS).read_bytes()).hexdigest()
 
 
-def parity_rows(run: Path, loaded: "LoadedRun", limit: int = PARITY_ROWS) -> TensorTable:
+def parity_rows(run: Path, loaded: LoadedRun, limit: int = PARITY_ROWS) -> TensorTable:
     """Up to ``limit`` real rows of the run's validation split (else test), encoded with the run's
     encoders, with unknown ids forced on some rows (:func:`with_unknown_ids`)."""
     from mtrec.data.ingest import encode, load_splits
@@ -661,11 +687,11 @@ def default_export_path(run: Path, fmt: str, context_features: Sequence[str] = (
 def export_run(
     run: Path,
     fmt: str,
-    out: Optional[Path] = None,
+    out: Path | None = None,
     context_features: Sequence[str] = (),
-    fallback_rows: Optional[TensorTable] = None,
-    calibration: Optional[bool] = None,
-    fusion: Union[None, bool, Path] = None,
+    fallback_rows: TensorTable | None = None,
+    calibration: bool | None = None,
+    fusion: None | bool | Path = None,
 ) -> tuple[Path, ParityReport]:
     """Export a run directory's model (default file: :func:`default_export_path`).
 
@@ -695,7 +721,9 @@ def export_run(
         source = None if fusion is True else Path(fusion)
         spec = fusion_for_run(run, layout, calibrators.method, source)  # checked against the run's tasks and calibrator
         if spec is None:
-            raise MtrecError(f"--fusion: {run} has no {FUSION_FILE}; run mtrec fuse, or give a spec file (--fusion FILE)")
+            raise MtrecError(
+                f"--fusion: {run} has no {FUSION_FILE}; run mtrec fuse, or give a spec file (--fusion FILE)"
+            )
         if spec.calibration is not None and included is None:
             raise MtrecError(
                 f"--fusion {source or run / FUSION_FILE}: fitted on scores calibrated with {spec.calibration}; "
@@ -726,7 +754,7 @@ class OnnxScorer:
     the same value on every row (or batch 1 for a sequence).
     """
 
-    def __init__(self, path: Path, threads: Optional[int] = None) -> None:
+    def __init__(self, path: Path, threads: int | None = None) -> None:
         self.path = Path(path)
         self.session = ort_session(self.path, threads)
         meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
@@ -734,15 +762,17 @@ class OnnxScorer:
             raise MtrecError(f"{path}: not an ONNX file exported by mtrec (no '{METADATA_KEY}' metadata)")
         self.description = json.loads(meta)
         self.tasks = [t["name"] for t in self.description["tasks"]]
-        self.inputs = [GraphInput(i["name"], i["kind"], tuple(i["features"]), i["context"]) for i in self.description["inputs"]]
+        self.inputs = [
+            GraphInput(i["name"], i["kind"], tuple(i["features"]), i["context"]) for i in self.description["inputs"]
+        ]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.calibration: Optional[dict] = self.description.get("calibration")  # {"method", "sha256"} or None
-        self.fusion: Optional[dict] = self.description.get("fusion")  # {"formula", "sha256"} or None
+        self.calibration: dict | None = self.description.get("calibration")  # {"method", "sha256"} or None
+        self.fusion: dict | None = self.description.get("fusion")  # {"formula", "sha256"} or None
         self.context_features = frozenset(f for i in self.inputs if i.context for f in i.features)
         columns = self.description.get("columns")
         if columns is None and not self.has_context:  # an older graph: one input per kind, every column in order
             columns = {k: list(next((i.features for i in self.inputs if i.kind == k), ())) for k in ("sparse", "dense")}
-        self._select: Optional[dict[str, Optional[np.ndarray]]] = None
+        self._select: dict[str, np.ndarray | None] | None = None
         if columns is not None:
             self._select = {}
             for spec in self.inputs:
@@ -750,7 +780,9 @@ class OnnxScorer:
                     continue
                 names = columns[spec.kind]
                 idx = np.array([names.index(n) for n in spec.features], dtype=np.int64)
-                self._select[spec.name] = None if len(idx) == len(names) and (idx == np.arange(len(names))).all() else idx
+                self._select[spec.name] = (
+                    None if len(idx) == len(names) and (idx == np.arange(len(names))).all() else idx
+                )
 
     @property
     def has_context(self) -> bool:
@@ -784,11 +816,13 @@ class OnnxScorer:
             out[spec.name] = np.ascontiguousarray(value)
         return out
 
-    def run(self, feed: Mapping[str, np.ndarray], outputs: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+    def run(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """``{output: array}`` of the graph on ``feed`` (default: every output); a context input must be batch 1."""
         for spec in self.inputs:
             if spec.context and feed[spec.name].shape[0] != 1:
-                raise MtrecError(f"{self.path}: context input '{spec.name}' takes one row, got {feed[spec.name].shape[0]}")
+                raise MtrecError(
+                    f"{self.path}: context input '{spec.name}' takes one row, got {feed[spec.name].shape[0]}"
+                )
         names = list(outputs) if outputs is not None else self.output_names
         return dict(zip(names, self.session.run(names, dict(feed))))
 
@@ -815,7 +849,11 @@ class OnnxScorer:
         includes a calibrator: see :attr:`calibration`); no context inputs."""
         names = [f"score.{t}" for t in self.tasks]
         out = self.outputs(table, names, batch_size)
-        return np.stack([out[k] for k in names], axis=1).astype(np.float32) if len(table) else np.zeros((0, len(self.tasks)), np.float32)
+        return (
+            np.stack([out[k] for k in names], axis=1).astype(np.float32)
+            if len(table)
+            else np.zeros((0, len(self.tasks)), np.float32)
+        )
 
 
 def _graph_meta(path: Path) -> dict:
@@ -829,7 +867,7 @@ def _graph_meta(path: Path) -> dict:
         return {}
 
 
-def run_onnx(run: Path, fallback_rows: Optional[TensorTable] = None) -> Path:
+def run_onnx(run: Path, fallback_rows: TensorTable | None = None) -> Path:
     """The run's ONNX file for batch scoring (``model.onnx``), exported (with its parity check, see
     :func:`export_run` for ``fallback_rows``; with the run's calibrator when it has one) when absent,
     stale (other weights) or exported with context inputs."""
@@ -843,7 +881,7 @@ def run_onnx(run: Path, fallback_rows: Optional[TensorTable] = None) -> Path:
     return path
 
 
-def run_context_onnx(run: Path) -> Optional[Path]:
+def run_context_onnx(run: Path) -> Path | None:
     """The run's graph with context inputs (``model.context.onnx``, written by ``mtrec export
     --context-features``), or None when the run has none. A stale one (other weights, or exported
     before the column list was recorded) is exported again with the same context features."""
@@ -860,8 +898,11 @@ def run_context_onnx(run: Path) -> Optional[Path]:
 
 
 def predict_onnx(
-    run: Path, table: TensorTable, calibrators: Optional[Calibrators] = None, fusion: Optional[FusionSpec] = None,
-) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    run: Path,
+    table: TensorTable,
+    calibrators: Calibrators | None = None,
+    fusion: FusionSpec | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Scores of ``table`` (encoded with the run's encoders) through ONNX Runtime: ``[N, T]`` scores
     calibrated with ``calibrators`` (default: the run's), and the fused score ``[N]`` under ``fusion``
     (None without a spec). What the graph includes is taken from it when it is the same calibrator
@@ -876,10 +917,17 @@ def predict_onnx(
         same_cal = calibrators.active and graph_cal.get("sha256") == calibration_digest(calibrators)
     names = [f"score.{t}" for t in scorer.tasks] if same_cal else scorer.model_score_outputs
     use_fused = (
-        fusion is not None and same_cal and scorer.fusion is not None and scorer.fusion.get("sha256") == fusion_digest(fusion)
+        fusion is not None
+        and same_cal
+        and scorer.fusion is not None
+        and scorer.fusion.get("sha256") == fusion_digest(fusion)
     )
     out = scorer.outputs(table, names + ([FUSED_OUTPUT] if use_fused else []))
-    scores = np.stack([out[k] for k in names], axis=1).astype(np.float32) if len(table) else np.zeros((0, len(names)), np.float32)
+    scores = (
+        np.stack([out[k] for k in names], axis=1).astype(np.float32)
+        if len(table)
+        else np.zeros((0, len(names)), np.float32)
+    )
     if not (same_cal and graph_cal is not None):  # the graph gave the model's own scores
         scores = calibrators.apply(scores)
     if use_fused:

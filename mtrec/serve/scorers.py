@@ -8,7 +8,7 @@ scores (before calibration and fusion, which the service applies the same way fo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -66,14 +66,14 @@ class OnnxRuntimeScorer:
 
     backend = "onnx"
 
-    def __init__(self, run: Path, threads: Optional[int] = None) -> None:
+    def __init__(self, run: Path, threads: int | None = None) -> None:
         from mtrec.serve.export import OnnxScorer, run_context_onnx, run_onnx
 
         self.batch_graph = OnnxScorer(run_onnx(run), threads=threads)
         context = run_context_onnx(run)
         self.context_graph = OnnxScorer(context, threads=threads) if context is not None else None
 
-    def graph_for(self, batch: EncodedRequest) -> "OnnxScorer":
+    def graph_for(self, batch: EncodedRequest) -> OnnxScorer:
         """The graph that scores ``batch``: the context graph when the request gives all its context features once."""
         graph = self.context_graph
         if graph is not None and graph.context_features <= batch.context:
@@ -84,7 +84,7 @@ class OnnxRuntimeScorer:
         return self.graph_for(batch).model_scores(batch.sparse, batch.dense, batch.sequences)
 
 
-def build_scorer(backend: str, run: Path, model: MultiTaskModel, threads: Optional[int] = None) -> Scorer:
+def build_scorer(backend: str, run: Path, model: MultiTaskModel, threads: int | None = None) -> Scorer:
     """The scorer of ``backend`` (``torch`` or ``onnx``) for a loaded run."""
     if backend == "onnx":
         return OnnxRuntimeScorer(run, threads)

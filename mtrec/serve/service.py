@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import logging
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,15 +36,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import orjson
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 
 from mtrec import __version__
 from mtrec.errors import MtrecError
@@ -66,13 +66,13 @@ class ServeSettings(BaseModel):
     """Everything a worker needs to build the service."""
 
     run: Path
-    fusion: Optional[Path] = None
+    fusion: Path | None = None
     backend: Literal["torch", "onnx"] = "torch"
     threads: int = Field(1, ge=1)
     max_candidates: int = Field(1000, ge=1)
     max_body_bytes: int = Field(8 << 20, ge=1)
     timeout_s: float = Field(1.0, gt=0)
-    state_file: Optional[Path] = None  # shared by the workers: the run to serve after a reload
+    state_file: Path | None = None  # shared by the workers: the run to serve after a reload
 
 
 def parse_body(body: bytes) -> Any:
@@ -101,7 +101,7 @@ class Ranker:
     encoder: RequestEncoder
     scorer: Scorer
     calibrators: Calibrators
-    fusion: Optional[FusionSpec]
+    fusion: FusionSpec | None
     layout: FeatureLayout
     info: dict
     generation: int = 0
@@ -126,7 +126,11 @@ class Ranker:
         table = np.column_stack([scores, *joint.values()]) if joint else scores
         if not (np.isfinite(fused).all() and np.isfinite(table).all()):
             i = int(np.flatnonzero(~(np.isfinite(fused) & np.isfinite(table).all(axis=1)))[0])
-            raise RequestError(422, f"candidates[{i}]", "the model's score is not finite; an input value is far outside the training range")
+            raise RequestError(
+                422,
+                f"candidates[{i}]",
+                "the model's score is not finite; an input value is far outside the training range",
+            )
         order = np.argsort(-fused, kind="stable")
         names = self.names
         ranking = [
@@ -140,7 +144,9 @@ class Ranker:
         return payload, timing, batch.size
 
 
-def load_ranker(settings: ServeSettings, run: Optional[Path] = None, fusion: Optional[Path] = None, generation: int = 0) -> Ranker:
+def load_ranker(
+    settings: ServeSettings, run: Path | None = None, fusion: Path | None = None, generation: int = 0
+) -> Ranker:
     """Load ``run`` (default: the settings' run and fusion) for serving; :class:`MtrecError` if it cannot be."""
     from mtrec.fusion.calibration import Calibrators
     from mtrec.fusion.spec import fusion_for_run
@@ -170,7 +176,11 @@ def load_ranker(settings: ServeSettings, run: Optional[Path] = None, fusion: Opt
         "fusion": spec.model_dump(mode="json", exclude={"search"}, exclude_none=True) if spec is not None else None,
         "ranked_by": "fusion" if spec is not None else layout.task_names[0],
         "calibration": calibrators.method,
-        "version": {"mtrec": __version__, "trained_with": loaded.config.get("mtrec_version"), "weights_mtime": weights.stat().st_mtime_ns},
+        "version": {
+            "mtrec": __version__,
+            "trained_with": loaded.config.get("mtrec_version"),
+            "weights_mtime": weights.stat().st_mtime_ns,
+        },
         "trained_at": _iso(weights.stat().st_mtime),
         "test_metrics": metrics.get("test"),
         "columns": encoder.describe(),
@@ -192,13 +202,25 @@ class Metrics:
 
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = None if self.multiprocess else CollectorRegistry()
-        self.requests = Counter("mtrec_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry)
-        self.latency = Histogram(
-            "mtrec_request_seconds", "Request latency in the server (first byte in to last byte out)", ["endpoint"],
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+        self.requests = Counter(
+            "mtrec_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
         )
-        self.model = Histogram("mtrec_model_seconds", "Model forward time of /rank requests", buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.candidates = Counter("mtrec_candidates_ranked", "Candidates ranked (successful /rank requests)", registry=self.registry)
+        self.latency = Histogram(
+            "mtrec_request_seconds",
+            "Request latency in the server (first byte in to last byte out)",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.model = Histogram(
+            "mtrec_model_seconds",
+            "Model forward time of /rank requests",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.candidates = Counter(
+            "mtrec_candidates_ranked", "Candidates ranked (successful /rank requests)", registry=self.registry
+        )
 
     def exposition(self) -> bytes:
         from prometheus_client import CollectorRegistry, generate_latest
@@ -246,7 +268,7 @@ class MetricsMiddleware:
 class ServiceState:
     """The ranker in use (swapped atomically by a reload), the model thread and the reload watcher."""
 
-    def __init__(self, settings: ServeSettings, ranker: Optional[Ranker] = None) -> None:
+    def __init__(self, settings: ServeSettings, ranker: Ranker | None = None) -> None:
         self.settings = settings
         torch.set_num_threads(settings.threads)
         self.ranker = ranker if ranker is not None else self._initial()
@@ -254,10 +276,10 @@ class ServiceState:
         self.reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._seen_state = self._state_mtime()
-        self._watcher: Optional[threading.Thread] = None
+        self._watcher: threading.Thread | None = None
 
     # a reload is published in the state file: {"generation", "run", "fusion"}
-    def _read_state(self) -> Optional[dict]:
+    def _read_state(self) -> dict | None:
         path = self.settings.state_file
         if path is None or not path.is_file():
             return None
@@ -266,7 +288,7 @@ class ServiceState:
         except ValueError:
             return None
 
-    def _state_mtime(self) -> Optional[int]:
+    def _state_mtime(self) -> int | None:
         path = self.settings.state_file
         try:
             return path.stat().st_mtime_ns if path is not None else None
@@ -277,12 +299,20 @@ class ServiceState:
         state = self._read_state()
         if state:  # a worker restarted after a reload serves the reloaded run
             try:
-                return load_ranker(self.settings, Path(state["run"]), _opt_path(state.get("fusion")), int(state["generation"]))
+                return load_ranker(
+                    self.settings, Path(state["run"]), _opt_path(state.get("fusion")), int(state["generation"])
+                )
             except (MtrecError, KeyError, TypeError, ValueError) as err:
-                log.warning("state file %s: cannot load %s (%s); serving %s", self.settings.state_file, state, err, self.settings.run)
+                log.warning(
+                    "state file %s: cannot load %s (%s); serving %s",
+                    self.settings.state_file,
+                    state,
+                    err,
+                    self.settings.run,
+                )
         return load_ranker(self.settings)
 
-    def reload(self, run: Path, fusion: Optional[Path]) -> Ranker:
+    def reload(self, run: Path, fusion: Path | None) -> Ranker:
         """Load ``run`` and swap it in (and publish it to the other workers); raises MtrecError."""
         with self.reload_lock:
             generation = max(self.ranker.generation, (self._read_state() or {}).get("generation", 0)) + 1
@@ -300,7 +330,9 @@ class ServiceState:
             self.reload(info.run, fusion)
             log.warning("SIGHUP: reloaded %s (generation %d)", info.run, self.ranker.generation)
         except Exception as err:
-            log.error("SIGHUP: cannot reload %s (%s); still serving generation %d", info.run, err, self.ranker.generation)
+            log.error(
+                "SIGHUP: cannot reload %s (%s); still serving generation %d", info.run, err, self.ranker.generation
+            )
 
     def _publish(self, state: dict) -> None:
         path = self.settings.state_file
@@ -320,7 +352,9 @@ class ServiceState:
                 continue
             with self.reload_lock:
                 try:
-                    self.ranker = load_ranker(self.settings, Path(state["run"]), _opt_path(state.get("fusion")), int(state["generation"]))
+                    self.ranker = load_ranker(
+                        self.settings, Path(state["run"]), _opt_path(state.get("fusion")), int(state["generation"])
+                    )
                 except Exception as err:  # keep serving the current run
                     log.error("reload of %s published by another worker failed: %s", state.get("run"), err)
 
@@ -334,7 +368,7 @@ class ServiceState:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _opt_path(value: Any) -> Optional[Path]:
+def _opt_path(value: Any) -> Path | None:
     return Path(value) if value else None
 
 
@@ -359,7 +393,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(settings: ServeSettings, ranker: Optional[Ranker] = None) -> FastAPI:
+def create_app(settings: ServeSettings, ranker: Ranker | None = None) -> FastAPI:
     """The FastAPI app serving ``settings.run`` (or an already loaded ``ranker``)."""
     state = ServiceState(settings, ranker)
     metrics = Metrics()
@@ -390,7 +424,8 @@ def create_app(settings: ServeSettings, ranker: Optional[Ranker] = None) -> Fast
             except asyncio.TimeoutError:
                 future.cancel()
                 return JSONResponse(
-                    {"detail": f"request: timed out after {settings.timeout_s * 1000:g} ms", "field": None}, status_code=503
+                    {"detail": f"request: timed out after {settings.timeout_s * 1000:g} ms", "field": None},
+                    status_code=503,
                 )
         except RequestError as err:
             return _error(err)
@@ -429,7 +464,7 @@ def create_app(settings: ServeSettings, ranker: Optional[Ranker] = None) -> Fast
         try:
             data = parse_body(await _read_body(request, settings.max_body_bytes))
             if not isinstance(data, dict):
-                raise RequestError(422, "body", "expected a JSON object {\"run\": DIR}")
+                raise RequestError(422, "body", 'expected a JSON object {"run": DIR}')
             unknown = [k for k in data if k not in ("run", "fusion")]
             if unknown:
                 raise RequestError(422, unknown[0], "unknown field; give 'run' and optionally 'fusion'")
@@ -444,7 +479,14 @@ def create_app(settings: ServeSettings, ranker: Optional[Ranker] = None) -> Fast
                 raise RequestError(422, "run", f"cannot serve it: {err}") from None
         except RequestError as err:
             return _error(err)
-        return JSONResponse({"status": "reloaded", "run": ranker.info["run"], "model": ranker.info["model"], "generation": ranker.generation})
+        return JSONResponse(
+            {
+                "status": "reloaded",
+                "run": ranker.info["run"],
+                "model": ranker.info["model"],
+                "generation": ranker.generation,
+            }
+        )
 
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

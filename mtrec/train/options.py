@@ -7,8 +7,6 @@ re-exports :class:`TrainConfig`; both import paths name the same class.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -26,12 +24,13 @@ class TrainConfig(BaseModel):
     eval_batch_size: int = Field(
         16384, ge=1, description="evaluation batch size (no backward pass: big batches are cheap)"
     )
-    progress: Optional[bool] = Field(None, description="show a progress bar (default: only on a terminal)")
+    progress: bool | None = Field(None, description="show a progress bar (default: only on a terminal)")
     # The gradient conflict monitor samples every this many steps (0: off). At 24: 4.6% more CPU time per
     # step on mmoe / Census (benchmarks/monitor_overhead.py, BENCHMARKS.md), about 7 samples per Census epoch
     # of 175 steps. A sample costs about one training step (two backward passes to the shared layers), so
     # 20 samples an epoch (every 8) costs 13%: pass --monitor-every 8 for denser curves.
     monitor_every: int = Field(
-        24, ge=0,
+        24,
+        ge=0,
         description="sample task-gradient cosines, norm ratios and learning velocity every K steps (0: off)",
     )

@@ -28,9 +28,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import polars as pl
@@ -43,15 +43,15 @@ from mtrec.balancing import build_balancer, validate_balancer_options
 from mtrec.data.ingest import Encoders, encode, load_splits, oov_rates, read_frame
 from mtrec.data.store import load_store, table_from_arrays
 from mtrec.data.tables import FeatureLayout, TensorTable
+from mtrec.diagnostics.monitor import ConflictMonitor
 from mtrec.errors import MtrecError
 from mtrec.files import write_atomic, write_json_atomic
 from mtrec.fusion.calibration import Calibrators, calibration_report
 from mtrec.fusion.spec import apply_fusion, fusion_for_run
 from mtrec.metrics.core import evaluate_predictions, joint_scores
-from mtrec.diagnostics.monitor import ConflictMonitor
-from mtrec.train.tensorboard import TensorBoardLogger
 from mtrec.models import MultiTaskModel, build_model, validate_model_options
 from mtrec.schema import Schema, schema_from_dict
+from mtrec.train.tensorboard import TensorBoardLogger
 from mtrec.train.trainer import FitResult, TrainConfig, Trainer, seed_everything
 
 WEIGHTS = "model.safetensors"
@@ -64,9 +64,24 @@ RUN_FORMAT = 1
 # What mtrec writes into a run directory (train, and the commands that add to a finished run): what
 # --overwrite removes. Anything else in the directory is the user's and stays.
 RUN_FILES = (
-    "config.json", "encoders.json", WEIGHTS, "history.json", "metrics.json", CHECKPOINT, INCOMPLETE,
-    "diagnostics.json", "calibration.json", "fusion.yaml", "fusion_study.db", "fusion_pareto.png",
-    "model.onnx", "model.torchscript.pt", "model.context.onnx", "model.context.torchscript.pt", "relate.json", "tensorboard",
+    "config.json",
+    "encoders.json",
+    WEIGHTS,
+    "history.json",
+    "metrics.json",
+    CHECKPOINT,
+    INCOMPLETE,
+    "diagnostics.json",
+    "calibration.json",
+    "fusion.yaml",
+    "fusion_study.db",
+    "fusion_pareto.png",
+    "model.onnx",
+    "model.torchscript.pt",
+    "model.context.onnx",
+    "model.context.torchscript.pt",
+    "relate.json",
+    "tensorboard",
 )
 # memory a run may plan to use: this share of MemAvailable (the rest for data, activations, the OS)
 MEMORY_MARGIN = 0.7
@@ -87,7 +102,7 @@ def _save_weights(model: MultiTaskModel, path: Path) -> None:
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"mtrec": __version__}))
 
 
-def memory_available() -> Optional[int]:
+def memory_available() -> int | None:
     """``MemAvailable`` from /proc/meminfo in bytes (None where there is no such file)."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -98,7 +113,7 @@ def memory_available() -> Optional[int]:
     return None
 
 
-def count_parameters(model_name: str, layout: FeatureLayout, model_options: Optional[dict]) -> int:
+def count_parameters(model_name: str, layout: FeatureLayout, model_options: dict | None) -> int:
     """Parameters of the model, counted on the meta device (shapes only, no memory allocated)."""
     try:
         with torch.device("meta"):
@@ -112,7 +127,7 @@ def count_parameters(model_name: str, layout: FeatureLayout, model_options: Opti
         )
 
 
-def check_memory(model_name: str, layout: FeatureLayout, model_options: Optional[dict]) -> int:
+def check_memory(model_name: str, layout: FeatureLayout, model_options: dict | None) -> int:
     """Refuse a model whose training state would not fit in the memory available (with a margin),
     before allocating it; returns the estimate in bytes."""
     params = count_parameters(model_name, layout, model_options)
@@ -178,8 +193,15 @@ def _run_state(out: Path) -> str:
     return "empty"
 
 
-def _arguments(model_name: str, model_options: Optional[dict], balancer_name: str, balancer_options: Optional[dict],
-               task_weights: Optional[Sequence[float]], train_config: TrainConfig, schema: Schema) -> dict:
+def _arguments(
+    model_name: str,
+    model_options: dict | None,
+    balancer_name: str,
+    balancer_options: dict | None,
+    task_weights: Sequence[float] | None,
+    train_config: TrainConfig,
+    schema: Schema,
+) -> dict:
     """What a resumed run must be given again, as recorded in its checkpoint (the schema with its
     data files' fingerprint: the same data, unchanged)."""
     train = train_config.model_dump(mode="json")
@@ -196,12 +218,17 @@ def _arguments(model_name: str, model_options: Optional[dict], balancer_name: st
 
 
 def _check_same_arguments(recorded: dict, given: dict, out: Path) -> None:
-    diffs = [f"{key} {recorded.get(key)!r} in the run, {given.get(key)!r} now"
-             for key in sorted(set(recorded) | set(given)) if recorded.get(key) != given.get(key)]
+    diffs = [
+        f"{key} {recorded.get(key)!r} in the run, {given.get(key)!r} now"
+        for key in sorted(set(recorded) | set(given))
+        if recorded.get(key) != given.get(key)
+    ]
     if diffs:
         diffs = [d if not d.startswith("schema ") else "the schema or its data files changed" for d in diffs]
-        raise MtrecError(f"--resume {out}: the run was started with other arguments ({'; '.join(diffs)}); "
-                         f"give the same ones, or train again with --overwrite")
+        raise MtrecError(
+            f"--resume {out}: the run was started with other arguments ({'; '.join(diffs)}); "
+            f"give the same ones, or train again with --overwrite"
+        )
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -244,19 +271,19 @@ def _write_checkpoint(path: Path, state: dict) -> None:
 def train_run(
     schema: Schema,
     model_name: str,
-    out: Optional[Path],
+    out: Path | None,
     train_config: TrainConfig,
-    model_options: Optional[dict] = None,
+    model_options: dict | None = None,
     balancer_name: str = "fixed",
-    balancer_options: Optional[dict] = None,
-    task_weights: Optional[Sequence[float]] = None,
+    balancer_options: dict | None = None,
+    task_weights: Sequence[float] | None = None,
     tensorboard: bool = True,
     *,
     overwrite: bool = False,
     resume: bool = False,
     checkpoint_every: int = 0,
-    threads: Optional[int] = None,
-    echo: Optional[Callable[[str], None]] = None,
+    threads: int | None = None,
+    echo: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train ``model_name`` on ``schema`` and, when ``out`` is given, write the run directory
     (with TensorBoard curves under ``out/tensorboard`` unless ``tensorboard`` is False).
@@ -270,8 +297,20 @@ def train_run(
     if out is None:
         if resume or overwrite:
             raise MtrecError("--resume and --overwrite need a run directory (--out)")
-        return _train(schema, model_name, None, train_config, model_options, balancer_name, balancer_options,
-                      task_weights, tensorboard, None, checkpoint_every, echo)
+        return _train(
+            schema,
+            model_name,
+            None,
+            train_config,
+            model_options,
+            balancer_name,
+            balancer_options,
+            task_weights,
+            tensorboard,
+            None,
+            checkpoint_every,
+            echo,
+        )
     if overwrite and resume:
         raise MtrecError("--overwrite starts the run again and --resume continues it: give one of them")
     if out.exists() and not out.is_dir():
@@ -290,18 +329,37 @@ def train_run(
         checkpoint = None
         if resume:
             if state == "finished":
-                raise MtrecError(f"--resume {out}: the run is finished; nothing to resume (--overwrite trains it again)")
+                raise MtrecError(
+                    f"--resume {out}: the run is finished; nothing to resume (--overwrite trains it again)"
+                )
             if not (out / CHECKPOINT).is_file():
-                raise MtrecError(f"--resume {out}: no {CHECKPOINT} here (the run stopped before its first checkpoint, "
-                                 "or was never started); train again with --overwrite")
+                raise MtrecError(
+                    f"--resume {out}: no {CHECKPOINT} here (the run stopped before its first checkpoint, "
+                    "or was never started); train again with --overwrite"
+                )
             checkpoint = _load_checkpoint(out / CHECKPOINT)
         elif state == "finished" and not overwrite:
             raise MtrecError(f"--out {out}: a finished run is here; give --overwrite to replace it, or another --out")
         elif state == "interrupted" and not overwrite:
-            raise MtrecError(f"--out {out}: an interrupted run is here; --resume continues it, --overwrite starts again")
-        result = _train(schema, model_name, out, train_config, model_options, balancer_name, balancer_options,
-                        task_weights, tensorboard, checkpoint, checkpoint_every, echo, overwrite=overwrite,
-                        threads=threads)
+            raise MtrecError(
+                f"--out {out}: an interrupted run is here; --resume continues it, --overwrite starts again"
+            )
+        result = _train(
+            schema,
+            model_name,
+            out,
+            train_config,
+            model_options,
+            balancer_name,
+            balancer_options,
+            task_weights,
+            tensorboard,
+            checkpoint,
+            checkpoint_every,
+            echo,
+            overwrite=overwrite,
+            threads=threads,
+        )
     except MtrecError:
         if created:  # nothing of a run that failed on the user's input is left behind
             shutil.rmtree(out, ignore_errors=True)
@@ -312,23 +370,37 @@ def train_run(
 
 
 def _train(
-    schema: Schema, model_name: str, out: Optional[Path], train_config: TrainConfig, model_options: Optional[dict],
-    balancer_name: str, balancer_options: Optional[dict], task_weights: Optional[Sequence[float]], tensorboard: bool,
-    checkpoint: Optional[dict], checkpoint_every: int, echo: Optional[Callable[[str], None]], overwrite: bool = False,
-    threads: Optional[int] = None,
+    schema: Schema,
+    model_name: str,
+    out: Path | None,
+    train_config: TrainConfig,
+    model_options: dict | None,
+    balancer_name: str,
+    balancer_options: dict | None,
+    task_weights: Sequence[float] | None,
+    tensorboard: bool,
+    checkpoint: dict | None,
+    checkpoint_every: int,
+    echo: Callable[[str], None] | None,
+    overwrite: bool = False,
+    threads: int | None = None,
 ) -> RunResult:
     store = load_store(schema, echo=echo)
     train, valid, test = store.split("train"), store.split("valid"), store.split("test")
     if valid is None or len(valid) == 0:
         raise MtrecError(f"schema '{schema.name}': no validation rows; set valid_fraction > 0 or source.valid")
     check_memory(model_name, store.layout, model_options)
-    arguments = _arguments(model_name, model_options, balancer_name, balancer_options, task_weights, train_config, schema)
+    arguments = _arguments(
+        model_name, model_options, balancer_name, balancer_options, task_weights, train_config, schema
+    )
     if checkpoint is not None:
         _check_same_arguments(checkpoint.get("arguments", {}), arguments, out)
         recorded = int(checkpoint["trainer"]["threads"])
         if threads is not None and threads != recorded:
-            raise MtrecError(f"--resume {out}: the run trains on {recorded} thread(s) (--threads {threads} given); "
-                             f"a resumed run uses the recorded count to stay bit-identical: drop --threads")
+            raise MtrecError(
+                f"--resume {out}: the run trains on {recorded} thread(s) (--threads {threads} given); "
+                f"a resumed run uses the recorded count to stay bit-identical: drop --threads"
+            )
         torch.set_num_threads(recorded)
         if echo is not None:
             t = checkpoint["trainer"]
@@ -337,8 +409,10 @@ def _train(
         if overwrite:
             _clear_run(out)
         if checkpoint is None:
-            write_json_atomic(out / INCOMPLETE, {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                 "arguments": arguments})
+            write_json_atomic(
+                out / INCOMPLETE,
+                {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "arguments": arguments},
+            )
     seed_everything(train_config.seed)
     model = build_model(model_name, store.layout, model_options)
     balancer = build_balancer(balancer_name, store.layout.task_names, balancer_options, task_weights)
@@ -349,11 +423,19 @@ def _train(
         callbacks.append(ConflictMonitor(train_config.monitor_every, writer=writer))
     save = None
     if out is not None:
+
         def save(state: dict) -> None:
             _write_checkpoint(out / CHECKPOINT, {"arguments": arguments, "trainer": state})
 
-    trainer = Trainer(model, balancer, train_config, callbacks=callbacks, checkpoint=save,
-                      checkpoint_every=checkpoint_every, echo=echo)
+    trainer = Trainer(
+        model,
+        balancer,
+        train_config,
+        callbacks=callbacks,
+        checkpoint=save,
+        checkpoint_every=checkpoint_every,
+        echo=echo,
+    )
     try:
         fit = trainer.fit(train, valid, resume=None if checkpoint is None else checkpoint["trainer"])
     finally:
@@ -381,12 +463,18 @@ def _train(
             "balancer": {"name": balancer_name, "options": balancer_options or {}, "task_weights": task_weights},
             # the whole run as a RunConfig, the recorded schema inline: `mtrec train --config RUN/config.json`
             # reruns it (mtrec.config.read_run_config)
-            "run_config": RunConfig.model_validate({
-                **train_config.model_dump(), "schema": store.schema, "model": model_name,
-                "model_args": model_options or {}, "balancer": balancer_name, "balancer_args": balancer_options or {},
-                "task_weights": None if task_weights is None else [float(w) for w in task_weights],
-                "tensorboard": tensorboard,
-            }).to_json(),
+            "run_config": RunConfig.model_validate(
+                {
+                    **train_config.model_dump(),
+                    "schema": store.schema,
+                    "model": model_name,
+                    "model_args": model_options or {},
+                    "balancer": balancer_name,
+                    "balancer_args": balancer_options or {},
+                    "task_weights": None if task_weights is None else [float(w) for w in task_weights],
+                    "tensorboard": tensorboard,
+                }
+            ).to_json(),
         }
         write_json_atomic(out / "config.json", config)
         write_json_atomic(out / "encoders.json", store.encoders.to_dict())
@@ -412,8 +500,10 @@ def load_run(run: Path) -> LoadedRun:
     if not run.is_dir():
         raise MtrecError(f"{run}: run directory not found")
     if (run / INCOMPLETE).is_file():
-        raise MtrecError(f"{run}: incomplete run (its training was interrupted, or is still going); "
-                         f"continue it with `mtrec train ... --out {run} --resume` (the same arguments)")
+        raise MtrecError(
+            f"{run}: incomplete run (its training was interrupted, or is still going); "
+            f"continue it with `mtrec train ... --out {run} --resume` (the same arguments)"
+        )
     for name in ("config.json", "encoders.json", WEIGHTS):
         if not (run / name).is_file():
             raise MtrecError(f"{run}: no {name} here; not a finished mtrec run (train with --out {run})")
@@ -421,25 +511,32 @@ def load_run(run: Path) -> LoadedRun:
         config = json.loads((run / "config.json").read_text())
         encoders = json.loads((run / "encoders.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MtrecError(f"{run}: config.json or encoders.json is not valid JSON ({err}); the run is damaged, "
-                         f"train it again") from None
+        raise MtrecError(
+            f"{run}: config.json or encoders.json is not valid JSON ({err}); the run is damaged, train it again"
+        ) from None
     fmt = config.get("run_format", RUN_FORMAT) if isinstance(config, dict) else None
     if fmt != RUN_FORMAT:
-        raise MtrecError(f"{run}: written by mtrec {config.get('mtrec_version', '?') if isinstance(config, dict) else '?'} "
-                         f"in run format {fmt}; this mtrec ({__version__}) reads format {RUN_FORMAT}: train the run "
-                         f"again with this version, or use the version that wrote it")
+        raise MtrecError(
+            f"{run}: written by mtrec {config.get('mtrec_version', '?') if isinstance(config, dict) else '?'} "
+            f"in run format {fmt}; this mtrec ({__version__}) reads format {RUN_FORMAT}: train the run "
+            f"again with this version, or use the version that wrote it"
+        )
     try:
         layout = FeatureLayout.from_dict(config["layout"])
         model = build_model(config["model"], layout, config["model_options"])
         schema = schema_from_dict(config["schema"], str(run / "config.json"))
         loaded_encoders = Encoders.from_dict(encoders)
     except (KeyError, TypeError, AttributeError) as err:
-        raise MtrecError(f"{run / 'config.json'}: missing or malformed entry ({type(err).__name__}: {err}); "
-                         f"the run is damaged, train it again") from None
+        raise MtrecError(
+            f"{run / 'config.json'}: missing or malformed entry ({type(err).__name__}: {err}); "
+            f"the run is damaged, train it again"
+        ) from None
     try:
         state = load_file(str(run / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as err:
-        raise MtrecError(f"{run / WEIGHTS}: cannot read the weights ({err}); the file is damaged, train the run again") from None
+        raise MtrecError(
+            f"{run / WEIGHTS}: cannot read the weights ({err}); the file is damaged, train the run again"
+        ) from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:
@@ -447,7 +544,9 @@ def load_run(run: Path) -> LoadedRun:
         detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
         raise MtrecError(f"{run / WEIGHTS}: weights of another model ({detail[:200]})") from None
     if missing or unexpected:
-        raise MtrecError(f"{run / WEIGHTS}: weights of another model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise MtrecError(
+            f"{run / WEIGHTS}: weights of another model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.eval()
     return LoadedRun(model, schema, loaded_encoders, config)
 
@@ -465,7 +564,10 @@ def _matched(schema: Schema, run_schema: Schema, run: Path) -> Schema:
     max_len, ...) and read the other schema's column. Any task or feature that does not match is one
     error naming them all."""
     problems = []
-    for kind, ours, theirs in (("tasks", run_schema.tasks, schema.tasks), ("features", run_schema.features, schema.features)):
+    for kind, ours, theirs in (
+        ("tasks", run_schema.tasks, schema.tasks),
+        ("features", run_schema.features, schema.features),
+    ):
         mine = {x.name: x for x in ours}
         other = {x.name: x for x in theirs}
         if missing := [n for n in mine if n not in other]:
@@ -485,13 +587,17 @@ def _matched(schema: Schema, run_schema: Schema, run: Path) -> Schema:
         )
     other_features = {f.name: f for f in schema.features}
     other_tasks = {t.name: t for t in schema.tasks}
-    return schema.model_copy(update={
-        "features": [f.model_copy(update={"column": other_features[f.name].source_column}) for f in run_schema.features],
-        "tasks": [other_tasks[t.name] for t in run_schema.tasks],
-    })
+    return schema.model_copy(
+        update={
+            "features": [
+                f.model_copy(update={"column": other_features[f.name].source_column}) for f in run_schema.features
+            ],
+            "tasks": [other_tasks[t.name] for t in run_schema.tasks],
+        }
+    )
 
 
-def evaluate_run(run: Path, schema: Optional[Schema] = None) -> dict:
+def evaluate_run(run: Path, schema: Schema | None = None) -> dict:
     """Metrics of a run on the valid and test splits of ``schema`` (default: the run's own),
     encoded with the run's fitted encoders; ``oov_rate`` holds each split's out-of-vocabulary
     rate per sparse and sequence feature."""
@@ -525,8 +631,13 @@ def output_format(path: Path) -> str:
 
 
 def predict_file(
-    run: Path, input_path: Path, output_path: Path, oov_rate: Optional[dict] = None, fusion: Optional[Path] = None,
-    backend: str = "torch", keep: Sequence[str] = (),
+    run: Path,
+    input_path: Path,
+    output_path: Path,
+    oov_rate: dict | None = None,
+    fusion: Path | None = None,
+    backend: str = "torch",
+    keep: Sequence[str] = (),
 ) -> int:
     """Score every row of ``input_path``; write one column per task to ``output_path`` (CSV, gzipped
     CSV or Parquet by its suffix), plus ``<task>@all`` (the entire-space probability, e.g. pCTCVR) for

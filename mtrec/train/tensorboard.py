@@ -33,7 +33,7 @@ class TensorBoardLogger(Callback):
         self.every = max(1, every)
         self.writer = SummaryWriter(logdir=str(log_dir), flush_secs=30)
 
-    def on_batch_end(self, trainer: "Trainer", step: int, losses: torch.Tensor) -> None:
+    def on_batch_end(self, trainer: Trainer, step: int, losses: torch.Tensor) -> None:
         if step % self.every:
             return
         for name, value in zip(trainer.model.task_names, losses.tolist()):
@@ -41,7 +41,7 @@ class TensorBoardLogger(Callback):
         for key, value in trainer.step_stats.items():
             self.writer.add_scalar(f"balancer/{key.replace('~', '_vs_')}", float(value), step)
 
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, record: dict) -> None:
+    def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict) -> None:
         for task, metrics in record["valid"].items():
             for metric, value in metrics.items():
                 if value is not None:

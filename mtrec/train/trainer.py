@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,14 +57,14 @@ class TrainingDiverged(MtrecError):
 class Callback:
     """Hooks called by :class:`Trainer`; override what you need."""
 
-    def on_fit_start(self, trainer: "Trainer") -> None: ...
+    def on_fit_start(self, trainer: Trainer) -> None: ...
 
-    def on_losses(self, trainer: "Trainer", step: int, losses: torch.Tensor, output: Any) -> None:
+    def on_losses(self, trainer: Trainer, step: int, losses: torch.Tensor, output: Any) -> None:
         """Before the backward pass: ``losses`` ``[T]`` still hold their graph (``step`` counts from 0)."""
 
-    def on_batch_end(self, trainer: "Trainer", step: int, losses: torch.Tensor) -> None: ...
+    def on_batch_end(self, trainer: Trainer, step: int, losses: torch.Tensor) -> None: ...
 
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, record: dict) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict) -> None: ...
 
     def state_dict(self) -> dict:
         """What a checkpoint must hold for a resumed run to continue exactly (default: nothing)."""
@@ -107,9 +108,9 @@ class Trainer:
         balancer: Balancer,
         config: TrainConfig,
         callbacks: Sequence[Callback] = (),
-        checkpoint: Optional[Callable[[dict], None]] = None,
+        checkpoint: Callable[[dict], None] | None = None,
         checkpoint_every: int = 0,
-        echo: Optional[Callable[[str], None]] = None,
+        echo: Callable[[str], None] | None = None,
     ) -> None:
         """``checkpoint`` receives :meth:`state_dict` after every epoch and, when ``checkpoint_every``
         is positive, every that many steps; ``echo`` receives one line per epoch."""
@@ -123,16 +124,16 @@ class Trainer:
         # where the loop is, for checkpoints: the epoch in progress, the batches of it done, the batch-order
         # generator's state when the epoch began (the epoch's shuffle is drawn from it), the running sums
         self._epoch, self._batch = 1, 0
-        self._epoch_generator: Optional[torch.Tensor] = None
+        self._epoch_generator: torch.Tensor | None = None
         self._sums = torch.zeros(model.num_tasks)
         self._stat_sums: dict[str, float] = {}
-        self._best: tuple[float, int, Optional[dict]] = (-float("inf"), 0, None)
+        self._best: tuple[float, int, dict | None] = (-float("inf"), 0, None)
         self._history: list[dict] = []
         self._stopped = False
         params = list(model.parameters()) + list(balancer.parameters())
         self.optimizer = _adam(params, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
-        self.first_losses: Optional[torch.Tensor] = None  # [T], the divergence check's reference
+        self.first_losses: torch.Tensor | None = None  # [T], the divergence check's reference
         self.epoch_stats: dict[str, float] = {}
         self.step_stats: dict[str, float] = {}
 
@@ -140,9 +141,7 @@ class Trainer:
     def predict(self, table: TensorTable) -> np.ndarray:
         """Scores ``[N, T]`` (probabilities for binary tasks)."""
         self.model.eval()
-        out = [
-            self.model.predict(self.model(batch)) for batch in iterate_batches(table, self.config.eval_batch_size)
-        ]
+        out = [self.model.predict(self.model(batch)) for batch in iterate_batches(table, self.config.eval_batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.model.num_tasks), np.float32)
 
     def evaluate(self, table: TensorTable) -> dict:
@@ -155,7 +154,9 @@ class Trainer:
         with np.errstate(over="ignore", invalid="ignore"):  # reported below, as one error
             metrics = evaluate_predictions(table.labels.numpy(), scores, self.model.layout, user)
         bad = [
-            f"{task} {name}" for task, values in metrics.items() for name, value in values.items()
+            f"{task} {name}"
+            for task, values in metrics.items()
+            for name, value in values.items()
             if isinstance(value, float) and not np.isfinite(value)
         ]
         if bad:
@@ -180,7 +181,9 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
-        for index, batch in enumerate(iterate_batches(train, self.config.batch_size, shuffle=True, generator=generator)):
+        for index, batch in enumerate(
+            iterate_batches(train, self.config.batch_size, shuffle=True, generator=generator)
+        ):
             if index < skip:  # done before the checkpoint this run resumed from (the shuffle is the same)
                 continue
             output = self.model(batch)
@@ -203,9 +206,15 @@ class Trainer:
                 cb.on_batch_end(self, self.step, detached)
             bar.update(1)
             if self._batch % 20 == 0:
-                bar.set_postfix({n: f"{v:.4f}" for n, v in zip(self.model.task_names, (self._sums / self._batch).tolist())})
-            if self.checkpoint is not None and self.checkpoint_every and self._batch % self.checkpoint_every == 0 \
-                    and self._batch < total:
+                bar.set_postfix(
+                    {n: f"{v:.4f}" for n, v in zip(self.model.task_names, (self._sums / self._batch).tolist())}
+                )
+            if (
+                self.checkpoint is not None
+                and self.checkpoint_every
+                and self._batch % self.checkpoint_every == 0
+                and self._batch < total
+            ):
                 self.checkpoint(self.state_dict())
         bar.close()
         batches = max(self._batch, 1)
@@ -258,8 +267,10 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (after ``on_fit_start``); :meth:`fit` then continues from there."""
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise MtrecError(f"checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}: "
-                             "written by another version of mtrec; train again with --overwrite")
+            raise MtrecError(
+                f"checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}: "
+                "written by another version of mtrec; train again with --overwrite"
+            )
         self.model.load_state_dict(state["model"])
         self.balancer.load_state_dict(state["balancer"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -281,13 +292,17 @@ class Trainer:
         losses = "  ".join(f"{k} {v:.4f}" for k, v in record["train_loss"].items())
         valid = []
         for task, values in record["valid"].items():
-            name, value = next(((m, values[m]) for m in ("auc", "mse") if isinstance(values.get(m), float)), (None, None))
+            name, value = next(
+                ((m, values[m]) for m in ("auc", "mse") if isinstance(values.get(m), float)), (None, None)
+            )
             if name is not None:
                 valid.append(f"{task} {name} {value:.4f}")
-        return (f"epoch {record['epoch']}/{self.config.epochs}  train loss {losses}  valid {'  '.join(valid)}  "
-                f"score {record['score']:.4f}  {seconds:.1f} s")
+        return (
+            f"epoch {record['epoch']}/{self.config.epochs}  train loss {losses}  valid {'  '.join(valid)}  "
+            f"score {record['score']:.4f}  {seconds:.1f} s"
+        )
 
-    def fit(self, train: TensorTable, valid: TensorTable, resume: Optional[dict] = None) -> FitResult:
+    def fit(self, train: TensorTable, valid: TensorTable, resume: dict | None = None) -> FitResult:
         """Train until ``epochs`` or ``patience`` epochs without a better validation score; keep the best
         weights. ``resume``: a :meth:`state_dict` to continue from (a checkpoint of an interrupted run)."""
         generator = torch.Generator().manual_seed(self.config.seed)
