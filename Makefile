@@ -19,7 +19,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mtrec demo
 
+# Lint, format and type checks first (what CI runs), then the suite.
 test: $(STAMP)
+	$(BIN)/ruff check mtrec tests benchmarks configs
+	$(BIN)/ruff format --check mtrec tests benchmarks configs
+	$(BIN)/mypy mtrec
 	$(BIN)/python -m pytest tests
 
 # Peers for benchmarks/, installed without their dependencies so torch stays the CPU build.

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import yaml
 
-from mtrec.balancing import BALANCERS, GradientBalancer, StepContext
+from mtrec.balancing import BALANCERS, StepContext, gradient_balancer_names
 from mtrec.data.store import load_store
 from mtrec.datasets import dataset_schema_path
 from mtrec.models import build_model
@@ -75,7 +75,7 @@ EXTRA_TASKS = [  # four-task variant: two more Census labels, removed from the f
     {"name": "female", "type": "binary", "label": "sex", "positive": ["Female"]},
     {"name": "householder", "type": "binary", "label": "household_summary", "positive": ["Householder"]},
 ]
-GRADIENT_METHODS = [n for n in BALANCERS.names() if issubclass(BALANCERS.get(n), GradientBalancer)]
+GRADIENT_METHODS = gradient_balancer_names()
 VARIANTS = {  # extra rows: the methods on every shared parameter, embedding tables included, as LibMTL does
     "pcgrad (embeddings=balance)": ("pcgrad", {"embeddings": "balance"}),
     "mgda (embeddings=balance)": ("mgda", {"embeddings": "balance"}),
@@ -166,9 +166,7 @@ def make_step(method: str, model, batches, libmtl) -> Callable[[int], None]:
         out = model(batch)
         losses = model.losses(out, batch)
         opt.zero_grad(set_to_none=True)
-        balancer.backward(
-            losses, StepContext(step=counter[0], epoch=1, model=model, extra={"output": out}), out.aux_loss
-        )
+        balancer.backward(losses, StepContext(step=counter[0], epoch=1, model=model, shared=out.shared), out.aux_loss)
         opt.step()
         balancer.stats()
         counter[0] += 1

@@ -8,7 +8,7 @@ only, so a per-step median would hide it), and the result is the median over rou
 on / off. CPU time rather than wall time: wall time on a shared 2-core machine varies by more than
 the 5% being measured. One torch thread by default, so CPU time is not inflated by spinning threads.
 
-    .venv/bin/python benchmarks/monitor_overhead.py [--rounds 8 --steps 64 --threads 1 --every 8]
+    .venv/bin/python benchmarks/monitor_overhead.py [--rounds 8 --steps 64 --threads 1 --every 8 --scope last]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from machine import cpu_model, load_average  # noqa: E402
 from mtrec.balancing import BALANCERS  # noqa: E402
 from mtrec.data.store import load_store  # noqa: E402
 from mtrec.datasets import dataset_schema_path  # noqa: E402
-from mtrec.diagnostics.monitor import DEFAULT_EVERY, ConflictMonitor  # noqa: E402
+from mtrec.diagnostics.monitor import DEFAULT_EVERY, DEFAULT_SCOPE, ConflictMonitor  # noqa: E402
 from mtrec.models import build_model  # noqa: E402
 from mtrec.schema import load_schema  # noqa: E402
 from mtrec.train.trainer import TrainConfig, Trainer, seed_everything  # noqa: E402
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="batches per block")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--every", type=int, default=DEFAULT_EVERY)
+    parser.add_argument("--scope", choices=["last", "all"], default=DEFAULT_SCOPE)
     parser.add_argument("--model", default="mmoe")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -49,7 +50,7 @@ def main() -> None:
     for mode in ("off", "on"):
         seed_everything(0)
         model = build_model(args.model, store.layout)
-        callbacks = [ConflictMonitor(args.every)] if mode == "on" else []
+        callbacks = [ConflictMonitor(args.every, args.scope)] if mode == "on" else []
         trainers[mode] = Trainer(
             model, BALANCERS.get("fixed")(model.task_names), TrainConfig(progress=False), callbacks
         )
@@ -69,7 +70,7 @@ def main() -> None:
     print(f"machine: {cpu_model()}; load {load_average()}; torch {torch.__version__}, {args.threads} thread(s)")
     print(
         f"{args.model} / Census, fixed, batch 1024, blocks of {args.steps} steps x {args.rounds} rounds "
-        f"({args.steps * args.rounds} steps per mode), monitor every {args.every} ({samples} samples a block)"
+        f"({args.steps * args.rounds} steps per mode), monitor every {args.every} at scope {args.scope} ({samples} samples a block)"
     )
     print(
         f"CPU ms/step, median over rounds: off {1e3 * statistics.median(per_step['off']):.2f}, "

@@ -13,7 +13,8 @@ encoded either as ``predict`` encodes a file (``plain/file``: a polars frame thr
 user-side dedup, the JSON parser and the response writer differ from the service). Closed-loop clients
 (threads, one keep-alive connection each, the request body serialised once) send real Census rows:
 10 / 100 / 500 candidates carrying every column, the user side (``--context``) in ``context`` for
-mtrec and copied per row for the plain server. Reported per cell: requests and candidates per second,
+mtrec (the ONNX backend scores them with ``RUN/model.context.onnx``, exported here when the run has
+none) and copied per row for the plain server. Reported per cell: requests and candidates per second,
 client p50 / p99 latency, and from the ``Server-Timing`` header the server's own time (parse, encode,
 model, total), so the HTTP and client overhead is latency minus the server total.
 
@@ -72,7 +73,7 @@ def plain_app(run: Path, encoder: str = "file"):
     from mtrec.fusion.calibration import Calibrators
     from mtrec.fusion.spec import apply_fusion, fusion_for_run
     from mtrec.serve.encoding import RequestEncoder
-    from mtrec.train.run import load_run, predict_table
+    from mtrec.train.run import load_run
 
     loaded = load_run(run)
     calibrators = Calibrators.load(run)
@@ -108,7 +109,7 @@ def plain_app(run: Path, encoder: str = "file"):
             )
         t2 = time.perf_counter()
         with torch.inference_mode():
-            raw = predict_table(loaded.model, table)
+            raw = loaded.model.predict_table(table)
         t3 = time.perf_counter()
         scores = calibrators.apply(raw)
         fused = apply_fusion(scores, spec) if spec is not None else scores[:, 0]
@@ -254,6 +255,21 @@ def ensure_run(runs: Path, model: str, epochs: int, env: dict) -> Path:
     return out
 
 
+def ensure_context_graph(run: Path, context: list[str], env: dict) -> None:
+    """Export ``RUN/model.context.onnx`` with the features reading the ``context`` columns as batch-1
+    context inputs, when the run has none (the service itself exports a stale one again)."""
+    from mtrec.serve.export import CONTEXT_ONNX_FILE
+    from mtrec.train.run import load_run
+
+    if (run / CONTEXT_ONNX_FILE).is_file():
+        return
+    features = [f.name for f in load_run(run).schema.features if f.source_column in context]
+    if not features:
+        return
+    cmd = [sys.executable, "-m", "mtrec.cli", "export", "--run", str(run), "--format", "onnx"]
+    subprocess.run([*cmd, "--context-features", ",".join(features)], check=True, env=env)
+
+
 def bodies(run: Path, sizes: list[int], context: list[str]) -> dict[int, tuple[bytes, bytes]]:
     """Per size: (mtrec body with the context once, plain body with every column per candidate)."""
     import polars as pl
@@ -364,7 +380,10 @@ def main() -> None:
     )
     for model in args.models.split(","):
         run = ensure_run(args.runs, model, args.epochs, env)
-        payloads = bodies(run, sizes, args.context.split(","))
+        context = [c for c in args.context.split(",") if c]
+        if "onnx" in args.backends.split(","):
+            ensure_context_graph(run, context, env)
+        payloads = bodies(run, sizes, context)
         servers = [
             (
                 f"mtrec/{b}",

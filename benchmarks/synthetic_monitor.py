@@ -2,7 +2,7 @@
 (`--dataset synthetic`) at two correlations, several seeds (a seed is a data set and a training run):
 the run's mean cosine between the two tasks' gradients on the shared layers, per correlation.
 
-    .venv/bin/python benchmarks/synthetic_monitor.py [--model mmoe --seeds 5 --rows 20000 --epochs 5]
+    .venv/bin/python benchmarks/synthetic_monitor.py [--model mmoe --seeds 5 --rows 20000 --epochs 5 --scope last]
 
 Prints per correlation the mean +- sample std over seeds of the run-mean cosine, and the gap between the
 highest and the lowest correlation in units of the larger of their seed standard deviations.
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20000)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--every", type=int, default=4)
+    parser.add_argument("--scope", choices=["last", "all"], default="last")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model-args", default="")
     args = parser.parse_args()
@@ -48,7 +49,12 @@ def main() -> None:
         for seed in range(args.seeds):
             schema = load_schema(dataset_schema_path("synthetic", {"correlation": p, "rows": args.rows, "seed": seed}))
             config = TrainConfig(
-                epochs=args.epochs, patience=args.epochs, seed=seed, monitor_every=args.every, progress=False
+                epochs=args.epochs,
+                patience=args.epochs,
+                seed=seed,
+                monitor_every=args.every,
+                monitor_scope=args.scope,
+                progress=False,
             )
             result = train_run(schema, args.model, None, config, model_options=options)
             summary = monitor_summary(result.fit.history)
@@ -61,7 +67,7 @@ def main() -> None:
             )
     print(
         f"machine: {cpu_model()}; load {load_average()}; {args.threads} thread(s); model {args.model} {options}; "
-        f"rows {args.rows}, epochs {args.epochs}, monitor every {args.every}"
+        f"rows {args.rows}, epochs {args.epochs}, monitor every {args.every} at scope {args.scope}"
     )
     for p, values in cos.items():
         print(

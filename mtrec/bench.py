@@ -29,13 +29,14 @@ on; a later ``mtrec bench`` on the same ``DIR`` retries it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mtrec.config import RunConfig, check_one_source, run_config, validation_message
 from mtrec.errors import MtrecError
 from mtrec.files import read_yaml, write_json_atomic
+from mtrec.threads import available_cores, prepare_openmp
 from mtrec.train.trainer import TrainConfig
 
 CELLS = "cells"
@@ -76,12 +78,10 @@ class DatasetEntry(BaseModel):
         if self.dataset is not None:
             args = ",".join(f"{k}={v}" for k, v in self.dataset_args.items())
             return f"{self.dataset}({args})" if args else self.dataset
+        assert self.schema_file is not None  # check_one_source: a data set or a schema
         stem = self.schema_file.stem  # "data/schema.yaml" reads better as "data"
-        return (
-            self.schema_file.resolve().parent.name
-            if stem == "schema" and self.schema_file.resolve().parent.name
-            else stem
-        )
+        folder = self.schema_file.resolve().parent.name
+        return folder if stem == "schema" and folder else stem
 
 
 class ModelEntry(BaseModel):
@@ -204,11 +204,12 @@ def load_grid(path: Path) -> tuple[Grid, list[Cell]]:
     shared = grid.train.model_dump(exclude={"seed"})
     cells, names = [], set()
     for ds, ds_label in zip(grid.datasets, ds_labels):
-        source: dict[str, Any] = (
-            {"dataset": ds.dataset, "dataset_args": ds.dataset_args}
-            if ds.dataset is not None
-            else {"schema": str((path.parent / ds.schema_file).resolve())}
-        )
+        source: dict[str, Any]
+        if ds.dataset is not None:
+            source = {"dataset": ds.dataset, "dataset_args": ds.dataset_args}
+        else:
+            assert ds.schema_file is not None  # check_one_source: a data set or a schema
+            source = {"schema": str((path.parent / ds.schema_file).resolve())}
         for model, model_label in zip(grid.models, model_labels):
             for bal, bal_label in zip(grid.balancers, bal_labels):
                 for seed in grid.seeds:
@@ -235,13 +236,12 @@ def load_grid(path: Path) -> tuple[Grid, list[Cell]]:
 
 def default_parallelism(workers: int | None, threads: int | None, cores: int | None = None) -> tuple[int, int]:
     """``(workers, threads)``: by default ``workers x threads`` = the CPU cores; more is refused."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or available_cores()
     for flag, value in (("--workers", workers), ("--threads", threads)):
         if value is not None and value < 1:
             raise MtrecError(f"{flag}: must be at least 1 (got {value})")
-    if workers is None and threads is None:
-        workers, threads = cores, 1
-    elif workers is None:
+    if workers is None:
+        threads = threads or 1
         workers = max(1, cores // threads)
     elif threads is None:
         threads = max(1, cores // workers)
@@ -284,9 +284,33 @@ def _validate_cells(cells: list[Cell]) -> dict[str, dict]:
 
 
 def _worker_init(threads: int) -> None:
-    import torch
+    """A spawned worker's start: mtrec's thread policy with ``threads`` torch threads (the OpenMP wait
+    setting came in the environment, before torch loaded)."""
+    from mtrec.threads import apply_thread_policy
 
-    torch.set_num_threads(threads)
+    apply_thread_policy(threads)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, threads: int) -> Iterator[ProcessPoolExecutor]:
+    """``workers`` spawned worker processes of ``threads`` torch threads each, under mtrec's thread policy
+    (:mod:`mtrec.threads`): the OpenMP wait setting and the polars pool size go into the environment they
+    inherit (both are read when the worker first imports torch / polars), the torch count is set on start."""
+    import multiprocessing
+
+    saved = os.environ.get("POLARS_MAX_THREADS")
+    os.environ["POLARS_MAX_THREADS"] = str(threads)
+    prepare_openmp()
+    try:
+        with ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init, initargs=(threads,)
+        ) as pool:
+            yield pool
+    finally:
+        if saved is None:
+            os.environ.pop("POLARS_MAX_THREADS", None)
+        else:
+            os.environ["POLARS_MAX_THREADS"] = saved
 
 
 def run_cell(spec: dict) -> dict:
@@ -429,31 +453,14 @@ def run_grid(
         finally:
             torch.set_num_threads(before)
     elif specs:
-        import multiprocessing
-
-        # polars (ingestion, diagnostics) sizes its pool from the environment when first imported: the
-        # spawned workers inherit this one, so each keeps to its own share of the cores
-        saved = os.environ.get("POLARS_MAX_THREADS")
-        os.environ["POLARS_MAX_THREADS"] = str(threads)
-        try:
-            with ProcessPoolExecutor(
-                n_workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_worker_init,
-                initargs=(threads,),
-            ) as pool:
-                futures = {pool.submit(run_cell, spec): spec["name"] for spec in specs}
-                for future in as_completed(futures):
-                    try:
-                        result = future.result()
-                    except BrokenProcessPool as err:  # a worker died (killed, out of memory)
-                        result = {"name": futures[future], "error": f"worker process died: {err}"}
-                    record(result)
-        finally:
-            if saved is None:
-                os.environ.pop("POLARS_MAX_THREADS", None)
-            else:
-                os.environ["POLARS_MAX_THREADS"] = saved
+        with worker_pool(n_workers, threads) as pool:
+            futures = {pool.submit(run_cell, spec): spec["name"] for spec in specs}
+            for future in as_completed(futures):
+                try:
+                    result = future.result()
+                except BrokenProcessPool as err:  # a worker died (killed, out of memory)
+                    result = {"name": futures[future], "error": f"worker process died: {err}"}
+                record(result)
     shutil.rmtree(out / CELLS / PARTIAL, ignore_errors=True)
     from mtrec.report import write_report
 

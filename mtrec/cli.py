@@ -7,6 +7,7 @@ User mistakes (a missing file, an unknown name, a bad column) end with one
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,10 +19,12 @@ from mtrec import __version__
 from mtrec.config import RunConfig, build_run_config
 from mtrec.datasets import DATASETS, dataset_schema_path
 from mtrec.errors import MtrecError
+from mtrec.threads import prepare_openmp
 from mtrec.train.options import TrainConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from mtrec.schema import Schema
+    from mtrec.threads import ThreadPolicy
 
 # Start-up: `mtrec --help`, `mtrec COMMAND --help` and argument errors must not pay for torch or polars
 # (about 2-4 s). Module-level imports here stay light (typer, yaml, pydantic configs); each command
@@ -85,7 +88,11 @@ def parse_weights(text: str | None) -> list[float] | None:
         raise MtrecError(f"--task-weights: '{text}' is not a comma-separated list of numbers") from None
 
 
-def resolve_schema(schema: Path | None, dataset: str | None, dataset_args: str | None = None) -> Schema:
+def resolve_schema(
+    schema: Path | None, dataset: str | None, dataset_args: str | None = None, data_dir: Path | None = None
+) -> Schema:
+    if data_dir is not None and schema is None:
+        raise MtrecError("--data-dir goes with --schema (it is where the schema's data files are)")
     if schema is not None and dataset is not None:
         raise MtrecError("give either --schema or --dataset, not both")
     if schema is None and dataset is None:
@@ -95,17 +102,18 @@ def resolve_schema(schema: Path | None, dataset: str | None, dataset_args: str |
     from mtrec.schema import load_schema
 
     if schema is not None:
-        return load_schema(schema)
+        return load_schema(schema, data_dir=data_dir)
+    assert dataset is not None  # one of the two was checked above
     return load_schema(dataset_schema_path(dataset, parse_options(dataset_args, "--dataset-args")))
 
 
-def _set_threads(threads: int | None) -> None:
+def _set_threads(threads: int | None) -> ThreadPolicy:
+    """Apply mtrec's thread policy (:mod:`mtrec.threads`) in this process; ``--threads`` sets the count."""
     if threads is not None and threads < 1:
         raise MtrecError(f"--threads: {threads} is not a thread count (at least 1)")
-    if threads:
-        import torch
+    from mtrec.threads import apply_thread_policy
 
-        torch.set_num_threads(threads)
+    return apply_thread_policy(threads)
 
 
 def train_config(flags: dict[str, object], **fixed: object) -> TrainConfig:
@@ -157,6 +165,7 @@ def train(
     out: Path | None = typer.Option(None, help="run directory to write (required)"),
     model: str | None = typer.Option(None, help=_help("model")),
     schema: Path | None = typer.Option(None, help=_help("schema_file")),
+    data_dir: Path | None = typer.Option(None, help=_help("data_dir")),
     dataset: str | None = typer.Option(None, help=_help("dataset")),
     dataset_args: str | None = typer.Option(None, help=_help("dataset_args")),
     model_args: str | None = typer.Option(None, help=_help("model_args", " (replaces the config file's)")),
@@ -171,9 +180,20 @@ def train(
     seed: int | None = typer.Option(None, help=_help("seed")),
     eval_batch_size: int | None = typer.Option(None, help=_help("eval_batch_size")),
     progress: bool | None = typer.Option(None, "--progress/--no-progress", help=_help("progress")),
+    select_by: str | None = typer.Option(None, help=_help("select_by")),
     monitor_every: int | None = typer.Option(None, help=_help("monitor_every")),
+    monitor_scope: str | None = typer.Option(None, help=_help("monitor_scope")),
     tensorboard: bool | None = typer.Option(None, "--tensorboard/--no-tensorboard", help=_help("tensorboard")),
-    threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
+    device: str | None = typer.Option(None, help=_help("device")),
+    bf16: bool | None = typer.Option(None, "--bf16/--no-bf16", help=_help("bf16")),
+    threads: int | None = typer.Option(
+        None, help="torch CPU threads per process (default: OMP_NUM_THREADS, else cores / processes)"
+    ),
+    nproc_per_node: int | None = typer.Option(
+        None,
+        help="train data-parallel on N processes of this machine: launches `torchrun --nproc-per-node N "
+        "-m mtrec train` with the other arguments (--batch-size is then per process)",
+    ),
     overwrite: bool = typer.Option(False, help="replace the run already in --out (its files are removed first)"),
     resume: bool = typer.Option(
         False, help="continue the interrupted run in --out from its checkpoint (same arguments)"
@@ -193,6 +213,7 @@ def train(
         "model_args": lambda v: parse_options(v, "--model-args"),
         "balancer_args": lambda v: parse_options(v, "--balancer-args"),
         "task_weights": parse_weights,
+        "data_dir": lambda v: v.absolute(),  # a flag's path is relative to the working directory
     }
     overrides = {
         name: parsers.get(name, lambda v: v)(value)
@@ -202,7 +223,24 @@ def train(
     run = build_run_config(config, overrides)  # checked before any data is read
     if out is None:
         raise MtrecError("--out: missing; give the run directory to write")
-    _set_threads(threads)
+    if nproc_per_node is not None:
+        if nproc_per_node < 1:
+            raise MtrecError(f"--nproc-per-node: {nproc_per_node} is not a process count (at least 1)")
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+            raise MtrecError(
+                f"--nproc-per-node: this process is already one of the {os.environ['WORLD_SIZE']} processes "
+                "torchrun started; drop --nproc-per-node"
+            )
+        if nproc_per_node > 1:
+            from mtrec.train.distributed import launch
+
+            code = launch(nproc_per_node, ["train", *_given_arguments(ctx, skip={"nproc_per_node"})], typer.echo)
+            if code:
+                raise typer.Exit(code)
+            return
+    policy = _set_threads(threads)
+    if os.environ.get("RANK", "0") in ("", "0"):  # the same on every rank of a data-parallel run
+        typer.echo(policy.describe())
     resolved = run.resolve_schema()
     from mtrec.config import train_from_config  # torch: only once the arguments are known to be good
 
@@ -216,13 +254,37 @@ def train(
         threads=threads,
         echo=typer.echo,
     )
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return  # a data-parallel run: rank 0 reports
     typer.echo(_metrics_table(result.metrics))
     typer.echo(f"best epoch {result.fit.best_epoch}; run written to {out}")
+
+
+def _given_arguments(ctx: typer.Context, skip: set[str]) -> list[str]:
+    """The options given on the command line (not their defaults), as arguments again: what
+    ``--nproc-per-node`` passes on to the processes it launches."""
+    argv: list[str] = []
+    for param in ctx.command.params:
+        name = param.name
+        source = ctx.get_parameter_source(name) if name is not None else None
+        if name is None or name in skip or source is None or source.name != "COMMANDLINE":
+            continue
+        value = ctx.params[name]
+        if getattr(param, "is_flag", False):
+            secondary = getattr(param, "secondary_opts", [])
+            if value:
+                argv.append(param.opts[0])
+            elif secondary:
+                argv.append(secondary[0])
+        else:
+            argv += [param.opts[0], str(value)]
+    return argv
 
 
 @app.command()
 def relate(
     schema: Path | None = typer.Option(None, help="dataset schema file (YAML)"),
+    data_dir: Path | None = typer.Option(None, help=_help("data_dir")),
     dataset: str | None = typer.Option(None, help="embedded dataset name, e.g. census"),
     dataset_args: str | None = typer.Option(None, help="arguments of the embedded dataset"),
     epochs: int = typer.Option(3, min=1, help="epochs of every probe training"),
@@ -235,7 +297,7 @@ def relate(
     from mtrec.files import write_json_atomic
 
     _set_threads(threads)
-    result = run_relate(resolve_schema(schema, dataset, dataset_args), epochs=epochs, seeds=seeds)
+    result = run_relate(resolve_schema(schema, dataset, dataset_args, data_dir), epochs=epochs, seeds=seeds)
     for line in result["findings"]:
         typer.echo(line)
     if out is not None:
@@ -291,12 +353,15 @@ def _warn_oov(rates: dict[str, float], where: str) -> None:
 def evaluate(
     run: Path = typer.Option(..., help="run directory written by `mtrec train`"),
     schema: Path | None = typer.Option(None, help="evaluate on this schema's valid/test data instead of the run's"),
+    data_dir: Path | None = typer.Option(None, help=_help("data_dir")),
 ) -> None:
     """Print the run's metrics on the valid and test splits as JSON."""
     from mtrec.schema import load_schema
     from mtrec.train.run import evaluate_run
 
-    metrics = evaluate_run(run, load_schema(schema) if schema else None)
+    if data_dir is not None and schema is None:
+        raise MtrecError("--data-dir goes with --schema (it is where the schema's data files are)")
+    metrics = evaluate_run(run, load_schema(schema, data_dir=data_dir) if schema else None)
     for split, rates in metrics.get("oov_rate", {}).items():
         _warn_oov(rates, f"the {split} split")
     typer.echo(json.dumps(metrics, indent=2))
@@ -395,7 +460,7 @@ def calibrate(
     if "valid" not in preds or len(preds["valid"].labels) == 0:
         raise MtrecError(f"{run}: the run's schema has no validation rows to fit a calibrator on")
     valid = preds["valid"]
-    calibrators = Calibrators.fit(method, valid.scores, valid.labels, valid.layout)
+    calibrators = Calibrators.fit(method, valid.scores, valid.labels, valid.layout)  # type: ignore[arg-type]  # checked above
     path = calibrators.save(run)
     typer.echo(f"{'split':<6} {'task':<20} {'ECE':>8} {'ECE ' + method:>20}")
     for split, p in preds.items():
@@ -536,10 +601,14 @@ def demo(
 
 def main() -> None:
     """Console entry point: user errors become one line and exit code 2."""
+    # The OpenMP wait setting is read once, when torch loads: it goes into the environment first (this
+    # process, and every worker, rank or server process it starts, inherit it). See mtrec/threads.py.
+    prepare_openmp()
     try:
         app()
     except MtrecError as err:
-        typer.echo(f"error: {err}", err=True)
+        if not getattr(err, "silent", False):  # a data-parallel rank's copy of rank 0's error is not repeated
+            typer.echo(f"error: {err}", err=True)
         sys.exit(2)
 
 

@@ -47,6 +47,11 @@ class RunConfig(TrainConfig):
     schema_file: Path | dict[str, Any] | None = Field(
         None, alias="schema", description="data set schema file (YAML), or the schema inline in a config file"
     )
+    data_dir: Path | None = Field(
+        None,
+        description="folder the schema's relative data paths (source, join) resolve under (default: the "
+        "schema's own data_dir, a small sample)",
+    )
     model: str = Field(description="registered model name (see `mtrec models`)")
     model_args: dict[str, Any] = Field(
         default_factory=dict, description="model options, e.g. num_experts=4,expert_hidden=[64,32]"
@@ -65,6 +70,10 @@ class RunConfig(TrainConfig):
     @model_validator(mode="after")
     def _one_source(self) -> RunConfig:
         check_one_source(self.dataset, self.schema_file, self.dataset_args)
+        if self.data_dir is not None and not isinstance(self.schema_file, Path):
+            raise ValueError(
+                "'data_dir' (--data-dir) goes with a schema file (it is where the schema's data files are)"
+            )
         return self
 
     def train_config(self) -> TrainConfig:
@@ -77,9 +86,15 @@ class RunConfig(TrainConfig):
             return schema_from_dict(self.schema_file, "run config: schema", base_dir=self._base_dir or Path.cwd())
         if self.schema_file is not None:
             path = self.schema_file
-            return load_schema(path if path.is_absolute() or self._base_dir is None else self._base_dir / path)
+            data_dir = self.data_dir
+            if data_dir is not None and not data_dir.is_absolute() and self._base_dir is not None:
+                data_dir = self._base_dir / data_dir  # relative to the config file, as the schema path is
+            return load_schema(
+                path if path.is_absolute() or self._base_dir is None else self._base_dir / path, data_dir=data_dir
+            )
         from mtrec.datasets import dataset_schema_path
 
+        assert self.dataset is not None  # check_one_source: a data set when there is no schema
         return load_schema(dataset_schema_path(self.dataset, self.dataset_args or None))
 
     def to_json(self) -> dict:

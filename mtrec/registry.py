@@ -31,7 +31,7 @@ class Registry(Generic[T]):
             self._items[name] = cls
             doc = (getattr(cls, "__doc__", None) or "").strip().splitlines()
             self._descriptions[name] = description or (doc[0] if doc else "")
-            cls.registered_name = name
+            setattr(cls, "registered_name", name)  # noqa: B010  (T is any class: no attribute to declare)
             return cls
 
         return decorate

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from mtrec.errors import MtrecError
 from mtrec.files import read_yaml
@@ -57,15 +58,102 @@ class FormatSpec(_Strict):
 
 
 class SplitSpec(_Strict):
-    """Random fractions carved from ``train`` (seeded by ``split_seed``)."""
+    """How train, valid and test are carved from ``train``: random fractions (seeded by ``split_seed``);
+    ``by``: ranges ``[FROM, TO]`` (both ends inclusive) of a sortable column such as a date, the rest is
+    train; ``by_user``: fractions of the users (each user's rows all in one split, by a hash of the user id
+    and ``split_seed``, so every chunk of a file gets the same assignment)."""
 
-    valid: float = Field(0.1, ge=0.0, lt=1.0)
-    test: float = Field(0.0, ge=0.0, lt=1.0)
+    by: str | None = None
+    by_user: str | None = None
+    valid: float | list[Scalar] = 0.1
+    test: float | list[Scalar] = 0.0
 
     @model_validator(mode="after")
     def _leaves_train(self) -> SplitSpec:
-        if self.valid + self.test >= 1.0:
+        if self.by is not None and self.by_user is not None:
+            raise ValueError("split.by and split.by_user are both set; split by one of them")
+        if self.by is not None:
+            for key in ("valid", "test"):
+                value = getattr(self, key)
+                if key == "test" and not isinstance(value, list) and value == 0:
+                    continue  # no test range
+                if not isinstance(value, list) or len(value) != 2 or any(isinstance(v, bool) for v in value):
+                    raise ValueError(f"split.{key}: with split.by, give a range [FROM, TO] of column '{self.by}'")
+                low, high = value
+                if _comparable(low, high) and low > high:
+                    raise ValueError(f"split.{key}: range [{low}, {high}] is empty (FROM > TO)")
+            if isinstance(self.test, list):
+                (v0, v1), (t0, t1) = self.valid, self.test  # type: ignore[misc]
+                if all(_comparable(a, b) for a, b in ((v0, t1), (t0, v1))) and v0 <= t1 and t0 <= v1:  # type: ignore[operator]
+                    raise ValueError(f"split.valid {self.valid} and split.test {self.test} overlap")
+            return self
+        for key in ("valid", "test"):
+            value = getattr(self, key)
+            if isinstance(value, list) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+                raise ValueError(f"split.{key}: {value!r} is not a share in [0, 1) (ranges need split.by)")
+        if self.valid + self.test >= 1.0:  # type: ignore[operator]
             raise ValueError("split.valid + split.test must leave some training data")
+        return self
+
+    @property
+    def by_range(self) -> bool:
+        """Whether the split takes ranges of a column (``by``)."""
+        return self.by is not None
+
+
+def _comparable(a: object, b: object) -> bool:
+    """Both numbers, or both strings: bounds that can be ordered."""
+    number = (int, float)
+    return (isinstance(a, number) and isinstance(b, number)) or (isinstance(a, str) and isinstance(b, str))
+
+
+class JoinSpec(_Strict):
+    """A side table (user or item features) joined to every row of the log on a key column, before
+    encoding (a ``.parquet`` file, else a CSV with a header line and commas). A log key absent from the table is counted and handled by ``missing``: ``error`` (the
+    default), ``drop`` the row, or ``fill`` (keep it, its side columns blank: a sparse feature reads the
+    blank as its own token, a dense one needs its ``fill``)."""
+
+    source: str
+    on: str
+    missing: Literal["fill", "drop", "error"] = "error"
+    columns: list[str] | None = None  # the table's columns to take (default: all but the key)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, data: object) -> object:
+        # YAML 1.1 (PyYAML) reads an unquoted `on:` key as the boolean true
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
+
+
+class LabelSpec(_Strict):
+    """A label derived from columns: ``column`` (divided by ``divide_by`` when given), then, for a
+    binary task, compared with exactly one of ``ge``/``gt``/``le``/``lt``/``eq``; for a regression task,
+    optionally transformed (``log1p``: the label is ``log(1 + value)``, metrics in those units)."""
+
+    column: str
+    divide_by: str | None = None
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    eq: float | None = None
+    transform: Literal["log1p"] | None = None
+
+    @property
+    def comparison(self) -> tuple[str, float] | None:
+        """``(operator, threshold)``, or None for a regression label."""
+        given = [(op, getattr(self, op)) for op in ("ge", "gt", "le", "lt", "eq") if getattr(self, op) is not None]
+        return given[0] if given else None
+
+    @model_validator(mode="after")
+    def _one_comparison(self) -> LabelSpec:
+        given = [op for op in ("ge", "gt", "le", "lt", "eq") if getattr(self, op) is not None]
+        if len(given) > 1:
+            raise ValueError(f"label: give one comparison, not {' and '.join(given)}")
+        if given and self.transform is not None:
+            raise ValueError("label: a transform applies to regression labels, a comparison to binary ones")
         return self
 
 
@@ -119,7 +207,7 @@ class TaskSpec(_Strict):
 
     name: str
     type: Literal["binary", "regression"] = "binary"
-    label: str
+    label: str | LabelSpec  # a column, or a label derived from columns
     positive: list[Scalar] | None = None
     negative: list[Scalar] | None = None
     strict: bool = True
@@ -138,6 +226,18 @@ class TaskSpec(_Strict):
     def _positive_only_for_binary(self) -> TaskSpec:
         if self.type == "regression" and (self.positive or self.negative):
             raise ValueError(f"task {self.name}: positive/negative only apply to binary tasks")
+        if isinstance(self.label, LabelSpec):
+            comparison = self.label.comparison
+            if self.type == "binary" and comparison is None:
+                raise ValueError(
+                    f"task {self.name}: label: a derived binary label needs a comparison (ge, gt, le, lt or eq)"
+                )
+            if self.type == "regression" and comparison is not None:
+                raise ValueError(f"task {self.name}: label: {comparison[0]} makes a binary label; set type: binary")
+            if self.positive is not None or self.negative is not None:
+                raise ValueError(f"task {self.name}: positive/negative apply to a label column, not a derived label")
+        if self.weight < 0 or not math.isfinite(self.weight):
+            raise ValueError(f"task {self.name}: weight {self.weight} is not a finite weight >= 0")
         if self.type != "regression" and self.standardize is not None:
             raise ValueError(f"task {self.name}: standardize only applies to regression tasks")
         if self.sample_weight_on == "positives" and (self.type != "binary" or not self.sample_weight):
@@ -145,6 +245,19 @@ class TaskSpec(_Strict):
                 f"task {self.name}: sample_weight_on: positives needs a binary task with a sample_weight column"
             )
         return self
+
+    @property
+    def label_column(self) -> str:
+        """The column the label is read from: the label column, or the column :func:`derive_labels`
+        (mtrec.data.sources) writes a derived label into."""
+        return self.label if isinstance(self.label, str) else f"label.{self.name}"
+
+    @property
+    def label_sources(self) -> list[str]:
+        """The source columns of the label."""
+        if isinstance(self.label, str):
+            return [self.label]
+        return [self.label.column] + ([self.label.divide_by] if self.label.divide_by else [])
 
     @property
     def standardized(self) -> bool:
@@ -156,7 +269,9 @@ class Schema(_Strict):
     """A whole dataset description (see the module docstring)."""
 
     name: str = "dataset"
+    data_dir: str | None = None  # folder of the relative data paths, relative to the schema file
     source: SourceSpec
+    join: list[JoinSpec] = Field(default_factory=list)
     format: FormatSpec = Field(default_factory=FormatSpec)
     valid_fraction: float | None = Field(None, ge=0.0, lt=1.0)
     split: SplitSpec | None = None
@@ -202,7 +317,8 @@ class Schema(_Strict):
             if t.space is not None and t.space not in task_names:
                 raise ValueError(f"task {t.name}: space '{t.space}' is not a task")
         self.space_order()  # a cycle of spaces is an error
-        label_cols = {t.label for t in self.tasks}
+        # a derived label's numerator is the label; its denominator (a video's duration) may be a feature
+        label_cols = {t.label if isinstance(t.label, str) else t.label.column for t in self.tasks}
         leaks = sorted(label_cols & {f.source_column for f in self.features})
         if leaks:
             raise ValueError(f"label column(s) also used as features: {', '.join(leaks)}")
@@ -210,8 +326,15 @@ class Schema(_Strict):
             raise ValueError(
                 "split and valid_fraction are both set; give the validation share in one of them (split.valid)"
             )
-        if self.split is not None and self.source.test is not None and self.split.test > 0:
-            raise ValueError("split.test > 0 while source.test is given; use one or the other")
+        split = self.split
+        if split is not None and self.source.test is not None and (isinstance(split.test, list) or split.test > 0):
+            raise ValueError("split.test is set while source.test is given; use one or the other")
+        if split is not None and (split.by or split.by_user) and self.source.valid is not None:
+            kind = "split.by" if split.by else "split.by_user"
+            raise ValueError(f"{kind} carves the validation rows from train, but source.valid is given; drop one")
+        for j in self.join:
+            if j.columns is not None and j.on in j.columns:
+                raise ValueError(f"join {j.source}: columns lists the key '{j.on}' (it is joined on, not taken)")
         return self
 
     # ---- derived views ---------------------------------------------------------------
@@ -226,7 +349,8 @@ class Schema(_Strict):
         order: list[TaskSpec] = []
         done: set[str] = set()
         for task in self.tasks:
-            chain, t = [], task
+            chain: list[str] = []
+            t: TaskSpec | None = task
             while t is not None and t.name not in done:
                 if t.name in chain:
                     cycle = " -> ".join(chain[chain.index(t.name) :] + [t.name])
@@ -242,19 +366,43 @@ class Schema(_Strict):
 
     @property
     def valid_share(self) -> float:
+        """The random validation share (0 when ``split.by`` takes a range instead)."""
         if self.split is not None:
-            return self.split.valid
+            return self.split.valid if isinstance(self.split.valid, float | int) else 0.0
         return 0.1 if self.valid_fraction is None else self.valid_fraction
 
     @property
     def test_share(self) -> float:
-        return self.split.test if self.split is not None else 0.0
+        """The random test share (0 when ``split.by`` takes a range instead)."""
+        if self.split is None:
+            return 0.0
+        return self.split.test if isinstance(self.split.test, float | int) else 0.0
+
+    @property
+    def carves_by_column(self) -> bool:
+        """Whether the splits come from a column (``split.by`` ranges or ``split.by_user``), not at random."""
+        return self.split is not None and (self.split.by is not None or self.split.by_user is not None)
+
+    def data_root(self) -> Path | None:
+        """The folder relative data paths resolve under: ``data_dir`` (relative to the schema file's
+        folder; ``--data-dir`` replaces it), else the schema file's folder."""
+        if self.data_dir is None:
+            return Path(self.base_dir) if self.base_dir is not None else None
+        root = Path(self.data_dir)
+        if not root.is_absolute() and self.base_dir is not None:
+            root = Path(self.base_dir) / root
+        return root
 
     def resolve(self, path: str) -> Path:
         p = Path(path)
-        if not p.is_absolute() and self.base_dir is not None:
-            p = Path(self.base_dir) / p
+        root = self.data_root()
+        if not p.is_absolute() and root is not None:
+            p = root / p
         return p
+
+    def join_paths(self) -> list[Path]:
+        """The side tables' files, in ``join`` order."""
+        return [self.resolve(j.source) for j in self.join]
 
     def source_paths(self) -> dict[str, Path]:
         out = {"train": self.resolve(self.source.train)}
@@ -268,16 +416,31 @@ class Schema(_Strict):
         """Hash of the schema and of each source file's path, size and mtime."""
         h = hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode())
         for split, path in sorted(self.source_paths().items()):
+            if path.is_dir():  # a directory of shards: every shard's name, size and mtime
+                from mtrec.data.stream import source_files
+
+                for shard in source_files(path, self.format):
+                    st = shard.stat()
+                    h.update(f"{split}:{shard.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+                continue
             if not path.is_file():
                 raise MtrecError(f"{path}: data file not found (source.{split} of schema '{self.name}')")
             st = path.stat()
             h.update(f"{split}:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+        for i, path in enumerate(self.join_paths()):
+            if not path.is_file():
+                raise MtrecError(f"{path}: side table not found (join[{i}].source of schema '{self.name}')")
+            st = path.stat()
+            h.update(f"join{i}:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
         return h.hexdigest()
 
     def to_dict(self) -> dict:
         """JSON-ready dict with source paths made absolute (so a run dir is self-contained)."""
         data = self.model_dump(mode="json")
         data["source"] = {k: str(v.resolve()) for k, v in self.source_paths().items()}
+        for entry, path in zip(data.get("join", []), self.join_paths()):
+            entry["source"] = str(path.resolve())
+        data["data_dir"] = None  # every path is absolute now
         return data
 
 
@@ -302,21 +465,39 @@ def schema_from_dict(data: object, origin: str, base_dir: Path | None = None) ->
     return schema
 
 
-def load_schema(path: str | Path) -> Schema:
-    """Read and validate a YAML/JSON schema file."""
+def load_schema(path: str | Path, data_dir: str | Path | None = None) -> Schema:
+    """Read and validate a YAML/JSON schema file; ``data_dir`` (``--data-dir``) replaces the folder its
+    relative data paths (``source``, ``join``) resolve under."""
     p = Path(path)
     data = read_yaml(p, "schema file")
-    return schema_from_dict(data, str(p), base_dir=p.resolve().parent)
+    schema = schema_from_dict(data, str(p), base_dir=p.resolve().parent)
+    return with_data_dir(schema, data_dir) if data_dir is not None else schema
+
+
+def with_data_dir(schema: Schema, data_dir: str | Path, flag: str = "--data-dir") -> Schema:
+    """``schema`` reading its relative data paths under ``data_dir`` (which must be a folder)."""
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise MtrecError(f"{flag} {folder}: not a folder (the data files of schema '{schema.name}' are read from it)")
+    schema.data_dir = str(folder.resolve())
+    return schema
 
 
 # ---- the reference table of every schema key (README.md holds its output; a test keeps them equal) ----
 
 KEY_DOCS: dict[str, str] = {
     "name": "name of the data set (store and run names)",
+    "data_dir": "folder relative `source` and `join` paths resolve under, relative to the schema file "
+    "(default: the schema file's folder); `--data-dir DIR` replaces it",
     "source": "the data files",
-    "source.train": "training file (CSV, CSV.gz or Parquet), relative to the schema file or absolute",
+    "source.train": "training file (CSV, CSV.gz, Parquet) or directory of shards; relative to `data_dir` (default: the schema's folder) or absolute",
     "source.valid": "validation file; without it the validation rows are carved from train",
     "source.test": "test file; without it, `split.test` carves one from train (or there is none)",
+    "join": "side tables joined to the log on a key, before encoding (user, item features)",
+    "join[].source": "the side table's file (CSV with a header, or `.parquet`)",
+    "join[].on": "key column, in the log and in the side table (one row per key in the table)",
+    "join[].missing": "a log key absent from the table: `error`, `drop` the row, or `fill` (side columns blank); counted and reported",
+    "join[].columns": "the table's columns to take (default: all but the key; a name the log has too is an error)",
     "format": "how the files are read",
     "format.type": "`csv` (plain or gzipped) or `parquet`",
     "format.header": "whether the first CSV line names the columns",
@@ -324,9 +505,14 @@ KEY_DOCS: dict[str, str] = {
     "format.names": "column names of a CSV without header (required then)",
     "format.null_values": "strings read as missing",
     "valid_fraction": "share of train carved out as validation (default 0.1); not with `split`",
-    "split": "shares carved from train: `valid` and `test`; not with `valid_fraction`",
-    "split.valid": "validation share",
-    "split.test": "test share (not with `source.test`)",
+    "split": "how valid and test are carved from train: random shares, ranges of a column (`by`) or "
+    "shares of the users (`by_user`); not with `valid_fraction`",
+    "split.by": "a sortable column (a date): `valid` and `test` are ranges `[FROM, TO]` of it, both ends "
+    "inclusive (numbers compare as numbers); the other rows are train",
+    "split.by_user": "user id column: `valid` and `test` are shares of the users (by a hash of the id and "
+    "`split_seed`), each user's rows in one split",
+    "split.valid": "validation share, or with `by` a range `[FROM, TO]`",
+    "split.test": "test share, or with `by` a range `[FROM, TO]` (not with `source.test`)",
     "split_seed": "seed of the carving (fixed, so the validation rows never move)",
     "features": "the input features (at least one)",
     "features[].name": "feature name (unique)",
@@ -342,11 +528,19 @@ KEY_DOCS: dict[str, str] = {
     "tasks": "the prediction targets (at least one)",
     "tasks[].name": "task name (unique)",
     "tasks[].type": "`binary` or `regression`",
-    "tasks[].label": "label column",
+    "tasks[].label": "label column, or a label derived from columns (a mapping)",
+    "tasks[].label.column": "the column the label is computed from",
+    "tasks[].label.divide_by": "a column dividing it (play time / duration); a zero or blank divisor is an error",
+    "tasks[].label.ge": "binary: the label is 1 where the value is >= this",
+    "tasks[].label.gt": "binary: 1 where the value is > this",
+    "tasks[].label.le": "binary: 1 where the value is <= this",
+    "tasks[].label.lt": "binary: 1 where the value is < this",
+    "tasks[].label.eq": "binary: 1 where the value equals this",
+    "tasks[].label.transform": "regression: `log1p` makes the label log(1 + value) (metrics in its units)",
     "tasks[].positive": "values meaning 1 (binary; default: the column is 0/1)",
     "tasks[].negative": "values meaning 0 (with `strict`, any other value is an error)",
     "tasks[].strict": "refuse label values that are neither positive nor negative (or not 0/1)",
-    "tasks[].weight": "the task's weight in the business score",
+    "tasks[].weight": "the task's weight in the business score (`weighted` in metrics.json, `--select-by weighted_uauc`)",
     "tasks[].space": "task whose positives are where this label is observed (CVR on clicks)",
     "tasks[].sample_weight": "numeric column weighing this task's loss per sample",
     "tasks[].sample_weight_on": "`all` samples or `positives` only (binary)",
@@ -373,16 +567,17 @@ def _type_name(annotation: object) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, object]]:
-    out = []
+def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, FieldInfo]]:
+    out: list[tuple[str, FieldInfo]] = []
     for name, info in model.model_fields.items():
         if info.exclude:
             continue
         key = f"{prefix}{name}"
         out.append((key, info))
         nested = info.annotation
-        if typing.get_origin(nested) in (Union, types.UnionType):  # Optional[X] -> X
-            nested = next(a for a in typing.get_args(nested) if a is not type(None))
+        if typing.get_origin(nested) in (Union, types.UnionType):  # Optional[X] -> X; str | Model -> Model
+            args_ = [a for a in typing.get_args(nested) if a is not type(None)]
+            nested = next((a for a in args_ if isinstance(a, type) and issubclass(a, BaseModel)), args_[0])
         args = typing.get_args(nested) if typing.get_origin(nested) is list else ()
         target = args[0] if args else nested
         if isinstance(target, type) and issubclass(target, BaseModel):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtrec.balancing import BALANCERS, GradientBalancer, StepContext
+from mtrec.balancing import BALANCERS, GradientBalancer, StepContext, gradient_balancer_names
 from mtrec.balancing.aligned_mtl import aligned_matrix
 from mtrec.balancing.cagrad import cagrad_coefficients
 from mtrec.balancing.gradient import gram
@@ -63,7 +63,7 @@ def _batch_losses(store, model_name: str):
 def test_gradient_level_plumbing_reproduces_plain_backward(census_store) -> None:
     model, out, losses = _batch_losses(census_store, "mmoe")
     expected = torch.autograd.grad(losses.sum(), list(model.parameters()), retain_graph=True)
-    _PlainSum(model.task_names).backward(losses, StepContext(0, 1, model, {"output": out}))
+    _PlainSum(model.task_names).backward(losses, StepContext(0, 1, model, shared=out.shared))
     for p, g in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
 
@@ -83,7 +83,7 @@ def test_shared_get_the_combination_and_the_rest_the_plain_sum(
     per_task = [torch.autograd.grad(losses[t], balanced, retain_graph=True) for t in range(2)]
     summed = torch.autograd.grad(losses.sum(), plain, retain_graph=True)
     mgda = BALANCERS.get("mgda")(model.task_names, level=level, embeddings=embeddings)
-    mgda.backward(losses, StepContext(0, 1, model, {"output": out}))
+    mgda.backward(losses, StepContext(0, 1, model, shared=out.shared))
     w = mgda.weights()
     assert sum(w.values()) == pytest.approx(1.0) and min(w.values()) >= 0
     assert 0.05 < w["income"] < 0.95  # a real mixture, so the check below can tell the two apart
@@ -121,7 +121,7 @@ def test_representation_level_on_expert_outputs(census_store, model_name: str) -
     # the path through z, moved from the plain sum (g0 + g1) to the combination (c0 g0 + (1 - c0) g1)
     moved = torch.autograd.grad(z, tables, grad_outputs=(c0 - 1) * gz[0] - c0 * gz[1], retain_graph=True)
     mgda = BALANCERS.get("mgda")(model.task_names, level="repr")
-    mgda.backward(losses, StepContext(0, 1, model, {"output": out}))
+    mgda.backward(losses, StepContext(0, 1, model, shared=out.shared))
     w = mgda.weights()
     assert w["income"] == pytest.approx(c0, abs=1e-5) and 0.05 < c0 < 0.95
     for i, p in enumerate(experts):
@@ -137,7 +137,7 @@ def test_representation_level_refuses_per_task_mixtures(census_store) -> None:
     model, out, losses = _batch_losses(census_store, "cross_stitch")  # its last layer: one network per task
     with pytest.raises(MtrecError, match="level=params"):
         BALANCERS.get("pcgrad")(model.task_names, level="repr").backward(
-            losses, StepContext(0, 1, model, {"output": out})
+            losses, StepContext(0, 1, model, shared=out.shared)
         )
 
 
@@ -353,7 +353,7 @@ class _ThreeTasks(nn.Module):
         ]
 
 
-GRADIENT_METHODS = [n for n in BALANCERS.names() if issubclass(BALANCERS.get(n), GradientBalancer)]
+GRADIENT_METHODS = gradient_balancer_names()
 
 
 def test_every_gradient_method_is_enrolled() -> None:

@@ -166,6 +166,40 @@ def test_uw_uses_the_classification_form_for_binary_tasks(census_store) -> None:
     assert float(total) == pytest.approx(expected, rel=1e-6)
 
 
+def test_balancer_parameters_get_no_weight_decay(census_store) -> None:
+    """UW's log-variances are their own optimiser group without the model's weight decay: one Adam step
+    from a known gradient moves them as Adam without decay does (written out), while the model's
+    group keeps the decay."""
+    model = build_model("mmoe", census_store.layout, SMALL_MMOE)
+    uw = BALANCERS.get("uw")(census_store.layout.task_names)
+    lr, decay = 0.1, 0.5
+    trainer = Trainer(model, uw, TrainConfig(lr=lr, weight_decay=decay, progress=False))
+    model_group, balancer_group = trainer.optimizer.param_groups
+    assert [id(p) for p in balancer_group["params"]] == [id(uw.log_var)]
+    assert balancer_group["weight_decay"] == 0.0 and model_group["weight_decay"] == decay
+    assert {id(p) for p in model_group["params"]} == {id(p) for p in model.parameters()}
+    start = torch.tensor([1.0, -1.0])
+    grad = torch.tensor([0.01, 0.01])  # small beside decay * value: with decay the second would move up
+    with torch.no_grad():
+        uw.log_var.copy_(start)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    uw.log_var.grad = grad.clone()
+    trainer.optimizer.step()
+    eps = model_group["eps"]
+    # Adam's first step: m_hat = g, v_hat = g^2, so p - lr * g / (|g| + eps), with g the raw gradient
+    expected = start - lr * grad / (grad.abs() + eps)
+    with_decay = start - lr * (grad + decay * start) / ((grad + decay * start).abs() + eps)
+    assert torch.allclose(uw.log_var.detach(), expected, atol=1e-6)
+    assert not torch.allclose(uw.log_var.detach(), with_decay, atol=1e-3)
+
+
+def test_a_balancer_without_parameters_leaves_one_group(census_store) -> None:
+    model = build_model("mmoe", census_store.layout, SMALL_MMOE)
+    trainer = Trainer(model, BALANCERS.get("fixed")(census_store.layout.task_names), TrainConfig(weight_decay=0.1))
+    (group,) = trainer.optimizer.param_groups
+    assert group["weight_decay"] == 0.1 and len(group["params"]) == len(list(model.parameters()))
+
+
 # ---- GradNorm ----------------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mtrec.balancing import BALANCERS, GradientBalancer
+from mtrec.balancing import BALANCERS, GradientBalancer, gradient_balancer_names
 from mtrec.cli import app
 from mtrec.models import build_model
 from mtrec.train.tensorboard import read_scalars
@@ -20,7 +20,7 @@ from tests.helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is as fast
 
-GRADIENT = [n for n in BALANCERS.names() if issubclass(BALANCERS.get(n), GradientBalancer)]
+GRADIENT = gradient_balancer_names()
 
 
 def _record_cosines(balancer, model, level: str) -> list[float]:
@@ -34,7 +34,7 @@ def _record_cosines(balancer, model, level: str) -> list[float]:
     original = balancer.backward
 
     def backward(losses, context, aux_loss=None):
-        wrt = list(model.mixture.experts.parameters()) if level == "params" else [context.extra["output"].shared]
+        wrt = list(model.mixture.experts.parameters()) if level == "params" else [context.shared]
         g = [
             torch.cat([d.reshape(-1) for d in torch.autograd.grad(losses[t], wrt, retain_graph=True)]) for t in range(2)
         ]

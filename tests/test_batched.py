@@ -166,6 +166,57 @@ def test_mixture_with_embedded_input_equals_plain(name: str, options: dict, cens
         assert_close_to_scale(g1[k], g0[k])
 
 
+def test_summed_rows_backward_equals_embedding_bag_bit_for_bit(census_store) -> None:
+    """The folded lookup-sum's own backward gives exactly the gradient of ``F.embedding_bag``'s backward
+    (same sums in the same order), and its double backward is right."""
+    from mtrec.nn.embedding import _SumRows
+
+    torch.manual_seed(0)
+    emb = FeatureEmbedding(census_store.layout)
+    batch = census_store.split("train").slice(0, 512)
+    plan = emb._plan(512, torch.device("cpu"))
+    ids = batch.sparse.index_select(1, plan.sparse_cols) + plan.prow_offsets  # [B, F], many repeated rows
+    rows = int(sum(g.count * g.rows for t in plan.tables for g in t.groups))
+    table = torch.randn(rows, 24, requires_grad=True)
+    upstream = torch.randn(512, 24)
+    (torch.nn.functional.embedding_bag(ids, table, mode="sum") * upstream).sum().backward()
+    expected, table.grad = table.grad.clone(), None
+    out = _SumRows.apply(table, ids)
+    (out * upstream).sum().backward()
+    assert torch.equal(out, torch.nn.functional.embedding_bag(ids, table.detach(), mode="sum"))
+    assert torch.equal(table.grad, expected)
+    assert table.grad.abs().sum() > 0 and (expected == 0).all(1).any()  # real sums, and rows no sample holds
+    small = torch.randn(7, 3, dtype=torch.double, requires_grad=True)
+    small_ids = torch.tensor([[0, 3, 5], [1, 3, 6], [0, 4, 5], [0, 3, 5]])
+    assert torch.autograd.gradgradcheck(_SumRows.apply, (small, small_ids))
+
+
+@pytest.mark.parametrize("rows", [512, 40])  # every field folded; only the small-vocabulary fields folded
+def test_model_embeds_only_what_its_folded_first_layer_reads(rows: int, census_store) -> None:
+    """``mmoe`` lets its first layer look up only what it reads: at 512 rows every Census field folds and
+    the embedding's own forward is never called; the outputs and gradients are those of the explicit input."""
+    torch.manual_seed(0)
+    model = build_model("mmoe", census_store.layout, {"num_experts": 4, "expert_hidden": [16, 8]})
+    batch = census_store.split("train").slice(0, rows)
+    calls = []
+    model.embedding.register_forward_hook(lambda *args: calls.append(1))
+    model.zero_grad(set_to_none=True)
+    out = model(batch)
+    out.logits.sum().backward()
+    lazy = (out.logits.detach(), grads(model))
+    assert len(calls) == (0 if rows == 512 else 1)
+    model.zero_grad(set_to_none=True)
+    x = model.embedding(batch).squeeze(1)
+    mixed, _, _ = model.mixture.mix(x, Embedded(model.embedding, batch))
+    logits = model.towers(mixed)
+    logits.sum().backward()
+    assert torch.equal(logits.detach(), lazy[0])
+    explicit = grads(model)
+    assert explicit.keys() == lazy[1].keys()
+    for k in explicit:
+        assert torch.equal(explicit[k], lazy[1][k]), k
+
+
 # ---- reproducibility --------------------------------------------------------------------------
 
 

@@ -24,7 +24,15 @@ from mtrec.models import MODELS, build_model
 from mtrec.models.funnel import FunnelModel
 from mtrec.models.shared_bottom import SharedBottom
 from mtrec.schema import load_schema
-from mtrec.serve.export import CONTEXT_ONNX_FILE, ONNX_FILE, export_model, with_unknown_ids
+from mtrec.serve.export import (
+    CONTEXT_ONNX_FILE,
+    ONNX_FILE,
+    EncodedInputModel,
+    embedding_columns,
+    embedding_rows,
+    export_model,
+    with_unknown_ids,
+)
 from mtrec.train.run import train_run
 from mtrec.train.trainer import TrainConfig
 from tests.helpers import write_toy
@@ -187,6 +195,91 @@ def test_context_inputs_have_batch_one_and_are_broadcast(fmt: str, tmp_path, one
     rel = np.abs(got[3] - scores[:, 1]) / np.maximum(1.0, np.abs(scores[:, 1]))  # regression, relative
     assert rel.max() <= TOL and np.abs(got[1] - logits[:, 1]).max() <= TOL * max(1.0, np.abs(logits[:, 1]).max())
     assert len(set(np.round(got[2], 6))) > 5  # candidates still differ from each other
+
+
+def _context_case(case: str, census_store, census_rows) -> tuple[FeatureLayout, TensorTable, TensorTable, list[str]]:
+    """(layout, training rows, rows to check with unknown ids, context features) of a context export case."""
+    if case == "census":
+        return census_store.layout, census_store.split("train").slice(0, 128), census_rows, CENSUS_CONTEXT
+    layout, table = sequence_layout_and_rows()
+    return layout, table, with_unknown_ids(table), ["user", "history", "age"]
+
+
+CENSUS_CONTEXT = ["age", "age_bucket", "education", "race", "sex", "citizenship", "birth_country"]
+
+
+@pytest.mark.parametrize(
+    "name,fmt,case", [("mmoe", "onnx", "census"), ("mmoe", "onnx", "sequences"), ("ple", "torchscript", "sequences")]
+)
+def test_context_graph_takes_the_first_layer_once(
+    name: str, fmt: str, case: str, census_store, census_rows, tmp_path, one_thread
+) -> None:
+    """MMoE and PLE read the embedded batch in their first layer: with context inputs the graph takes the
+    context features' share of it on the one context row and only the candidates' columns on every row
+    (no ``[B, all columns]`` product). Its logits equal the model's on the rows with the context broadcast:
+    real Census rows and rows with unknown ids, sparse fields of two embedding sizes, a sequence and a dense
+    value on each side."""
+    layout, train_rows, rows, context = _context_case(case, census_store, census_rows)
+    model = trained(name, layout, train_rows)
+    wrapper = EncodedInputModel(model, context).eval()
+    assert len(wrapper.splits) == 1  # the model's embedding: its first layer is split
+    columns = embedding_columns(layout)
+    assert sorted(c for cols in columns.values() for c in cols) == list(range(model.embedding.output_dim))
+    with torch.no_grad():  # the embedding's own output: the columns each feature holds
+        emb = model.embedding(rows).squeeze(1)
+        for j, f in enumerate(layout.sparse):
+            rows_of_f = model.embedding.tables[str(f.embed_dim)].weight[
+                rows.sparse[:, j] + embedding_rows(layout)[f.name][1]
+            ]
+            assert torch.equal(emb[:, columns[f.name]], rows_of_f)
+        assert torch.equal(emb[:, [columns[n][0] for n in layout.dense]], rows.dense)
+    path = tmp_path / f"m.{fmt}"
+    report = export_model(model, fmt, path, rows, context_features=context)
+    assert max(report.worst(t) for t in layout.task_names) <= TOL
+
+    if fmt == "onnx":  # the first layer's weight is split: a [candidate columns, K] and a [context columns, K] block
+        import onnx
+
+        shapes = [tuple(i.dims) for i in onnx.load(str(path)).graph.initializer]
+        n_ctx = sum(len(columns[n]) for n in context)
+        n_all = model.embedding.output_dim
+        k = {d[1] for d in shapes if len(d) == 2 and d[0] == n_ctx} & {
+            d[1] for d in shapes if len(d) == 2 and d[0] == n_all - n_ctx
+        }
+        assert len(k) == 1 and (n_all, *k) not in shapes and (*k, n_all) not in shapes
+    for start, size in ((0, 37), (40, 1), (5, 64)):
+        picked = rows.slice(start, start + size)
+        expected = _broadcast(picked, layout, context, rows, row=len(rows) - 1)  # the context of another row
+        logits, scores = torch_outputs(model, expected)
+        feed = {k: v.numpy() for k, v in wrapper.feed(expected).items()}
+        if fmt == "onnx":
+            got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
+        else:
+            with torch.no_grad():
+                got = [o.numpy() for o in torch.jit.load(str(path))(*[torch.from_numpy(v) for v in feed.values()])]
+        n = len(layout.task_names)
+        assert all(o.shape == (size,) for o in got[: 2 * n])
+        for t, task in enumerate(layout.tasks):
+            scale = 1.0 if task.type == "binary" else np.maximum(1.0, np.abs(logits[:, t]))
+            assert (np.abs(got[t] - logits[:, t]) / scale).max() <= TOL
+        if size > 1:
+            assert len(set(np.round(got[0], 5))) > 1  # candidates still differ from each other
+
+
+def _broadcast(table: TensorTable, layout: FeatureLayout, context: list[str], source: TensorTable, row: int):
+    """``table`` with the context features' values taken from row ``row`` of ``source`` on every row."""
+    sparse, dense = table.sparse.clone(), table.dense.clone()
+    sequences = {k: v.clone() for k, v in table.sequences.items()}
+    for j, f in enumerate(layout.sparse):
+        if f.name in context:
+            sparse[:, j] = source.sparse[row, j]
+    for j, name in enumerate(layout.dense):
+        if name in context:
+            dense[:, j] = source.dense[row, j]
+    for name in sequences:
+        if name in context:
+            sequences[name][:] = source.sequences[name][row]
+    return TensorTable(sparse=sparse, dense=dense, labels=table.labels, sequences=sequences)
 
 
 # ---- calibration and fusion inside the graph ----------------------------------------------------------

@@ -14,15 +14,22 @@ from mtrec.balancing import BALANCERS
 from mtrec.balancing.base import StepContext
 from mtrec.cli import app
 from mtrec.diagnostics.monitor import ConflictMonitor
+from mtrec.errors import MtrecError
 from mtrec.models import build_model
 from mtrec.train.tensorboard import read_scalars
 from mtrec.train.trainer import TrainConfig, Trainer, seed_everything
 
 
-def _hand_shared_dense(model, name: str) -> list[tuple[torch.nn.Parameter, slice]]:
+def _hand_shared_dense(model, name: str, scope: str = "all") -> list[tuple[torch.nn.Parameter, slice]]:
     """The shared dense elements, written out by hand per model (not from the sharing declaration)."""
     if name == "mmoe":  # every expert; the gates are per task
+        if scope == "last":  # the experts' second (last) layer
+            experts = model.mixture.experts.layers[1]
+            return [(experts.weight, slice(None)), (experts.bias, slice(None))]
         return [(p, slice(None)) for p in model.mixture.experts.parameters()]
+    if scope == "last":  # the last level's shared experts (6 experts: 2 + 2 task-specific, then 2 shared), last layer
+        experts = model.levels[1].experts.layers[1]
+        return [(experts.weight, slice(4, 6)), (experts.bias, slice(4, 6))]
     inner, last = model.levels  # ple, 2 tasks x 2 specific + 2 shared experts per level
     out = [(p, slice(None)) for p in inner.experts.parameters()]  # every inner expert feeds the shared gate
     out.append((inner.gates.weight, slice(2, 3)))  # the inner shared gate (gates: task 0, task 1, shared)
@@ -31,8 +38,8 @@ def _hand_shared_dense(model, name: str) -> list[tuple[torch.nn.Parameter, slice
     return out
 
 
-def _cosine_by_hand(model, name: str, losses: torch.Tensor) -> tuple[float, float]:
-    parts = _hand_shared_dense(model, name)
+def _cosine_by_hand(model, name: str, losses: torch.Tensor, scope: str = "all") -> tuple[float, float]:
+    parts = _hand_shared_dense(model, name, scope)
     flat = []
     for t in range(2):
         grads = torch.autograd.grad(losses[t], [p for p, _ in parts], retain_graph=True, allow_unused=True)
@@ -41,20 +48,33 @@ def _cosine_by_hand(model, name: str, losses: torch.Tensor) -> tuple[float, floa
     return cos, float(flat[0].norm() / flat[1].norm())
 
 
-@pytest.mark.parametrize("name, balancer", [("mmoe", "fixed"), ("ple", "fixed"), ("ple", "mgda"), ("mmoe", "uw")])
-def test_sampled_cosine_and_norm_ratio_match_autograd(name: str, balancer: str, census_store, one_thread) -> None:
-    """A gradient balancer's own Gram matrix is read (mgda); otherwise the monitor takes its own passes."""
+@pytest.mark.parametrize(
+    "name, balancer, scope",
+    [
+        ("mmoe", "fixed", "all"),
+        ("ple", "fixed", "all"),
+        ("ple", "mgda", "all"),
+        ("mmoe", "uw", "all"),
+        ("mmoe", "fixed", "last"),
+        ("ple", "mgda", "last"),
+    ],
+)
+def test_sampled_cosine_and_norm_ratio_match_autograd(
+    name: str, balancer: str, scope: str, census_store, one_thread
+) -> None:
+    """At ``all`` a gradient balancer's own Gram matrix is read (mgda); otherwise the monitor takes its own
+    passes, on the scope's elements (``last``: the last shared layer, written out by hand per model)."""
     seed_everything(0)
     model = build_model(name, census_store.layout)
     bal = BALANCERS.get(balancer)(model.task_names)
-    monitor = ConflictMonitor(every=1)
+    monitor = ConflictMonitor(every=1, scope=scope)
     trainer = Trainer(model, bal, TrainConfig(progress=False), callbacks=[monitor])
     batch = census_store.split("train").slice(0, 512)
     out = model(batch)
     losses = model.losses(out, batch)
-    cos, ratio = _cosine_by_hand(model, name, losses)
+    cos, ratio = _cosine_by_hand(model, name, losses, scope)
     monitor.on_losses(trainer, 0, losses, out)
-    bal.backward(losses, StepContext(0, 1, model, {"output": out}), out.aux_loss)
+    bal.backward(losses, StepContext(0, 1, model, shared=out.shared), out.aux_loss)
     monitor.on_batch_end(trainer, 1, losses.detach())
     summary = monitor.summary(model.task_names)
     pair = summary["pairs"]["income~never_married"]
@@ -86,6 +106,8 @@ def test_train_writes_the_monitor_to_history_and_tensorboard(census_schema_path:
             "5",
             "--monitor-every",
             "3",
+            "--monitor-scope",
+            "all",
             "--out",
             str(out),
         ],
@@ -95,6 +117,7 @@ def test_train_writes_the_monitor_to_history_and_tensorboard(census_schema_path:
     steps = -(-3600 // 256)  # 3,600 training rows of the 4,000-row slice (valid_fraction 0.1)
     first, second = (h["monitor"] for h in history)
     assert first["samples"] == len(range(0, steps, 3))  # steps 0, 3, 6, ... of epoch 1
+    assert first["scope"] == "all"
     assert first["samples"] + second["samples"] == len(range(0, 2 * steps, 3))
     velocity = second["tasks"]["income"]["velocity"]
     assert 0 < velocity < 1  # the income loss fell from its first sample
@@ -129,3 +152,13 @@ def test_monitor_off(census_schema_path: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "monitor" not in json.loads((out / "history.json").read_text())[0]
+
+
+def test_monitor_scope_is_checked(census_schema_path: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["train", "--schema", str(census_schema_path), "--monitor-scope", "middle", "--out", str(tmp_path / "r")],
+    )
+    assert isinstance(result.exception, MtrecError)  # main() turns it into one error line and exit code 2
+    assert "--monitor-scope: 'middle' is not allowed" in str(result.exception)
+    assert not (tmp_path / "r").exists()

@@ -52,7 +52,15 @@ def test_reference_table_covers_every_key() -> None:
 
     import mtrec.schema as module
 
-    nested = {"SourceSpec": ".", "FormatSpec": ".", "SplitSpec": ".", "FeatureSpec": "[].", "TaskSpec": "[]."}
+    nested = {
+        "SourceSpec": ".",
+        "FormatSpec": ".",
+        "SplitSpec": ".",
+        "FeatureSpec": "[].",
+        "TaskSpec": "[].",
+        "JoinSpec": "[].",
+        "LabelSpec": ".",
+    }
 
     def walk(model: type, prefix: str) -> None:
         for name, info in model.model_fields.items():

@@ -198,6 +198,37 @@ def test_rank_equals_predict(runs: dict, client: httpx.Client, tmp_path: Path) -
     np.testing.assert_allclose([e["score"] for e in again], [e["score"] for e in response.json()["ranking"]], atol=1e-6)
 
 
+def test_context_ids_in_any_form_encode_as_per_candidate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A context id found as it is in the vocabulary is looked up directly; any other form (a float, the
+    text of a float, an unknown id, null, "") goes the column path: either way the batch equals the one
+    with the same value in every candidate, and unknown ids get the out-of-vocabulary id."""
+    monkeypatch.setenv("MTREC_CACHE", str(tmp_path / "cache"))
+    features = [  # the age column read as ids only (a dense feature would refuse text)
+        {"name": "age_id", "type": "sparse", "column": "age", "embed_dim": 4},
+        {"name": "city", "type": "sparse", "embed_dim": 4},
+        {"name": "tags", "type": "sequence", "embed_dim": 4, "max_len": 3},
+    ]
+    schema = load_schema(write_toy(tmp_path / "toy", rows=120, extra={"features": features}))
+    encoder = RequestEncoder(schema, load_store(schema).encoders, 100)
+    base = request_from_frame(read_frame(tmp_path / "toy" / "toy.csv", schema).head(6), schema, ["age", "city"])
+    age = int(base["context"]["age"])  # an id column reads as text; the id as a JSON number is the same id
+    forms = {"age": [age, str(age), float(age), f"{age}.0", 1000, "1000"], "city": ["paris", "atlantis", None, "", 5]}
+    ids = {}
+    for column, values in forms.items():
+        for value in values:
+            context = {**base["context"], column: value}
+            per_candidate = {"context": {}, "candidates": [{**c, **context} for c in base["candidates"]]}
+            got = encoder.encode({"context": context, "candidates": base["candidates"]})
+            want = encoder.encode(per_candidate)
+            np.testing.assert_array_equal(got.sparse, want.sparse)
+            np.testing.assert_array_equal(got.dense, want.dense)
+            assert got.context == frozenset({"age_id", "city"}) and want.context == frozenset()
+            ids[column, repr(value)] = int(got.sparse[0, 0 if column == "age" else 1])
+    assert len({ids["age", repr(v)] for v in forms["age"][:4]}) == 1 and ids["age", repr(age)] > 1
+    assert ids["age", "1000"] == ids["age", "'1000'"] == 1 and ids["city", "'atlantis'"] == ids["city", "5"] == 1
+    assert ids["city", "None"] == ids["city", "''"] != ids["city", "'paris'"]
+
+
 def test_encoder_matches_ingest_with_sequences(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Column-wise request encoding (context broadcast, a sequence as a JSON list, ids as numbers or
     text, unknown ids) equals the file encoding of the same rows."""

@@ -137,7 +137,7 @@ def _expert_gradient_scale(balancer: str, census_store) -> tuple[dict, float, fl
         for t in range(2)
     ]
     model.zero_grad()
-    bal.backward(losses, StepContext(step=0, epoch=0, model=model, extra={}))
+    bal.backward(losses, StepContext(step=0, epoch=0, model=model))
     grad = model.levels[-1].experts.layers[-1].weight.grad  # [E, H1, H]; experts 0,1 income's, 2,3 never_married's
     ratio = [float(grad[2 * t : 2 * t + 2].norm() / own[t][2 * t : 2 * t + 2].norm()) for t in range(2)]
     return bal.weights(), ratio[0], ratio[1]
@@ -154,7 +154,7 @@ def test_gradnorm_refuses_a_model_that_shares_only_embeddings(census_store) -> N
     batch = census_store.split("train").slice(0, 64)
     bal = BALANCERS.get("gradnorm")(model.task_names)
     with pytest.raises(MtrecError, match="shared_bottom"):
-        bal.backward(model.losses(model(batch), batch), StepContext(step=0, epoch=0, model=model, extra={}))
+        bal.backward(model.losses(model(batch), batch), StepContext(step=0, epoch=0, model=model))
 
 
 @pytest.mark.parametrize("name", ["esmm", "ple", "cgc"])
@@ -176,7 +176,7 @@ def test_gradnorm_measures_norms_on_the_declared_shared_members(name: str, censu
         expected.append(
             float(torch.sqrt(sum(((g[s.mask] if s.mask is not None else g) ** 2).sum() for g, s in zip(grads, slices))))
         )
-    bal.backward(losses, StepContext(step=0, epoch=0, model=model, extra={}))
+    bal.backward(losses, StepContext(step=0, epoch=0, model=model))
     stats = bal.stats()
     for t, task in enumerate(model.task_names):
         assert stats[f"grad_norm/{task}"] == pytest.approx(expected[t] * stats[f"weight/{task}"], rel=1e-5)

@@ -91,4 +91,3 @@ def test_train_config_is_one_class_under_both_import_paths() -> None:
     from mtrec.train.trainer import TrainConfig as trainer_config
 
     assert light is trainer_config
-    assert light().epochs == 30 and light().monitor_every == 24

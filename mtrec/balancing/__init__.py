@@ -22,6 +22,13 @@ from mtrec.balancing.base import BALANCERS, Balancer, StepContext, build_balance
 from mtrec.balancing.gradient import GradientBalancer
 from mtrec.balancing.options import BalancerConfig
 
+
+def gradient_balancer_names() -> list[str]:
+    """The registered balancers that combine per-task gradients of the shared parameters (the
+    :class:`GradientBalancer` family), in registry order: the registry is the one list of them."""
+    return [name for name in BALANCERS.names() if issubclass(BALANCERS.get(name), GradientBalancer)]
+
+
 __all__ = [
     "BALANCERS",
     "Balancer",
@@ -29,5 +36,6 @@ __all__ = [
     "GradientBalancer",
     "StepContext",
     "build_balancer",
+    "gradient_balancer_names",
     "validate_balancer_options",
 ]

@@ -11,8 +11,8 @@ of the shared parameters.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -23,17 +23,23 @@ from mtrec.errors import MtrecError
 from mtrec.options import describe_options, validate_options
 from mtrec.registry import Registry
 
+if TYPE_CHECKING:
+    from mtrec.models.base import MultiTaskModel
+
 BALANCERS: Registry[type[Balancer]] = Registry("balancer")
 
 
 @dataclass
 class StepContext:
-    """What a balancer may look at besides the losses."""
+    """What a balancer may look at besides the losses: where training is, the model (whose
+    ``shared_slices()`` name the parameters several tasks share) and this step's shared representation
+    (``ModelOutput.shared``; None when the model exposes none), which representation-level balancing
+    combines gradients at."""
 
     step: int
     epoch: int
-    model: nn.Module
-    extra: dict = field(default_factory=dict)
+    model: MultiTaskModel
+    shared: Tensor | None = None
 
 
 class Balancer(nn.Module):
@@ -65,6 +71,15 @@ class Balancer(nn.Module):
         elif options or task_weights is not None:
             raise TypeError("give a validated config or raw options, not both")
         self.config = config
+        # set by the trainer in a data-parallel run (mtrec.train.distributed.Distributed): a balancer that
+        # all-reduces gradients itself (reduces_own_gradients) uses it; None in a single process
+        self.distributed: Any = None
+
+    @property
+    def reduces_own_gradients(self) -> bool:
+        """Under data parallelism, whether :meth:`backward` all-reduces the model's gradients itself
+        instead of leaving it to DistributedDataParallel's hooks on an ordinary backward pass."""
+        return False
 
     def get_extra_state(self) -> dict:
         """State kept outside parameters and buffers, for checkpoints: the state of every random
@@ -118,6 +133,16 @@ class Balancer(nn.Module):
 
     def on_epoch_end(self, epoch: int, train_losses: Tensor) -> None:
         """Hook for methods that adapt per epoch (mean training loss per task given)."""
+
+    @property
+    def builds_shared_gram(self) -> bool:
+        """Whether each step computes the Gram matrix of the task gradients on the shared dense elements,
+        as the conflict monitor measures them (it then reads :meth:`shared_gram` instead of recomputing)."""
+        return False
+
+    def shared_gram(self) -> np.ndarray | None:
+        """The last step's Gram matrix of the task gradients, when :attr:`builds_shared_gram`."""
+        return None
 
 
 def validate_balancer_options(

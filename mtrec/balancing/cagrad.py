@@ -15,6 +15,7 @@ approaches MGDA.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from pydantic import Field
@@ -65,9 +66,7 @@ class CAGrad(GradientBalancer):
     config: Config
     checkpointed = ("_w",)  # the warm start of the dual solver, carried from step to step
 
-    def __init__(
-        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
-    ) -> None:
+    def __init__(self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: Any) -> None:
         super().__init__(task_names, task_weights, **options)
         self.c = self.config.c
         self._w: np.ndarray | None = None

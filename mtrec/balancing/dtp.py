@@ -20,7 +20,7 @@ define.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -50,9 +50,13 @@ class DTP(Balancer):
 
     config: Config
 
-    def __init__(
-        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
-    ) -> None:
+    # buffers (register_buffer), declared for the type checker
+    gamma: Tensor
+    kpi: Tensor
+    started: Tensor
+    w: Tensor
+
+    def __init__(self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: Any) -> None:
         super().__init__(task_names, task_weights, **options)
         self.register_buffer("gamma", torch.tensor(self.config.gamma))
         self.alpha = self.config.alpha

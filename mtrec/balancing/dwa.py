@@ -17,6 +17,7 @@ when a task's loss is multiplied by a constant, so DWA's weights on ``b_t L_t`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -43,9 +44,13 @@ class DWA(Balancer):
 
     config: Config
 
-    def __init__(
-        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
-    ) -> None:
+    # buffers (register_buffer), declared for the type checker
+    base: Tensor
+    history: Tensor
+    epochs_seen: Tensor
+    w: Tensor
+
+    def __init__(self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: Any) -> None:
         super().__init__(task_names, task_weights, **options)
         self.temperature = self.config.temperature
         self.register_buffer("base", torch.tensor(base_weights(self.config, self.num_tasks)))  # --task-weights

@@ -26,7 +26,7 @@ a task's loss cannot shift the balance between tasks (it only rescales the whole
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -62,9 +62,17 @@ class FAMO(Balancer):
 
     config: Config
 
-    def __init__(
-        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
-    ) -> None:
+    # buffers (register_buffer), declared for the type checker
+    min_losses: Tensor
+    logits: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    previous: Tensor
+    w: Tensor
+    adam_steps: Tensor
+    has_previous: Tensor
+
+    def __init__(self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: Any) -> None:
         super().__init__(task_names, task_weights, **options)
         self.lr = self.config.lr
         self.gamma = self.config.gamma

@@ -49,7 +49,7 @@ two tasks (level with LibMTL, whose methods run ``T`` full passes) and 2.6-2.8x 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -60,10 +60,13 @@ from mtrec.balancing.options import BalancerConfig, TaskWeightsConfig, base_weig
 from mtrec.errors import MtrecError
 from mtrec.models.reach import SharedSlice
 
+if TYPE_CHECKING:
+    from mtrec.models.base import MultiTaskModel
+
 EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
 
-def dense_shared_slices(model: nn.Module) -> list[SharedSlice]:
+def dense_shared_slices(model: MultiTaskModel) -> list[SharedSlice]:
     """The model's shared elements without its embedding tables (unless the tables are all it shares):
     where the methods' ``G`` lives by default (``embeddings=sum``) and the conflict monitor looks."""
     shared = model.shared_slices()
@@ -121,9 +124,10 @@ class GradientBalancer(Balancer):
     Config = GradientConfig
     config: GradientOptions
 
-    def __init__(
-        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
-    ) -> None:
+    # buffers (register_buffer), declared for the type checker
+    base: Tensor
+
+    def __init__(self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: Any) -> None:
         super().__init__(task_names, task_weights, **options)
         self.level = self.config.level
         self.embeddings = self.config.embeddings
@@ -132,6 +136,12 @@ class GradientBalancer(Balancer):
         self._stats: dict[str, float] = {}
         self._last_c = np.ones(self.num_tasks)
         self._last_gram: np.ndarray | None = None
+
+    @property
+    def reduces_own_gradients(self) -> bool:
+        """Under data parallelism, whether this balancer all-reduces the gradients itself (``level=params``:
+        they come from ``torch.autograd.grad``, which DistributedDataParallel's hooks do not see)."""
+        return self.level == "params"
 
     # ---- the method ---------------------------------------------------------------------
     def coefficients(self, M: np.ndarray, losses: np.ndarray) -> np.ndarray:  # pragma: no cover
@@ -152,9 +162,10 @@ class GradientBalancer(Balancer):
         scale = np.where(base > 0, 1.0 / np.where(base > 0, base, 1.0), 0.0)
         return self._last_gram * np.outer(scale, scale)
 
-    def aggregate(self, G: Tensor, losses: Tensor) -> Tensor:
-        """The combined gradient ``g [P]`` of the task gradients ``G [T, P]`` (also records stats)."""
-        M = gram(G)
+    def aggregate(self, G: Tensor, losses: Tensor, M: np.ndarray | None = None) -> Tensor:
+        """The combined gradient ``g [P]`` of the task gradients ``G [T, P]`` (also records stats); ``M``:
+        their Gram matrix when already known (under data parallelism, the all-reduced one)."""
+        M = gram(G) if M is None else M
         self._last_gram = M
         c = self.coefficients(M, losses.detach().double().cpu().numpy())
         self._record(M, c)
@@ -186,10 +197,10 @@ class GradientBalancer(Balancer):
         else:
             self._backward_params(task, losses, model, shared)
             if aux_loss is not None and aux_loss.requires_grad:
-                aux_loss.backward()  # the model's regulariser is not a task: added as is
+                self._add_aux(model, aux_loss)  # the model's regulariser is not a task: added as is
         return self.combine(losses.detach(), context)
 
-    def _backward_params(self, task: Tensor, losses: Tensor, model: nn.Module, shared: list[SharedSlice]) -> None:
+    def _backward_params(self, task: Tensor, losses: Tensor, model: MultiTaskModel, shared: list[SharedSlice]) -> None:
         if self.embeddings == "sum":  # when only tables are shared, they are what gets balanced
             shared = [s for s in dense_shared_slices(model) if s.param.requires_grad]
         balanced = {id(s.param) for s in shared}
@@ -207,6 +218,8 @@ class GradientBalancer(Balancer):
             self._flatten_into(G[t], grads, shared)
         if self.num_tasks > 1:
             G[-1] -= G[:-1].sum(0)  # the last task's gradient: the sum minus the others'
+        if self.distributed is not None:  # data parallel: the global batch's gradients, on every rank
+            self.distributed.mean_([G, *summed])
         g = self.aggregate(G, losses)  # [P]
         offset = 0
         for s, full, n in zip(shared, summed, sizes):
@@ -216,6 +229,18 @@ class GradientBalancer(Balancer):
             offset += n
         for p, grad in zip(rest, summed[len(shared) :]):
             p.grad = grad
+
+    def _add_aux(self, model: nn.Module, aux_loss: Tensor) -> None:
+        """Add the regulariser's gradient (averaged over the ranks under data parallelism)."""
+        if self.distributed is None:
+            aux_loss.backward()
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(aux_loss, params, allow_unused=True)
+        reached = [(p, g) for p, g in zip(params, grads) if g is not None]
+        self.distributed.mean_([g for _, g in reached])
+        for p, g in reached:
+            p.grad = g if p.grad is None else p.grad + g
 
     @staticmethod
     def _flatten_into(row: Tensor, grads: Sequence[Tensor | None], slices: Sequence[SharedSlice]) -> None:
@@ -227,8 +252,7 @@ class GradientBalancer(Balancer):
             offset += n
 
     def _backward_repr(self, task: Tensor, losses: Tensor, context: StepContext, aux_loss: Tensor | None) -> None:
-        output = context.extra.get("output")
-        z = getattr(output, "shared", None)
+        z = context.shared
         if z is None or not z.requires_grad:
             raise MtrecError(
                 f"balancer '{self.registered_name}' with level=repr needs the model's shared representation "
@@ -240,9 +264,15 @@ class GradientBalancer(Balancer):
             (gz,) = torch.autograd.grad(task[t], z, retain_graph=True, allow_unused=True)
             rows.append(torch.zeros_like(z).reshape(-1) if gz is None else gz.reshape(-1))
         G = torch.stack(rows)  # [T, numel(z)]
+        M = gram(G)
+        if self.distributed is not None:
+            # data parallel: the ranks' columns of G are different samples, each rank's gradient carrying
+            # world_size times its share (DDP averages the final pass), so the global Gram is their sum / W^2
+            W = self.distributed.world_size
+            M = self.distributed.sum_(torch.from_numpy(M).to(G.device)).cpu().numpy() / (W * W)
         if not self._checked_repr:
-            self._check_overlap(gram(G))
-        gz = self.aggregate(G, losses)  # [numel(z)]
+            self._check_overlap(M)
+        gz = self.aggregate(G, losses, M)  # [numel(z)]
         # One ordinary backward pass from two roots: the summed losses give every parameter its plain-sum
         # gradient, and z an extra (combined - summed) so that z passes down the combination instead. So
         # the layers below z get the combined gradient, the towers (above z) their own task's, and the

@@ -22,6 +22,7 @@ Cost: ``T`` backward passes down to ``W`` only, plus the ordinary backward pass.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -60,9 +61,11 @@ class GradNorm(Balancer):
 
     config: Config
 
-    def __init__(
-        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
-    ) -> None:
+    # buffers (register_buffer), declared for the type checker
+    initial: Tensor
+    started: Tensor
+
+    def __init__(self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: Any) -> None:
         super().__init__(task_names, task_weights, **options)
         self.alpha = self.config.alpha
         start = torch.tensor(base_weights(self.config, self.num_tasks))  # the config refuses all zeros

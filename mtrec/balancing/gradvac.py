@@ -15,6 +15,7 @@ gradient (the paper's coarsest granularity), tracked as coefficients on the Gram
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,9 +60,10 @@ class GradVac(GradientBalancer):
 
     config: Config
 
-    def __init__(
-        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
-    ) -> None:
+    # buffers (register_buffer), declared for the type checker
+    targets: torch.Tensor
+
+    def __init__(self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: Any) -> None:
         super().__init__(task_names, task_weights, **options)
         self.beta = self.config.beta
         self.register_buffer("targets", torch.zeros(self.num_tasks, self.num_tasks, dtype=torch.float64))

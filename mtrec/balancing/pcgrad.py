@@ -10,6 +10,7 @@ Gram matrix instead of on ``P``-sized vectors.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,9 +40,7 @@ def pcgrad_adjust(M: np.ndarray, orders: Sequence[Sequence[int]]) -> np.ndarray:
 class PCGrad(GradientBalancer):
     """Gradient surgery with a random projection order per task and step (seeded by the run's seed)."""
 
-    def __init__(
-        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
-    ) -> None:
+    def __init__(self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: Any) -> None:
         super().__init__(task_names, task_weights, **options)
         self._rng = np.random.default_rng(torch.initial_seed())
 

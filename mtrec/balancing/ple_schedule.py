@@ -11,7 +11,7 @@ and fade later (or the reverse above 1). The defaults (``initial`` from ``--task
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import model_validator
@@ -45,9 +45,12 @@ class PLESchedule(Balancer):
 
     config: Config
 
-    def __init__(
-        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
-    ) -> None:
+    # buffers (register_buffer), declared for the type checker
+    initial: Tensor
+    ratio: Tensor
+    w: Tensor
+
+    def __init__(self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: Any) -> None:
         super().__init__(task_names, task_weights, **options)
         c = self.config
         start = base_weights(c, self.num_tasks) if c.initial is None else c.initial

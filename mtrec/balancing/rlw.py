@@ -12,7 +12,7 @@ preference for any task, and fixed preferences are what ``fixed`` is for.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -40,9 +40,10 @@ class RLW(Balancer):
 
     config: Config
 
-    def __init__(
-        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
-    ) -> None:
+    # buffers (register_buffer), declared for the type checker
+    w: Tensor
+
+    def __init__(self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: Any) -> None:
         super().__init__(task_names, task_weights, **options)
         seed = self.config.seed
         self.generator = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)

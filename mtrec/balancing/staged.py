@@ -83,9 +83,13 @@ class Staged(Balancer):
 
     config: Config
 
-    def __init__(
-        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
-    ) -> None:
+    # buffers (register_buffer), declared for the type checker
+    starts: Tensor
+    active: Tensor
+    base: Tensor
+    w: Tensor
+
+    def __init__(self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: Any) -> None:
         super().__init__(task_names, task_weights, **options)
         introduced = self.config.stages
         epochs = self.config.stage_epochs

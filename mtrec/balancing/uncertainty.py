@@ -15,13 +15,14 @@ error (regression) or twice its loss (classification). The form of each task fol
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from mtrec.balancing.base import BALANCERS, Balancer, StepContext
 from mtrec.balancing.options import TaskWeightsConfig, base_weights
+from mtrec.models.base import MultiTaskModel
 
 
 @BALANCERS.register("uw", "uncertainty weighting: learnable log-variance per task (Kendall et al. 2018)")
@@ -33,9 +34,11 @@ class UncertaintyWeighting(Balancer):
 
     config: Config
 
-    def __init__(
-        self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: object
-    ) -> None:
+    # buffers (register_buffer), declared for the type checker
+    base: Tensor
+    factor: Tensor
+
+    def __init__(self, task_names: Sequence[str], task_weights: Sequence[float] | None = None, **options: Any) -> None:
         super().__init__(task_names, task_weights, **options)
         self.form = self.config.form
         self.log_var = nn.Parameter(torch.zeros(self.num_tasks))  # s_t = log sigma_t^2
@@ -45,9 +48,9 @@ class UncertaintyWeighting(Balancer):
 
     def combine(self, losses: Tensor, context: StepContext) -> Tensor:
         if self.form == "auto":
-            is_binary = getattr(context.model, "is_binary", None)
-            if is_binary is not None:
-                self.factor.copy_(torch.where(is_binary.to(self.factor.device), 1.0, 0.5))
+            if isinstance(context.model, MultiTaskModel):  # a bare network (tests) keeps the classification form
+                binary = context.model.is_binary.to(self.factor.device)
+                self.factor.copy_(torch.where(binary, 1.0, 0.5))
         precision = torch.exp(-self.log_var)
         return (self.factor * precision * self.base * losses).sum() + 0.5 * self.log_var.sum()
 

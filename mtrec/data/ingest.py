@@ -8,7 +8,9 @@ encodes exactly as training did. Every check of the input raises one
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from mtrec.data.sources import assign_splits, load_side_tables, prepare_frame
 from mtrec.data.tables import FeatureLayout, SequenceField, SparseField, TaskField
 from mtrec.errors import MtrecError
 from mtrec.schema import FeatureSpec, Schema, TaskSpec
@@ -91,7 +94,7 @@ def required_columns(schema: Schema, with_labels: bool = True) -> dict[str, str]
     need = {f.source_column: f"feature {f.name}" for f in schema.features}
     if with_labels:
         for t in schema.tasks:
-            need.setdefault(t.label, f"task {t.name}")
+            need.setdefault(t.label_column, f"task {t.name}")
         if schema.sample_weight:
             need.setdefault(schema.sample_weight, "sample_weight")
         for t in schema.tasks:
@@ -248,6 +251,64 @@ def _lookup(tokens: pl.Series, vocab: list[str]) -> np.ndarray:
     return ids.to_numpy()
 
 
+_INT_TABLES: dict[int, tuple[object, pl.DataFrame, int, np.ndarray | None]] = {}  # id(table) -> its integer form
+INTEGER_TOKEN = r"^(0|-?[1-9]\d{0,17})$"  # the text of an integer column's value (fits Int64)
+LUT_LIMIT = 1 << 24  # integer tokens below this are looked up in an array indexed by value
+
+
+def _int_table(key: object, table: pl.DataFrame, default: int) -> tuple[pl.DataFrame, int, np.ndarray | None]:
+    """The integer tokens of a ``{token, id}`` table as an Int64-keyed table, the id of ``<null>``, and
+    (when every integer token is in ``[0, LUT_LIMIT)``) an array of ids indexed by value: looking an integer
+    column up by value gives the ids its text would get, without writing the text."""
+    hit = _INT_TABLES.get(id(key))
+    if hit is not None and hit[0] is key:
+        return hit[1], hit[2], hit[3]
+    ints = table.filter(pl.col("token").str.contains(INTEGER_TOKEN))
+    ints = pl.DataFrame({"token": ints["token"].cast(pl.Int64), "id": ints["id"].cast(pl.Int64)})
+    null_ids = table.filter(pl.col("token") == NULL_TOKEN)["id"]
+    null = int(null_ids[0]) if len(null_ids) else default
+    lut = None
+    tokens = ints["token"].to_numpy()
+    if tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < LUT_LIMIT):
+        lut = np.full(int(tokens.max()) + 1 if tokens.size else 1, default, dtype=np.int64)
+        lut[tokens] = ints["id"].to_numpy()
+    if len(_INT_TABLES) >= 256:
+        _INT_TABLES.clear()
+    _INT_TABLES[id(key)] = (key, ints, null, lut)
+    return ints, null, lut
+
+
+def _lookup_column(frame: pl.DataFrame, column: str, vocab: list[str] | pl.DataFrame, default: int = OOV) -> np.ndarray:
+    """Ids of one column's values: in a fitted vocabulary (a token list), or in a ``{token, id}`` table;
+    the same ids as ``_lookup(_as_text(...))``, faster: an integer column is looked up by value (in an
+    array when the values are small), a text column once per distinct value."""
+    table = vocab if isinstance(vocab, pl.DataFrame) else _vocab_table(vocab)
+    raw = frame.get_column(column)
+    if raw.dtype.is_integer() and raw.dtype not in (pl.UInt64, pl.Int128, pl.UInt128):
+        ints, null, lut = _int_table(vocab, table, default)
+        blank = raw.is_null().to_numpy() if raw.null_count() else None
+        if lut is not None:
+            values = raw.cast(pl.Int64).fill_null(-1).to_numpy()
+            inside = (values >= 0) & (values < len(lut))
+            out = np.where(inside, lut[np.where(inside, values, 0)], default)
+        else:
+            ids = raw.cast(pl.Int64).replace_strict(ints["token"], ints["id"], default=default, return_dtype=pl.Int64)
+            out = ids.to_numpy()
+        if blank is not None:  # a blank cell is the token <null>
+            out = np.where(blank, null, out)
+        return out
+    text = raw.cast(pl.String)
+    distinct = text.unique().drop_nulls()
+    distinct_ids = canonical_ids(distinct).replace_strict(
+        table["token"], table["id"], default=default, return_dtype=pl.Int64
+    )
+    out = text.replace_strict(distinct, distinct_ids, default=default, return_dtype=pl.Int64).to_numpy()
+    if text.null_count():
+        null_ids = table.filter(pl.col("token") == NULL_TOKEN)["id"]
+        out = np.where(text.is_null().to_numpy(), int(null_ids[0]) if len(null_ids) else default, out)
+    return out
+
+
 def oov_rates(arrays: dict[str, np.ndarray], schema: Schema) -> dict[str, float]:
     """Share of out-of-vocabulary ids per sparse feature (of rows) and sequence feature (of tokens)."""
     rates = {}
@@ -280,8 +341,8 @@ def _encode_sequence(frame: pl.DataFrame, f: FeatureSpec, vocab: list[str]) -> n
 
 def _binary_labels(frame: pl.DataFrame, t: TaskSpec, path: Path) -> np.ndarray:
     """0/1 labels as float64, NaN where the cell is blank (the caller decides whether that is allowed)."""
-    raw = frame.get_column(t.label)
-    where = f"{path}: column '{t.label}' (task {t.name})"
+    raw = frame.get_column(t.label_column)
+    where = f"{path}: column '{t.label_column}' (task {t.name})"
     blank = raw.is_null().to_numpy()
     if t.positive is not None:
         text = raw.cast(pl.String)
@@ -292,7 +353,7 @@ def _binary_labels(frame: pl.DataFrame, t: TaskSpec, path: Path) -> np.ndarray:
                 example = text.filter(~known)[0]
                 raise MtrecError(f"{where}: value '{example}' is neither in 'positive' nor in 'negative'")
         return np.where(blank, np.nan, positive.to_numpy().astype(np.float64))
-    values = _as_float(frame, t.label, path, f"task {t.name}")
+    values = _as_float(frame, t.label_column, path, f"task {t.name}")
     outside = (values != 0) & (values != 1) & ~np.isnan(values)
     if outside.any():
         if t.strict:
@@ -305,10 +366,10 @@ def _binary_labels(frame: pl.DataFrame, t: TaskSpec, path: Path) -> np.ndarray:
 
 def _regression_labels(frame: pl.DataFrame, t: TaskSpec, path: Path) -> np.ndarray:
     """Values as float64, NaN where blank or NaN; infinities are an error."""
-    values = _as_float(frame, t.label, path, f"task {t.name}")
+    values = _as_float(frame, t.label_column, path, f"task {t.name}")
     if np.isinf(values).any():
         raise MtrecError(
-            f"{path}: column '{t.label}' (task {t.name}) has {int(np.isinf(values).sum())} infinite label(s)"
+            f"{path}: column '{t.label_column}' (task {t.name}) has {int(np.isinf(values).sum())} infinite label(s)"
         )
     return values
 
@@ -319,7 +380,7 @@ def read_labels(frame: pl.DataFrame, schema: Schema, path: Path) -> np.ndarray:
     an error elsewhere, naming the file, the column and the count."""
     index = {t.name: i for i, t in enumerate(schema.tasks)}
     labels = np.zeros((frame.height, len(schema.tasks)), dtype=np.float32)
-    text = [t.label for t in schema.tasks if frame.schema[t.label] == pl.String]
+    text = [t.label_column for t in schema.tasks if frame.schema[t.label_column] == pl.String]
     if text:  # a quoted empty or blank cell is as blank as an empty one
         frame = frame.with_columns(
             pl.when(pl.col(c).str.strip_chars() == "").then(None).otherwise(pl.col(c)).alias(c) for c in set(text)
@@ -331,25 +392,34 @@ def read_labels(frame: pl.DataFrame, schema: Schema, path: Path) -> np.ndarray:
         count = int((missing & inside).sum())
         if count:
             where = f" inside its space '{t.space}' (blank labels are allowed where {t.space} is 0)" if t.space else ""
-            raise MtrecError(f"{path}: column '{t.label}' (task {t.name}) has {count} missing label(s){where}")
+            raise MtrecError(f"{path}: column '{t.label_column}' (task {t.name}) has {count} missing label(s){where}")
         labels[:, index[t.name]] = np.where(missing, 0.0, values)
     return labels
 
 
 def encode(
-    frame: pl.DataFrame, schema: Schema, enc: Encoders, path: Path, with_labels: bool = True
+    frame: pl.DataFrame,
+    schema: Schema,
+    enc: Encoders,
+    path: Path,
+    with_labels: bool = True,
+    users: pl.DataFrame | None = None,
 ) -> dict[str, np.ndarray]:
-    """Encode a frame into arrays: ``sparse``, ``dense``, ``labels``, ``seq.<name>``, ``weight``, ``user``."""
+    """Encode a frame into arrays: ``sparse``, ``dense``, ``labels``, ``seq.<name>``, ``weight``, ``user``.
+    ``users`` (``{token, id}``): the user ids of the whole split when ``frame`` is one chunk of it (else
+    the dense rank of the user text within ``frame``)."""
     check_columns(frame, path, schema, with_labels)
     n = frame.height
-    sparse = [_lookup(_as_text(frame, f.source_column), enc.vocabs[f.name]) for f in schema.features_of("sparse")]
+    features = schema.features_of("sparse")
+    sparse = _in_threads(lambda f: _lookup_column(frame, f.source_column, enc.vocabs[f.name]), features, n)
     dense = []
     for f in schema.features_of("dense"):
         mean, std = enc.stats[f.name]
         dense.append((_dense_values(frame, f, path) - mean) / std)
+    # rows of columns, then one transposing copy: twice as fast as np.stack(axis=1)'s strided writes
     arrays = {
-        "sparse": np.stack(sparse, axis=1) if sparse else np.zeros((n, 0), np.int64),
-        "dense": (np.stack(dense, axis=1) if dense else np.zeros((n, 0))).astype(np.float32),
+        "sparse": np.ascontiguousarray(np.vstack(sparse).T) if sparse else np.zeros((n, 0), np.int64),
+        "dense": (np.vstack(dense).T if dense else np.zeros((n, 0))).astype(np.float32, order="C"),
     }
     for f in schema.features_of("sequence"):
         arrays[f"seq.{f.name}"] = _encode_sequence(frame, f, enc.vocabs[_vocab_owner(f)])
@@ -360,9 +430,25 @@ def encode(
             arrays["weight"] = weight
     else:
         arrays["labels"] = np.zeros((n, len(schema.tasks)), np.float32)
-    if schema.user:
+    if schema.user and users is not None:
+        arrays["user"] = _lookup_column(frame, schema.user, users, default=0)
+    elif schema.user:
         arrays["user"] = _as_text(frame, schema.user).rank("dense").to_numpy().astype(np.int64)
     return arrays
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool): a forked child makes its own
+THREADED_ROWS = 200_000  # frames from this size have their columns encoded on two threads
+
+
+def _in_threads(fn: Callable[[FeatureSpec], np.ndarray], items: list[FeatureSpec], rows: int) -> list[np.ndarray]:
+    """``[fn(x) for x in items]``, on two threads for a large frame (polars and numpy release the GIL)."""
+    global _POOL
+    if rows < THREADED_ROWS or len(items) < 2:
+        return [fn(x) for x in items]
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="mtrec-encode"))
+    return list(_POOL[1].map(fn, items))
 
 
 def build_layout(schema: Schema, enc: Encoders) -> FeatureLayout:
@@ -390,14 +476,23 @@ def split_rows(n: int, shares: list[float], seed: int) -> list[np.ndarray]:
     return out
 
 
-def load_splits(schema: Schema) -> dict[str, tuple[pl.DataFrame, Path]]:
-    """Read the source files and carve the missing splits from train (seeded)."""
+def load_splits(schema: Schema, echo: Callable[[str], None] | None = None) -> dict[str, tuple[pl.DataFrame, Path]]:
+    """Read the source files (side tables joined, derived labels added: :mod:`mtrec.data.sources`) and
+    carve the missing splits from train (seeded at random, or by a column); ``echo`` gets the joins' counts."""
     paths = schema.source_paths()
-    frames = {split: (read_frame(path, schema), path) for split, path in paths.items()}
+    side = load_side_tables(schema)
+    frames = {
+        split: (prepare_frame(read_frame(path, schema), schema, side, path, echo=echo), path)
+        for split, path in paths.items()
+    }
     for frame, path in frames.values():
         check_columns(frame, path, schema)
         read_labels(frame, schema, path)  # label errors counted over the whole file, before any carving
     train, train_path = frames["train"]
+    if schema.carves_by_column:  # split.by ranges or split.by_user shares
+        carved = assign_splits(train, schema, train_path, carve=tuple(s for s in ("valid", "test") if s not in frames))
+        frames.update({split: (part, train_path) for split, part in carved.items()})
+        return frames
     carve = []
     if "valid" not in frames and schema.valid_share > 0:
         carve.append("valid")
@@ -416,7 +511,7 @@ def ingest(
     schema: Schema, echo: Callable[[str], None] | None = None
 ) -> tuple[dict[str, dict[str, np.ndarray]], Encoders, FeatureLayout]:
     """Read, split, fit on train, and encode every split (``echo`` gets a line with the row counts)."""
-    frames = load_splits(schema)
+    frames = load_splits(schema, echo=echo)
     if echo is not None:
         counts = ", ".join(f"{frame.height:,} {split}" for split, (frame, _) in frames.items())
         echo(f"ingesting {sum(f.height for f, _ in frames.values()):,} rows ({counts}) of schema '{schema.name}'")

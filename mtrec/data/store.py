@@ -2,10 +2,12 @@
 
 A store is keyed by the schema's fingerprint (schema content plus each source
 file's path, size and modification time), so it is rebuilt exactly when the
-data or the schema change, and reused otherwise. It is built in a temporary
+data or the schema change, and reused otherwise. It is written chunk by chunk
+(:mod:`mtrec.data.stream`: a source larger than memory is fine) into a temporary
 folder and renamed into place, so a failed ingestion leaves nothing behind; the temporary folder's
 name holds the pid of the process building it, and one whose process is gone (killed mid-ingestion)
-is removed by the next :func:`load_store`.
+is removed by the next :func:`load_store`. An opened store is memory-mapped: its tensors are views of
+the files' pages, never a copy of the whole table in RAM.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
-from mtrec.data.ingest import Encoders, ingest
+from mtrec.data.ingest import Encoders
+from mtrec.data.stream import DEFAULT_CHUNK_ROWS, ingest_to
 from mtrec.data.tables import FeatureLayout, TensorTable
+from mtrec.errors import MtrecError
 from mtrec.schema import Schema
 
 STORE_VERSION = 3  # 2: sample weights are [N, T]; 3: canonical integral ids, label statistics in the encoders
@@ -36,7 +41,7 @@ def cache_root() -> Path:
 
 
 def table_from_arrays(arrays: dict[str, np.ndarray]) -> TensorTable:
-    """Wrap encoded arrays as tensors (no copy)."""
+    """Wrap encoded arrays as tensors (no copy of contiguous arrays, memory-mapped ones included)."""
     return TensorTable(
         sparse=torch.from_numpy(np.ascontiguousarray(arrays["sparse"])),
         dense=torch.from_numpy(np.ascontiguousarray(arrays["dense"])),
@@ -60,6 +65,13 @@ class Store:
     def split(self, name: str) -> TensorTable | None:
         return self.splits.get(name)
 
+    def require(self, name: str) -> TensorTable:
+        """The split ``name``; an error naming the store when it has none."""
+        table = self.splits.get(name)
+        if table is None:
+            raise MtrecError(f"store {self.path} has no '{name}' split (it has {', '.join(self.splits)})")
+        return table
+
 
 TMP_PID = re.compile(r"^\..+\.pid(\d+)\.[^.]+\.tmp$")  # .<store>.pid<pid>.<random>.tmp
 STALE_UNKNOWN_S = 24 * 3600  # a temporary without a pid (older mtrec) is stale after a day
@@ -78,7 +90,7 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale_temporaries(folder: Path) -> list[Path]:
     """Remove the temporary store folders in ``folder`` whose building process is gone (a kill during
     ingestion leaves them); returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for path in folder.glob(".*.tmp"):
@@ -97,22 +109,20 @@ def clean_stale_temporaries(folder: Path) -> list[Path]:
     return removed
 
 
-def _write_store(target: Path, schema: Schema, echo: Callable[[str], None] | None = None) -> None:
-    arrays, enc, layout = ingest(schema, echo=echo)  # raises MtrecError before anything is written
+def _write_store(
+    target: Path, schema: Schema, echo: Callable[[str], None] | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> None:
+    """Ingest chunk by chunk into a temporary folder beside ``target``, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.pid{os.getpid()}.", suffix=".tmp"))
     try:
-        for split, cols in arrays.items():
-            for key, value in cols.items():
-                np.save(tmp / f"{split}.{key}.npy", value)
+        enc, layout, splits = ingest_to(schema, tmp, echo=echo, chunk_rows=chunk_rows)
         meta = {
             "version": STORE_VERSION,
             "schema": schema.to_dict(),
             "encoders": enc.to_dict(),
             "layout": layout.to_dict(),
-            "splits": {
-                split: {"rows": int(cols["labels"].shape[0]), "arrays": sorted(cols)} for split, cols in arrays.items()
-            },
+            "splits": splits,
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
@@ -128,7 +138,10 @@ def open_store(path: Path) -> Store:
     meta = json.loads((path / "meta.json").read_text())
     splits = {}
     for split, info in meta["splits"].items():
-        arrays = {key: np.load(path / f"{split}.{key}.npy") for key in info["arrays"]}
+        # memory-mapped copy-on-write: pages are read from the file when used and shared with the page
+        # cache; a write (none is expected) stays in this process and never reaches the store
+        mode: Literal["c"] | None = "c" if info["rows"] else None  # (an empty file cannot be mapped)
+        arrays = {key: np.load(path / f"{split}.{key}.npy", mmap_mode=mode) for key in info["arrays"]}
         splits[split] = table_from_arrays(arrays)
     return Store(
         path=path,

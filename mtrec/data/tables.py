@@ -2,15 +2,17 @@
 
 A :class:`TensorTable` holds every column of one split as one tensor per kind
 (all sparse ids in one ``[N, F]`` tensor, all dense values in one ``[N, D]``
-tensor). A batch is the same type: a slice of those tensors. An epoch shuffles
-with one gather of the whole table, then hands out contiguous slices (views),
-so there is no per-row ``__getitem__`` anywhere.
+tensor; those of a store are memory-mapped). A batch is the same type: a slice
+of those tensors, or in a shuffled epoch one gather per tensor of the batch's
+rows of a permutation, so there is no per-row ``__getitem__`` anywhere and the
+table is never copied whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,6 +66,16 @@ class FeatureLayout:
     def task_index(self, name: str) -> int:
         return self.task_names.index(name)
 
+    def space_ancestors(self, t: int) -> list[int]:
+        """Indices of the tasks whose spaces contain task ``t``, nearest first: its space's task, that
+        task's space's, ... (the funnel above a CVR task; the schema has refused cycles)."""
+        names, chain = self.task_names, []
+        up = self.tasks[t].space
+        while up is not None and names.index(up) not in chain and names.index(up) != t:
+            chain.append(names.index(up))
+            up = self.tasks[chain[-1]].space
+        return chain
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -91,8 +103,8 @@ class TensorTable:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def _map(self, fn) -> TensorTable:
-        out = {}
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> TensorTable:
+        out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None:
@@ -122,10 +134,13 @@ def iterate_batches(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
 ) -> Iterator[TensorTable]:
-    """Yield batches as contiguous slices; when ``shuffle``, permute once per call."""
+    """Yield batches: contiguous slices (views), or when ``shuffle`` one permutation per call and each
+    batch gathered from its slice of it. The table itself is never copied (it may be memory-mapped and
+    larger than RAM); batch ``k`` holds rows ``perm[k*B:(k+1)*B]``, the batches a gather of the whole
+    permuted table followed by slicing gave before."""
     n = len(table)
-    if shuffle:
-        table = table.take(torch.randperm(n, generator=generator))
+    perm = torch.randperm(n, generator=generator) if shuffle else None
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        yield table.slice(start, min(start + batch_size, n))
+        end = min(start + batch_size, n)
+        yield table.slice(start, end) if perm is None else table.take(perm[start:end])

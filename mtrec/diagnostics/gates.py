@@ -14,6 +14,8 @@ row ``income``; MetaHeac's ``income/experts`` -> panel ``experts``, row ``income
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 import torch
 
@@ -24,6 +26,14 @@ MONOPOLY = 0.9  # share of a shared expert's total usage above which one gate ha
 POOLS = ("level", "route")  # name prefixes that are panels (PLE/AdaTT levels, SNR routings)
 
 
+class GateUsage(TypedDict):
+    """One gate's usage over a table."""
+
+    mean: np.ndarray  # [E] mean weight per expert
+    entropy: float  # mean entropy of the weights, normalised by log(allowed experts)
+    allowed: np.ndarray  # [E] bool: experts the gate may mix
+
+
 def panel_and_row(name: str) -> tuple[str, str]:
     if "/" not in name:
         return "", name
@@ -32,7 +42,7 @@ def panel_and_row(name: str) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def gate_means(model: torch.nn.Module, table: TensorTable, batch_size: int = 8192) -> dict[str, dict[str, np.ndarray]]:
+def gate_means(model: torch.nn.Module, table: TensorTable, batch_size: int = 8192) -> dict[str, GateUsage]:
     """Per gate name: ``mean`` ``[E]`` weight, ``entropy`` (normalised mean), ``allowed`` ``[E]`` bool."""
     model.eval()
     sums: dict[str, np.ndarray] = {}
@@ -48,7 +58,7 @@ def gate_means(model: torch.nn.Module, table: TensorTable, batch_size: int = 819
             seen[name] = seen.get(name, np.zeros(w.shape[1], bool)) | (w > 0).any(0).numpy()
             ent[name] = ent.get(name, 0.0) + float(-(w * torch.log(w.clamp_min(1e-12))).sum())
         n += len(batch)
-    out = {}
+    out: dict[str, GateUsage] = {}
     for name in sums:
         allowed = seen[name]
         k = int(allowed.sum())

@@ -113,10 +113,18 @@ class _Probes(Callback):
         self._measure(trainer.model)
 
 
+def _split(store: Store, name: str) -> TensorTable:
+    """The store's ``name`` split; relatedness is measured on train and valid rows, so a missing one is an error."""
+    table = store.split(name)
+    if table is None:
+        raise MtrecError(f"relate needs a {name} split; the data has none (schema: valid_share, or a {name} file)")
+    return table
+
+
 def train_alone(store: Store, a: int, epochs: int, seed: int, config: TrainConfig) -> list[list[float | None]]:
     """Train ``shared_bottom`` on task ``a`` only; every task's probe curve ``[epochs + 1][T]``."""
     layout = store.layout
-    train, valid = store.split("train"), store.split("valid")
+    train, valid = _split(store, "train"), _split(store, "valid")
     gen = torch.Generator().manual_seed(seed)
     fit = (
         train.slice(0, len(train))
@@ -148,8 +156,8 @@ def sharing_verdict(store: Store, epochs: int, seeds: int, config: TrainConfig) 
             )
             cfg = config.model_copy(update={"epochs": epochs, "seed": seed, "monitor_every": 0, "progress": False})
             trainer = Trainer(model, build_balancer("fixed", layout.task_names, {}, None), cfg)
-            trainer.fit(store.split("train"), store.split("valid"))
-            scores = trainer.evaluate(store.split("valid"))
+            trainer.fit(_split(store, "train"), _split(store, "valid"))
+            scores = trainer.evaluate(_split(store, "valid"))
             for t in layout.task_names:
                 results.setdefault(name, {}).setdefault(t, []).append(scores[t][metric[t]])
     verdict = compare_to_baseline(results, metrics=metric)["shared_bottom"]
@@ -166,7 +174,7 @@ def relate(schema: Schema, epochs: int = 3, seeds: int = 2, config: TrainConfig 
     if seeds < 2:
         raise MtrecError("relate needs --seeds 2 or more: the shared-bottom verdict judges changes against seed noise")
     names = layout.task_names
-    corr = label_correlation(store.split("train"), layout)
+    corr = label_correlation(_split(store, "train"), layout)
     curves = {names[a]: train_alone(store, a, epochs, seed=0, config=config) for a in range(len(names))}
     transfer: dict[str, dict[str, dict]] = {}
     for _a, name_a in enumerate(names):

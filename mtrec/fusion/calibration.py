@@ -213,12 +213,14 @@ class Calibrators:
         scores = np.asarray(scores)
         if scores.ndim != 2 or scores.shape[1] != len(self.task_names):
             raise ValueError(f"scores must be [N, {len(self.task_names)}], got {list(scores.shape)}")
-        if not self.active:
+        method = self.method
+        if method is None or not self.params:  # not active
             return scores
         out = scores.astype(np.float64, copy=True)
         for t, name in enumerate(self.task_names):
-            if self.params.get(name) is not None:
-                out[:, t] = apply_calibrator(self.method, self.params[name], out[:, t])
+            params = self.params.get(name)
+            if params is not None:
+                out[:, t] = apply_calibrator(method, params, out[:, t])
         return out.astype(scores.dtype, copy=False)
 
     def apply_torch(self, scores: torch.Tensor) -> torch.Tensor:
@@ -226,11 +228,12 @@ class Calibrators:
         input's dtype, each calibrator computed in float64 and rounded back, as :meth:`apply` does."""
         if scores.dim() != 2 or scores.shape[1] != len(self.task_names):
             raise ValueError(f"scores must be [N, {len(self.task_names)}], got {list(scores.shape)}")
-        if not self.active:
+        method = self.method
+        if method is None or not self.params:  # not active
             return scores
         cols = [
-            apply_calibrator_torch(self.method, self.params[name], scores[:, t]).to(scores.dtype)
-            if self.params.get(name) is not None
+            apply_calibrator_torch(method, params, scores[:, t]).to(scores.dtype)
+            if (params := self.params.get(name)) is not None
             else scores[:, t]
             for t, name in enumerate(self.task_names)
         ]
@@ -281,7 +284,8 @@ def calibration_report(
 ) -> dict:
     """Per binary task on one split: ECE and calibration curve of the model's scores, and of the
     calibrated scores when ``calibrators`` is active."""
-    calibrated = calibrators.apply(scores) if calibrators is not None and calibrators.active else None
+    method = calibrators.method if calibrators is not None and calibrators.active else None
+    calibrated = calibrators.apply(scores) if calibrators is not None and method is not None else None
     tasks: dict[str, dict] = {}
     for t, task in enumerate(layout.tasks):
         if task.type != "binary":
@@ -296,4 +300,4 @@ def calibration_report(
             entry["ece_calibrated"] = expected_calibration_error(y, calibrated[inside, t], bins)
             entry["curve_calibrated"] = calibration_curve(y, calibrated[inside, t], bins)
         tasks[task.name] = entry
-    return {"bins": bins, "method": calibrators.method if calibrated is not None else None, "tasks": tasks}
+    return {"bins": bins, "method": method, "tasks": tasks}

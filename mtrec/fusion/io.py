@@ -37,7 +37,7 @@ def run_predictions(
     from mtrec.data.ingest import encode, load_splits
     from mtrec.data.store import table_from_arrays
     from mtrec.fusion.calibration import Calibrators
-    from mtrec.train.run import load_run, predict_table
+    from mtrec.train.run import load_run
 
     loaded = load_run(run)
     calibrators = Calibrators.load(run) if calibrated else None
@@ -46,7 +46,7 @@ def run_predictions(
         if split not in splits:
             continue
         table = table_from_arrays(encode(frame, loaded.schema, loaded.encoders, path))
-        scores = predict_table(loaded.model, table).astype(np.float64)
+        scores = loaded.model.predict_table(table).astype(np.float64)
         if calibrators is not None:
             scores = calibrators.apply(scores)
         user = table.user.numpy() if table.user is not None else None

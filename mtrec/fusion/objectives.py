@@ -159,6 +159,7 @@ def evaluate(objective: Objective, fused: np.ndarray, preds: SplitPredictions, a
     if objective.kind == "gauc":
         parts = [(w, *auc_by_task[name]) for name, w in objective.importance.items() if w > 0]
     else:
+        assert objective.k is not None  # parse: ndcg@K and recall@K always carry K
         rel = sum(w * preds.labels[:, layout.task_index(name)] for name, w in objective.importance.items())
         parts = [
             (1.0, *ranking_parts(objective.kind, fused, np.asarray(rel, np.float64), group, n_groups, objective.k))

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +65,7 @@ def pareto_mask(points: np.ndarray) -> np.ndarray:
     """Rows of ``points`` (higher is better in every column) that no other row dominates."""
     ge = (points[:, None, :] >= points[None, :, :]).all(-1)
     gt = (points[:, None, :] > points[None, :, :]).any(-1)
-    dominated = (ge & gt).any(0)  # some row j >= row i everywhere and > somewhere
+    dominated = np.asarray((ge & gt).any(0))  # some row j >= row i everywhere and > somewhere
     return ~dominated
 
 
@@ -168,7 +170,7 @@ def fuse_run(
     calibration = Calibrators.load(run).method
     base = build_spec(formula, layout, valid.scores, normalize, regression_transform, calibration)
 
-    setup = {
+    setup: dict[str, Any] = {
         "objective": objective.label,
         "importance": objective.importance,
         "floor": floors,
@@ -212,7 +214,7 @@ def fuse_run(
         raise MtrecError(
             f"no trial meets the floors {floors} (best AUC seen per task: {best_seen}); lower --floor or add --trials"
         )
-    best = max(feasible, key=lambda t: t.value)
+    best = max(feasible, key=lambda t: -math.inf if t.value is None else t.value)  # complete trials have one
     spec = _params_to_spec(base, best.params)
 
     names = [t.name for t in layout.tasks if t.type == "binary"]
@@ -282,7 +284,7 @@ def summary_yaml(spec: FusionSpec) -> str:
     """The spec without its fitted grids and search record: what a person reads."""
     import yaml
 
-    grids = {"search": True, "tasks": {"__all__": {"percentile", "rank"}}}
+    grids: dict[str, Any] = {"search": True, "tasks": {"__all__": {"percentile", "rank"}}}
     data = spec.model_dump(mode="json", exclude_none=True, exclude_defaults=True, exclude=grids)
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 

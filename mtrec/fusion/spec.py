@@ -94,6 +94,20 @@ class TaskTerm(_Strict):
     mean: float | None = None  # for normalize: z
     std: float | None = Field(None, gt=0.0)
 
+    # the fitted parameters of the term's transform and normalisation (present: see _consistent)
+    def percentile_cdf(self) -> Cdf:
+        assert self.percentile is not None, f"task {self.name}: transform percentile without its grid"
+        return self.percentile
+
+    def rank_cdf(self) -> Cdf:
+        assert self.rank is not None, f"task {self.name}: normalize rank without its grid"
+        return self.rank
+
+    def z_scale(self) -> tuple[float, float]:
+        """``(mean, std)`` of ``normalize: z``."""
+        assert self.mean is not None and self.std is not None, f"task {self.name}: normalize z without mean/std"
+        return self.mean, self.std
+
     @model_validator(mode="after")
     def _consistent(self) -> TaskTerm:
         if self.type == "binary" and self.transform != "none":
@@ -199,15 +213,18 @@ def _transform(x: np.ndarray, term: TaskTerm) -> np.ndarray:
     if term.transform == "log1p":
         return np.log1p(np.maximum(x, 0.0))
     if term.transform == "percentile":
-        return np.interp(x, term.percentile.x, term.percentile.y)
+        cdf = term.percentile_cdf()
+        return np.interp(x, cdf.x, cdf.y)
     return x
 
 
 def _normalize(v: np.ndarray, term: TaskTerm) -> np.ndarray:
     if term.normalize == "rank":
-        return np.interp(v, term.rank.x, term.rank.y)
+        cdf = term.rank_cdf()
+        return np.interp(v, cdf.x, cdf.y)
     if term.normalize == "z":
-        return (v - term.mean) / term.std
+        mean, std = term.z_scale()
+        return (v - mean) / std
     return v
 
 
@@ -253,11 +270,12 @@ def apply_fusion_torch(scores: torch.Tensor, spec: FusionSpec) -> torch.Tensor:
         if term.transform == "log1p":
             x = torch.log1p(x.clamp_min(0.0))
         elif term.transform == "percentile":
-            x = _interp_torch(x, term.percentile)
+            x = _interp_torch(x, term.percentile_cdf())
         if term.normalize == "rank":
-            x = _interp_torch(x, term.rank)
+            x = _interp_torch(x, term.rank_cdf())
         elif term.normalize == "z":
-            x = (x - term.mean) / term.std
+            mean, std = term.z_scale()
+            x = (x - mean) / std
         cols.append(x)
     v = torch.stack(cols, dim=1)
     w = torch.tensor([t.weight for t in spec.tasks], dtype=v.dtype, device=v.device)

@@ -26,6 +26,8 @@ per fusion unit and sum to 1 over all the level's experts.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -36,6 +38,7 @@ from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
 from mtrec.models.reach import Sharing
 from mtrec.nn.batched import BatchedLinear, BatchedMLP, Towers
 from mtrec.nn.embedding import FeatureEmbedding
+from mtrec.nn.typed import TypedModuleList
 
 
 class FusionLevel(nn.Module):
@@ -44,6 +47,10 @@ class FusionLevel(nn.Module):
     Group order: tasks ``0..T-1`` then the shared group. Fusion units (outputs): the ``T``
     task units, then the shared unit when ``shared_unit``.
     """
+
+    # buffers (register_buffer), declared for the type checker
+    expert_group: Tensor
+    unit_group: Tensor
 
     def __init__(
         self,
@@ -109,7 +116,8 @@ class AdaTTConfig(ModelConfig):
 class AdaTT(MultiTaskModel):
     """``num_levels`` fusion levels; the towers read the task units of the last level."""
 
-    Config = AdaTTConfig
+    Config: ClassVar[type[ModelConfig]] = AdaTTConfig
+    config: AdaTTConfig
 
     def __init__(self, layout: FeatureLayout, config: AdaTTConfig) -> None:
         super().__init__(layout, config)
@@ -117,7 +125,7 @@ class AdaTT(MultiTaskModel):
             raise MtrecError("adatt needs experts: give specific_experts or shared_experts above 0")
         self.embedding = FeatureEmbedding(layout)
         in_dim = self.embedding.output_dim
-        self.levels = nn.ModuleList()
+        self.levels = TypedModuleList[FusionLevel]()
         for level in range(config.num_levels):
             inner = level < config.num_levels - 1
             layer = FusionLevel(

@@ -29,6 +29,7 @@ weights over ``{p_{t-1}, q_t}`` are exposed as gates named ``<task>/transfer``.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from mtrec.data.tables import FeatureLayout, TensorTable
-from mtrec.models.base import MODELS, ModelOutput, MultiTaskModel
+from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
 from mtrec.models.funnel import FunnelConfig, FunnelModel, logit_from_log_prob
 from mtrec.models.reach import Sharing
 from mtrec.nn.batched import BatchedMLP, Towers
@@ -69,7 +70,12 @@ class AIT(nn.Module):
 class AITM(FunnelModel):
     """Towers per step, attention-based transfer from the previous step, calibrated losses."""
 
-    Config = AITMConfig
+    Config: ClassVar[type[ModelConfig]] = AITMConfig
+    config: AITMConfig
+
+    # buffers (register_buffer), declared for the type checker
+    child: Tensor
+    parent: Tensor
 
     def __init__(self, layout: FeatureLayout, config: AITMConfig) -> None:
         super().__init__(layout, config)
@@ -121,6 +127,7 @@ class AITM(FunnelModel):
 
     def losses(self, output: ModelOutput, batch: TensorTable) -> Tensor:
         joint = output.joint_logits  # [B, T]
+        assert joint is not None, "AITM's forward pass always sets joint_logits"
         labels = self.joint_labels(batch.labels)  # clicked and purchased, ...
         losses = self.weighted_mean(F.binary_cross_entropy_with_logits(joint, labels, reduction="none"), batch)  # [T]
         if not bool(self.member.all()):  # tasks outside the funnel: their ordinary in-space loss

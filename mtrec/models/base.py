@@ -11,13 +11,15 @@ never needs to know which model it holds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from mtrec.data.tables import FeatureLayout, TensorTable
+from mtrec.data.tables import FeatureLayout, TensorTable, iterate_batches
 from mtrec.models.reach import SharedSlice, Sharing
 from mtrec.registry import Registry
 
@@ -49,7 +51,15 @@ MODELS: Registry[type[MultiTaskModel]] = Registry("model")
 class MultiTaskModel(nn.Module):
     """Base class: task-type handling, default masked losses, predictions."""
 
-    Config = ModelConfig
+    Config: ClassVar[type[ModelConfig]] = ModelConfig  # each model's options; ``config`` is one of them
+    config: ModelConfig
+    registered_name: ClassVar[str]  # set by MODELS.register
+
+    # buffers (register_buffer), declared for the type checker
+    is_binary: Tensor
+    space_index: Tensor
+    label_mean: Tensor
+    label_std: Tensor
 
     def __init__(self, layout: FeatureLayout, config: ModelConfig) -> None:
         super().__init__()
@@ -110,6 +120,14 @@ class MultiTaskModel(nn.Module):
         """Scores ``[B, T]``: probabilities for binary tasks, values in the label's units for regression."""
         logits = output.logits
         return torch.where(self.is_binary, torch.sigmoid(logits), logits * self.label_std + self.label_mean)
+
+    @torch.no_grad()
+    def predict_table(self, table: TensorTable, batch_size: int = 16384) -> np.ndarray:
+        """Scores ``[N, T]`` of a whole table (:meth:`predict`, in eval mode, ``batch_size`` rows at a time:
+        no backward pass, so big batches are cheap)."""
+        self.eval()
+        out = [self.predict(self(batch)) for batch in iterate_batches(table, batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.num_tasks), np.float32)
 
     def declare_sharing(self, sharing: Sharing) -> None:  # pragma: no cover
         """Say which tasks' losses reach every parameter (see :mod:`mtrec.models.reach`); every model writes its own."""

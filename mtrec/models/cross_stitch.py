@@ -23,6 +23,8 @@ That penalty is ``ModelOutput.aux_loss``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
@@ -78,7 +80,8 @@ class CrossStitchConfig(ModelConfig):
 class CrossStitch(MultiTaskModel):
     """``h^{l}_t = relu(W^l_t h~^{l-1}_t + b^l_t)``, ``h~^l = a^l h^l`` across tasks; towers read ``h~^L``."""
 
-    Config = CrossStitchConfig
+    Config: ClassVar[type[ModelConfig]] = CrossStitchConfig
+    config: CrossStitchConfig
 
     def __init__(self, layout: FeatureLayout, config: CrossStitchConfig) -> None:
         super().__init__(layout, config)
@@ -131,7 +134,8 @@ class SluiceConfig(ModelConfig):
 class Sluice(MultiTaskModel):
     """Sluice network: alpha ``[L, T m, T m]`` mixes (task, subspace) blocks per layer; beta ``[T, L]`` feeds the towers."""
 
-    Config = SluiceConfig
+    Config: ClassVar[type[ModelConfig]] = SluiceConfig
+    config: SluiceConfig
 
     def __init__(self, layout: FeatureLayout, config: SluiceConfig) -> None:
         super().__init__(layout, config)

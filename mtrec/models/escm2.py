@@ -32,13 +32,15 @@ tune them per data set.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
 from mtrec.data.tables import FeatureLayout, TensorTable
-from mtrec.models.base import MODELS, ModelOutput
+from mtrec.models.base import MODELS, ModelConfig, ModelOutput
 from mtrec.models.funnel import FunnelConfig, FunnelModel
 from mtrec.nn.batched import Towers
 from mtrec.nn.embedding import FeatureEmbedding
@@ -52,8 +54,13 @@ class ESCM2Config(FunnelConfig):
 
 
 class _ESCM2(FunnelModel):
-    Config = ESCM2Config
+    Config: ClassVar[type[ModelConfig]] = ESCM2Config
+    config: ESCM2Config
     doubly_robust = False
+
+    # buffers (register_buffer), declared for the type checker
+    child: Tensor
+    parent: Tensor
 
     def __init__(self, layout: FeatureLayout, config: ESCM2Config) -> None:
         super().__init__(layout, config)

@@ -36,13 +36,15 @@ The purchase task's logit slot holds ``logit(pCVR)`` in its space, and
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.errors import MtrecError
-from mtrec.models.base import MODELS, ModelOutput
+from mtrec.models.base import MODELS, ModelConfig, ModelOutput
 from mtrec.models.funnel import FunnelConfig, FunnelModel
 from mtrec.nn.batched import Towers
 from mtrec.nn.embedding import FeatureEmbedding
@@ -58,7 +60,13 @@ class ESM2Config(FunnelConfig):
 class ESM2(FunnelModel):
     """Towers for every task plus the decomposition's extra towers; entire-space losses."""
 
-    Config = ESM2Config
+    Config: ClassVar[type[ModelConfig]] = ESM2Config
+    config: ESM2Config
+
+    # buffers (register_buffer), declared for the type checker
+    p_idx: Tensor
+    a_idx: Tensor
+    o_idx: Tensor
 
     def __init__(self, layout: FeatureLayout, config: ESM2Config) -> None:
         super().__init__(layout, config)

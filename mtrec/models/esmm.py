@@ -20,10 +20,12 @@ and each task's loss is the cross-entropy of that product over all impressions.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor
 
 from mtrec.data.tables import FeatureLayout, TensorTable
-from mtrec.models.base import MODELS, ModelOutput
+from mtrec.models.base import MODELS, ModelConfig, ModelOutput
 from mtrec.models.funnel import FunnelConfig, FunnelModel
 from mtrec.nn.batched import Towers
 from mtrec.nn.embedding import FeatureEmbedding
@@ -35,7 +37,8 @@ from mtrec.nn.embedding import FeatureEmbedding
 class ESMM(FunnelModel):
     """Shared embedding, one tower per task; losses on the entire-space (joint) probabilities."""
 
-    Config = FunnelConfig
+    Config: ClassVar[type[ModelConfig]] = FunnelConfig
+    config: FunnelConfig
 
     def __init__(self, layout: FeatureLayout, config: FunnelConfig) -> None:
         super().__init__(layout, config)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,8 @@ from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.errors import MtrecError
 from mtrec.models.base import ModelConfig, ModelOutput, MultiTaskModel
 from mtrec.models.reach import Sharing
+from mtrec.nn.batched import Towers
+from mtrec.nn.embedding import FeatureEmbedding
 
 LN2 = math.log(2.0)
 MAX_LOG_PROB = -1e-7  # log(1 - 1e-7): keeps log(1 - p) finite
@@ -64,23 +67,21 @@ class Funnel:
     ``member[t]``: task ``t`` is binary and linked by ``space:`` to another binary task.
     ``parent[t]``: the task whose positives define ``t``'s space when both are members, else -1.
     ``order``: the tasks with every parent before its children.
+    ``chains[t]``: a member's ancestors, nearest first (the layout's space chain); empty for the others.
     """
 
     names: tuple[str, ...]
     parent: tuple[int, ...]
     member: tuple[bool, ...]
     order: tuple[int, ...]
+    chains: tuple[tuple[int, ...], ...]
 
     def children(self, t: int) -> list[int]:
         return [c for c, p in enumerate(self.parent) if p == t]
 
     def ancestors(self, t: int) -> list[int]:
         """Nearest first."""
-        out, p = [], self.parent[t]
-        while p >= 0:
-            out.append(p)
-            p = self.parent[p]
-        return out
+        return list(self.chains[t])
 
     @property
     def roots(self) -> list[int]:
@@ -152,7 +153,9 @@ def funnel_of(layout: FeatureLayout, model: str) -> Funnel:
     for t in range(len(names)):
         visit(t, [])
     member = [parent[t] >= 0 or t in parent for t in range(len(names))]
-    return Funnel(names, tuple(parent), tuple(member), tuple(order))
+    # every link of a member's chain is binary-to-binary (checked above), so the space chain is the funnel's
+    chains = tuple(tuple(layout.space_ancestors(t)) if member[t] else () for t in range(len(names)))
+    return Funnel(names, tuple(parent), tuple(member), tuple(order), chains)
 
 
 class FunnelConfig(ModelConfig):
@@ -167,7 +170,15 @@ class FunnelModel(MultiTaskModel):
     declares no funnel, so these models refuse a layout they cannot use.
     """
 
-    Config = FunnelConfig
+    Config: ClassVar[type[ModelConfig]] = FunnelConfig
+    config: FunnelConfig
+    # built by each funnel model; the default declare_sharing reads them
+    embedding: FeatureEmbedding
+    towers: Towers
+
+    # buffers (register_buffer), declared for the type checker
+    chain: Tensor
+    member: Tensor
 
     def __init__(self, layout: FeatureLayout, config: FunnelConfig) -> None:
         super().__init__(layout, config)

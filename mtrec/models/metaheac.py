@@ -39,6 +39,8 @@ Regression tasks mix the critics' raw outputs with the same gate.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -66,7 +68,8 @@ class MetaHeacConfig(ModelConfig):
 class MetaHeac(MultiTaskModel):
     """Shared experts and critics, per-task gates over both, one MAML step per training batch."""
 
-    Config = MetaHeacConfig
+    Config: ClassVar[type[ModelConfig]] = MetaHeacConfig
+    config: MetaHeacConfig
 
     def __init__(self, layout: FeatureLayout, config: MetaHeacConfig) -> None:
         super().__init__(layout, config)
@@ -133,7 +136,7 @@ class MetaHeac(MultiTaskModel):
         params = dict(self.named_parameters())
         dense = [params[k] for k in self._dense]
         grads = torch.autograd.grad(support_loss, dense, create_graph=not cfg.first_order, allow_unused=True)
-        fast = dict(params)
+        fast: dict[str, Tensor] = dict(params)
         for name, p, g in zip(self._dense, dense, grads):
             if g is not None:
                 fast[name] = p - cfg.inner_lr * g

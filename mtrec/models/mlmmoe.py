@@ -16,16 +16,20 @@ one ``BatchedLinear``); with one level the model is exactly ``mmoe``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
 from mtrec.models.reach import Sharing
 from mtrec.nn.batched import BatchedLinear, Towers
+from mtrec.nn.bottoms import output_layer
 from mtrec.nn.embedding import FeatureEmbedding
 from mtrec.nn.mixture import MixtureLayer
+from mtrec.nn.typed import TypedModuleList
 
 
 class MLMMoEConfig(ModelConfig):
@@ -61,13 +65,14 @@ class GatedLevel(MixtureLayer):
 class MLMMoE(MultiTaskModel):
     """``num_levels`` MMoE levels: level ``l`` has ``num_experts`` experts and one gate per consumer above it."""
 
-    Config = MLMMoEConfig
+    Config: ClassVar[type[ModelConfig]] = MLMMoEConfig
+    config: MLMMoEConfig
 
     def __init__(self, layout: FeatureLayout, config: MLMMoEConfig) -> None:
         super().__init__(layout, config)
         self.embedding = FeatureEmbedding(layout)
         d = self.embedding.output_dim
-        self.levels = nn.ModuleList()
+        self.levels = TypedModuleList[GatedLevel]()
         in_dim = d
         for level in range(config.num_levels):
             top = level == config.num_levels - 1
@@ -87,7 +92,7 @@ class MLMMoE(MultiTaskModel):
                 s.per_task(layer.gates)
             else:
                 s.reach(layer.gates)
-        s.per_task(self.towers).last_layer(self.levels[-1].experts.last_layer)
+        s.per_task(self.towers).last_layer(output_layer(self.levels[-1].experts))
 
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
         x = self.embedding(batch).squeeze(1)  # [B, D]

@@ -8,13 +8,15 @@ FM term of the input beside the mixed expert output.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
 from mtrec.models.reach import Sharing
 from mtrec.nn.batched import Towers
-from mtrec.nn.bottoms import BottomInput, BottomOptions, install_experts, member_networks, output_layer, with_extra
+from mtrec.nn.bottoms import BottomInput, BottomOptions, expert_stacks, output_layer, with_extra
 from mtrec.nn.embedding import Embedded, FeatureEmbedding
 from mtrec.nn.mixture import MixtureLayer
 
@@ -25,7 +27,8 @@ class MoEConfig(ModelConfig, BottomOptions):
 
 
 class _MoE(MultiTaskModel):
-    Config = MoEConfig
+    Config: ClassVar[type[ModelConfig]] = MoEConfig
+    config: MoEConfig
     one_gate = False
 
     def __init__(self, layout: FeatureLayout, config: MoEConfig) -> None:
@@ -40,12 +43,8 @@ class _MoE(MultiTaskModel):
             task_gates=not self.one_gate,
             shared_gate=self.one_gate,
             dropout=config.dropout,
+            experts=expert_stacks(config, config.expert_hidden, config.dropout),
         )
-        if config.bottom == "dcn_v2":
-            experts = member_networks(
-                config, self.mixture.num_experts, self.embedding.output_dim, config.expert_hidden, config.dropout
-            )
-            install_experts(self.mixture, experts)
         in_dim = self.mixture.out_dim + self.bottom_input.extra_dim
         self.towers = Towers(self.num_tasks, in_dim, config.tower_hidden, config.dropout)
 
@@ -58,11 +57,16 @@ class _MoE(MultiTaskModel):
         s.per_task(self.towers).last_layer(output_layer(self.mixture.experts))
 
     def forward(self, batch: TensorTable, return_gates: bool = False) -> ModelOutput:
-        emb = self.embedding(batch)  # [B, 1, D]
-        x, extra = self.bottom_input(emb, batch, self.embedding)  # [B, 1, D], [B, 1, E] | None
-        embedded = Embedded(self.embedding, batch) if x is emb else None  # lets the first layer fold into the tables
-        mixed, weights, experts = self.mixture.mix(x.squeeze(1), embedded)  # [G, B, H], [G, B, E], [E, B, H]
-        mixed = with_extra(mixed, None if extra is None else extra.squeeze(1))  # [G, B, H (+E)]
+        if self.bottom_input.identity:
+            # the experts read the embedded batch itself: their first layer may fold into the tables, and
+            # then looks up only what it reads (on Census nothing: every field folds, the rest is dense)
+            mixed, weights, experts = self.mixture.mix(None, Embedded(self.embedding, batch))  # [G, B, H], ...
+        else:
+            emb = self.embedding(batch)  # [B, 1, D]
+            x, extra = self.bottom_input(emb, batch, self.embedding)  # [B, 1, D], [B, 1, E] | None
+            embedded = Embedded(self.embedding, batch) if x is emb else None  # deepfm: the first layer may fold
+            mixed, weights, experts = self.mixture.mix(x.squeeze(1), embedded)  # [G, B, H], [G, B, E], [E, B, H]
+            mixed = with_extra(mixed, None if extra is None else extra.squeeze(1))  # [G, B, H (+E)]
         logits = self.towers(mixed[0] if self.one_gate else mixed)  # [B, T]
         gates = {}
         if return_gates:

@@ -7,17 +7,19 @@ outputs, not features, and stay MLPs.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
-from torch import nn
 
 from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.errors import MtrecError
 from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
 from mtrec.models.reach import Sharing
 from mtrec.nn.batched import Towers
-from mtrec.nn.bottoms import BottomInput, BottomOptions, install_experts, member_networks, output_layer, with_extra
+from mtrec.nn.bottoms import BottomInput, BottomOptions, expert_stacks, output_layer, with_extra
 from mtrec.nn.embedding import Embedded, FeatureEmbedding
 from mtrec.nn.mixture import MixtureLayer
+from mtrec.nn.typed import TypedModuleList
 
 
 class PLEConfig(ModelConfig, BottomOptions):
@@ -28,7 +30,8 @@ class PLEConfig(ModelConfig, BottomOptions):
 
 
 class _PLE(MultiTaskModel):
-    Config = PLEConfig
+    Config: ClassVar[type[ModelConfig]] = PLEConfig
+    config: PLEConfig
     fixed_levels: int | None = None
 
     def __init__(self, layout: FeatureLayout, config: PLEConfig) -> None:
@@ -42,16 +45,22 @@ class _PLE(MultiTaskModel):
         self.embedding = FeatureEmbedding(layout)
         self.bottom_input = BottomInput(config, layout)
         in_dim = self.embedding.output_dim
-        self.levels = nn.ModuleList()
+        self.levels = TypedModuleList[MixtureLayer]()
+        bottom_experts = expert_stacks(config, config.expert_hidden, config.dropout)
         for level in range(num_levels):
             inner = level < num_levels - 1  # inner levels also mix a shared representation onward
+            # the bottom builds the first level's experts (they read the embedded input); the levels above
+            # mix expert outputs, and their experts are MLPs
             layer = MixtureLayer(
-                in_dim, config.expert_hidden, specific, config.shared_experts, True, inner, config.dropout
+                in_dim,
+                config.expert_hidden,
+                specific,
+                config.shared_experts,
+                True,
+                inner,
+                config.dropout,
+                experts=bottom_experts if level == 0 else None,
             )
-            if level == 0 and config.bottom == "dcn_v2":
-                install_experts(
-                    layer, member_networks(config, layer.num_experts, in_dim, config.expert_hidden, config.dropout)
-                )
             self.levels.append(layer)
             in_dim = layer.out_dim
         self.towers = Towers(self.num_tasks, in_dim + self.bottom_input.extra_dim, config.tower_hidden, config.dropout)

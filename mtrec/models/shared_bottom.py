@@ -7,6 +7,8 @@ network in ``single_task`` are of that kind.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from mtrec.data.tables import FeatureLayout, TensorTable
@@ -25,7 +27,8 @@ class BottomConfig(ModelConfig, BottomOptions):
 class SingleTask(MultiTaskModel):
     """T independent networks in one batched pass; nothing is shared, not even embeddings."""
 
-    Config = BottomConfig
+    Config: ClassVar[type[ModelConfig]] = BottomConfig
+    config: BottomConfig
 
     def __init__(self, layout: FeatureLayout, config: BottomConfig) -> None:
         super().__init__(layout, config)
@@ -54,7 +57,8 @@ class SingleTask(MultiTaskModel):
 class SharedBottom(MultiTaskModel):
     """Shared-Bottom: embedding and bottom shared by all tasks, towers per task."""
 
-    Config = BottomConfig
+    Config: ClassVar[type[ModelConfig]] = BottomConfig
+    config: BottomConfig
 
     def __init__(self, layout: FeatureLayout, config: BottomConfig) -> None:
         super().__init__(layout, config)

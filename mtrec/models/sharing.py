@@ -12,6 +12,8 @@ Both run every task's bottom as one ``BatchedMLP`` (stacked weights), no loop ov
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field, field_validator
 
@@ -52,7 +54,12 @@ class AsymmetricSharing(MultiTaskModel):
     reached by the losses of every task that reads them, so they are shared.
     """
 
-    Config = AsymmetricConfig
+    Config: ClassVar[type[ModelConfig]] = AsymmetricConfig
+    config: AsymmetricConfig
+
+    # buffers (register_buffer), declared for the type checker
+    source: torch.Tensor
+    has_source: torch.Tensor
 
     def __init__(self, layout: FeatureLayout, config: AsymmetricConfig) -> None:
         super().__init__(layout, config)
@@ -102,7 +109,8 @@ class CustomizedConfig(ModelConfig):
 class CustomizedSharing(MultiTaskModel):
     """Tower ``t`` reads ``[h_t, h_shared]``; only the shared bottom (and the embedding) sees every task's gradient."""
 
-    Config = CustomizedConfig
+    Config: ClassVar[type[ModelConfig]] = CustomizedConfig
+    config: CustomizedConfig
 
     def __init__(self, layout: FeatureLayout, config: CustomizedConfig) -> None:
         super().__init__(layout, config)

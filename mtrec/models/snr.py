@@ -25,6 +25,7 @@ Sub-networks of a level are one ``BatchedMLP``.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -35,6 +36,7 @@ from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
 from mtrec.models.reach import Sharing
 from mtrec.nn.batched import BatchedMLP, Towers
 from mtrec.nn.embedding import FeatureEmbedding
+from mtrec.nn.typed import TypedModuleList
 
 
 class HardConcreteGates(nn.Module):
@@ -97,7 +99,8 @@ class SNRConfig(ModelConfig):
 
 
 class _SNR(MultiTaskModel):
-    Config = SNRConfig
+    Config: ClassVar[type[ModelConfig]] = SNRConfig
+    config: SNRConfig
     transform = True
 
     def __init__(self, layout: FeatureLayout, config: SNRConfig) -> None:
@@ -109,10 +112,10 @@ class _SNR(MultiTaskModel):
         self.embedding = FeatureEmbedding(layout)
         first = BatchedMLP(k, self.embedding.output_dim, config.subnet_hidden, config.dropout)
         h = first.out_dim
-        self.subnets = nn.ModuleList(
+        self.subnets = TypedModuleList[BatchedMLP](
             [first] + [BatchedMLP(k, h, config.subnet_hidden, config.dropout) for _ in range(config.num_levels - 1)]
         )
-        self.routes = nn.ModuleList(
+        self.routes = TypedModuleList[Routing](
             Routing(k, k, h, self.transform, gate_options) for _ in range(config.num_levels - 1)
         )
         self.task_route = Routing(k, self.num_tasks, h, self.transform, gate_options)

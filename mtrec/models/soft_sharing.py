@@ -17,6 +17,8 @@ the penalty is a handful of tensor reductions. It is returned as
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 from torch import Tensor
 
@@ -53,7 +55,8 @@ class SoftSharing(MultiTaskModel):
     the bottoms but is a regulariser, not a task gradient, so the bottoms are task-specific.
     """
 
-    Config = SoftSharingConfig
+    Config: ClassVar[type[ModelConfig]] = SoftSharingConfig
+    config: SoftSharingConfig
 
     def __init__(self, layout: FeatureLayout, config: SoftSharingConfig) -> None:
         super().__init__(layout, config)

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from mtrec.nn.typed import TypedModuleList
+
 
 class BatchedLinear(nn.Module):
     """``n`` independent linear maps ``in -> out``."""
@@ -77,7 +79,7 @@ class BatchedMLP(nn.Module):
         if not hidden:
             raise ValueError("BatchedMLP needs at least one hidden size")
         dims = [in_dim, *hidden]
-        self.layers = nn.ModuleList(BatchedLinear(n, a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = TypedModuleList[BatchedLinear](BatchedLinear(n, a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.n = n
         self.out_dim = dims[-1]

@@ -30,14 +30,15 @@ weights, whatever the kind:
   sum as a measure of interest intensity). The member networks are then MLPs.
 
 DIN and the FM term act on the input side (:class:`BottomInput`), so a mixture layer
-keeps one batched expert stack; DCN-v2 replaces the expert stack itself
-(:func:`member_networks`, :func:`install_experts`).
+keeps one batched expert stack; the kind of that stack (MLPs, or DCN-v2's cross network and
+MLP) is the bottom's to say: a model hands :func:`expert_stacks` to the mixture layer, which
+builds its experts with it (:func:`member_networks` builds one stack).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -49,6 +50,7 @@ from mtrec.data.tables import FeatureLayout, TensorTable
 from mtrec.errors import MtrecError
 from mtrec.nn.batched import BatchedLinear, BatchedMLP
 from mtrec.nn.embedding import FeatureEmbedding
+from mtrec.nn.typed import TypedModuleList
 
 BottomKind = Literal["mlp", "dcn_v2", "deepfm", "din"]
 
@@ -185,7 +187,9 @@ class BatchedDCNv2(nn.Module):
         return torch.cat([crossed, self.mlp(x)], dim=-1)  # [n, B, in + H]
 
 
-def member_networks(options: BottomOptions, n: int, in_dim: int, hidden: Sequence[int], dropout: float) -> nn.Module:
+def member_networks(
+    options: BottomOptions, n: int, in_dim: int, hidden: Sequence[int], dropout: float
+) -> BatchedMLP | BatchedDCNv2:
     """``n`` bottoms of the selected kind as one batched module (``forward([B|n, B, in]) -> [n, B, out_dim]``)."""
     if options.bottom == "dcn_v2":
         return BatchedDCNv2(
@@ -194,18 +198,22 @@ def member_networks(options: BottomOptions, n: int, in_dim: int, hidden: Sequenc
     return BatchedMLP(n, in_dim, hidden, dropout)  # deepfm and din add their parts on the input side
 
 
-def output_layer(networks: nn.Module) -> nn.Module:
+def output_layer(networks: BatchedMLP | BatchedDCNv2) -> BatchedLinear:
     """The output layer of a stack of member networks (a ``BatchedMLP`` or a ``BatchedDCNv2``: its MLP's)."""
     mlp = networks.mlp if isinstance(networks, BatchedDCNv2) else networks
     return mlp.layers[-1]
 
 
-def install_experts(layer: nn.Module, experts: nn.Module) -> None:
-    """Replace a :class:`~mtrec.nn.mixture.MixtureLayer`'s expert stack (same count, new kind)."""
-    if getattr(experts, "n", None) != layer.num_experts:
-        raise ValueError(f"expert stack of {getattr(experts, 'n', None)} for a layer of {layer.num_experts} experts")
-    layer.experts = experts
-    layer.out_dim = experts.out_dim
+def expert_stacks(
+    options: BottomOptions, hidden: Sequence[int], dropout: float
+) -> Callable[[int, int], BatchedMLP | BatchedDCNv2]:
+    """How a :class:`~mtrec.nn.mixture.MixtureLayer` builds its experts with this bottom: ``(n, in_dim)``
+    to a stack of ``n`` member networks (whatever the bottom's kind; the layer does not ask which)."""
+
+    def build(n: int, in_dim: int) -> BatchedMLP | BatchedDCNv2:
+        return member_networks(options, n, in_dim, hidden, dropout)
+
+    return build
 
 
 # ---- input side: FM term and DIN attention -------------------------------------------
@@ -269,7 +277,7 @@ class TargetAttention(nn.Module):
             )
         self.copies = copies
         # one activation unit per (sequence, target) pair; its copies are the independent networks
-        self.units = nn.ModuleList(
+        self.units = TypedModuleList[nn.ModuleDict](
             nn.ModuleDict(
                 {
                     "mlp": BatchedMLP(copies, 4 * slot.width, hidden),
@@ -309,6 +317,12 @@ class BottomInput(nn.Module):
         self.fm = FMTerm(layout, copies) if self.kind == "deepfm" else None
         self.din = TargetAttention(layout, copies, options.din_hidden) if self.kind == "din" else None
         self.extra_dim = self.fm.out_dim if self.fm is not None else 0
+
+    @property
+    def identity(self) -> bool:
+        """Whether :meth:`forward` returns the embedded batch unchanged and no extra term (``mlp``,
+        ``dcn_v2``): a model may then skip it and let its first layer embed only what it reads."""
+        return self.din is None and self.fm is None
 
     def forward(self, emb: Tensor, batch: TensorTable, embedding: FeatureEmbedding) -> tuple[Tensor, Tensor | None]:
         x = self.din(emb, batch, embedding) if self.din is not None else emb

@@ -18,12 +18,13 @@ values, about a third of the work on small-vocabulary data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mtrec.nn.batched import BatchedLinear, BatchedMLP, shared_input_weights
+from mtrec.nn.bottoms import BatchedDCNv2
 from mtrec.nn.embedding import Embedded
 
 
@@ -32,6 +33,11 @@ class MixtureLayer(nn.Module):
 
     Gate order: the task gates (when ``task_gates``), then the shared gate (when ``shared_gate``).
     """
+
+    # buffers (register_buffer), declared for the type checker
+    expert_group: Tensor
+    gate_group: Tensor
+    allowed: Tensor
 
     def __init__(
         self,
@@ -42,7 +48,10 @@ class MixtureLayer(nn.Module):
         task_gates: bool = True,
         shared_gate: bool = False,
         dropout: float = 0.0,
+        experts: Callable[[int, int], BatchedMLP | BatchedDCNv2] | None = None,
     ) -> None:
+        """``experts``: how to build the expert stack from ``(count, in_dim)`` (a bottom's
+        :func:`~mtrec.nn.bottoms.expert_stacks`); default one MLP per expert (``expert_hidden``, ``dropout``)."""
         super().__init__()
         num_tasks = len(specific)
         group = [t for t, k in enumerate(specific) for _ in range(k)] + [num_tasks] * shared
@@ -51,7 +60,7 @@ class MixtureLayer(nn.Module):
         if not task_gates and not shared_gate:
             raise ValueError("a mixture layer needs at least one gate")
         gate_group = (list(range(num_tasks)) if task_gates else []) + ([num_tasks] if shared_gate else [])
-        expert_group = torch.tensor(group)
+        expert_group = torch.tensor(group, device="cpu")  # a structural mask: checked here, even on the meta device
         allowed = torch.stack(
             [
                 torch.ones_like(expert_group, dtype=torch.bool)
@@ -66,10 +75,14 @@ class MixtureLayer(nn.Module):
         self.num_experts = len(group)
         self.num_gates = len(gate_group)
         self.register_buffer("expert_group", expert_group, persistent=False)
-        self.register_buffer("gate_group", torch.tensor(gate_group), persistent=False)
+        self.register_buffer("gate_group", torch.tensor(gate_group, device="cpu"), persistent=False)
         self.register_buffer("allowed", allowed, persistent=False)
         self.masked = not bool(allowed.all())
-        self.experts = BatchedMLP(self.num_experts, in_dim, expert_hidden, dropout)
+        self.experts: BatchedMLP | BatchedDCNv2 = (
+            BatchedMLP(self.num_experts, in_dim, expert_hidden, dropout)
+            if experts is None
+            else experts(self.num_experts, in_dim)
+        )
         self.gates = BatchedLinear(self.num_gates, in_dim, self.num_experts)
         self.out_dim = self.experts.out_dim
 
@@ -82,17 +95,30 @@ class MixtureLayer(nn.Module):
         mixed, weights, _ = self.mix(x, embedded)
         return mixed, weights
 
-    def mix(self, x: Tensor, embedded: Embedded | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def mix(self, x: Tensor | None, embedded: Embedded | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """As :meth:`forward`, plus the expert outputs ``[E, B, H]`` the gates mixed: the representation
-        every gate reads, which representation-level balancing differentiates against."""
-        if x.dim() == 2 and embedded is not None and self._one_first_map(x):
-            first: BatchedLinear = self.experts.layers[0]
+        every gate reads, which representation-level balancing differentiates against. ``x`` None (with
+        ``embedded``): the embedding of the batch, not computed yet; a folded first map then looks up
+        only what it reads."""
+        experts = self.experts
+        in_dim = embedded.embedding.output_dim if x is None and embedded is not None else None
+        if (
+            embedded is not None
+            and (x is None or x.dim() == 2)
+            and isinstance(experts, BatchedMLP)
+            and self._one_first_map(in_dim if x is None else x.shape[1])
+        ):
+            first = experts.layers[0]
             weight, bias = shared_input_weights([first, self.gates])  # [in, E*H1 + G*E], [E*H1 + G*E]
             y = embedded.linear(x, weight, bias)  # [B, E*H1 + G*E]
             pre, gate_logits = y.split([first.n * first.out_dim, self.gates.n * self.gates.out_dim], dim=1)
-            h = self.experts.forward_from_first(first.split_members(pre))  # [E, B, H]
+            h = experts.forward_from_first(first.split_members(pre))  # [E, B, H]
             logits = self.gates.split_members(gate_logits)  # [G, B, E]
         else:
+            if x is None:
+                if embedded is None:
+                    raise ValueError("mix() needs x or embedded")
+                x = embedded.input()  # [B, in]
             if x.dim() == 2:
                 expert_in, gate_in = x, x
             else:
@@ -106,11 +132,11 @@ class MixtureLayer(nn.Module):
         mixed = torch.einsum("gbe,ebh->gbh", weights, h)  # [G, B, H]
         return mixed, weights, h
 
-    def _one_first_map(self, x: Tensor) -> bool:
-        """Whether the experts' first layer and the gates are plain stacked maps of ``x`` (not, e.g.,
-        cross networks installed as experts, or gates reading another input)."""
+    def _one_first_map(self, in_dim: int | None) -> bool:
+        """Whether the experts' first layer and the gates are plain stacked maps of one ``[B, in_dim]`` input
+        (not, e.g., a bottom's cross networks as experts, or gates reading another input)."""
         return (
             isinstance(self.experts, BatchedMLP)
             and isinstance(self.gates, BatchedLinear)
-            and self.experts.layers[0].in_dim == self.gates.in_dim == x.shape[1]
+            and self.experts.layers[0].in_dim == self.gates.in_dim == in_dim
         )

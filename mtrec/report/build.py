@@ -89,7 +89,7 @@ def _by_epoch(runs: list[list[float | None]]) -> list[float | None]:
     length = max((len(r) for r in runs), default=0)
     out = []
     for e in range(length):
-        vals = [r[e] for r in runs if e < len(r) and r[e] is not None and math.isfinite(r[e])]
+        vals = [v for r in runs if e < len(r) and (v := r[e]) is not None and math.isfinite(v)]
         out.append(statistics.mean(vals) if vals else None)
     return out
 
@@ -101,8 +101,8 @@ class _Dataset:
         self.label = label
         self.data = data
         self.finished = [d for d in data if d.metrics is not None]
-        self.split = "test" if self.finished and all(d.metrics.get("test") for d in self.finished) else "valid"
-        first = self.finished[0].metrics[self.split] if self.finished else {}
+        self.split = "test" if self.finished and all((d.metrics or {}).get("test") for d in self.finished) else "valid"
+        first = (self.finished[0].metrics or {})[self.split] if self.finished else {}
         self.tasks = list(first)
         self.metric = {t: _primary_metric(v) for t, v in first.items()}
         self.rows: dict[tuple[str, str], list[CellData]] = {}
@@ -117,7 +117,7 @@ class _Dataset:
         return key[0] if self.n_balancers == 1 else f"{key[0]} / {key[1]}"
 
     def value(self, d: CellData, task: str) -> float | None:
-        v = d.metrics.get(self.split, {}).get(task, {}).get(self.metric[task])
+        v = (d.metrics or {}).get(self.split, {}).get(task, {}).get(self.metric[task])
         return float(v) if v is not None else None
 
     def values(self, key: tuple[str, str], task: str) -> dict[int, float]:
@@ -148,7 +148,7 @@ def _results_section(ds: _Dataset, idx: int, doc: Document) -> None:
     tasks = ds.tasks
     has_base = any(k[0] == ds.baseline and v for k, v in ds.rows.items())
     means = {k: [(_mean_std(list(ds.values(k, t).values()))[0]) for t in tasks] for k, v in ds.rows.items() if v}
-    complete = {k: m for k, m in means.items() if all(x is not None for x in m)}
+    complete = {k: known for k, m in means.items() if len(known := [x for x in m if x is not None]) == len(m)}
     dominated = dominated_by(complete, [ds.higher(t) for t in tasks]) if len(tasks) >= 1 else {}
     headers = ["model", "balancer", "seeds"] + [f"{t} {ds.metric[t]}" for t in tasks]
     if has_base:
@@ -418,7 +418,7 @@ def _across_section(sets: list[_Dataset], doc: Document) -> None:
     if len(sets) < 2 or any(s.tasks != tasks or s.metric != sets[0].metric for s in sets) or not tasks:
         return
     keys = list(dict.fromkeys(k for s in sets for k in s.rows))
-    series = {t: {} for t in tasks}
+    series: dict[str, dict[str, list[tuple[float | None, float | None]]]] = {t: {} for t in tasks}
     table_rows = []
     for key in keys:
         label = sets[0].row_label(key)
@@ -496,7 +496,7 @@ def build_document(out: Path, grid: Grid, cells: list[Cell], failed: dict[str, d
     doc = Document(title)
     n_done = sum(d.metrics is not None for d in data)
     n_failed = sum(d.metrics is None and d.error is not None for d in data)
-    threads = {d.info.get("threads") for d in data if d.info}
+    threads = {t for d in data if d.info and (t := d.info.get("threads")) is not None}
     doc.add(
         Para(
             f"{len(cells)} cells ({n_done} finished, {n_failed} failed, {len(cells) - n_done - n_failed} not run): "
@@ -530,7 +530,7 @@ def build_document(out: Path, grid: Grid, cells: list[Cell], failed: dict[str, d
         doc.add(
             Table(
                 ["cell", "error"],
-                [[d.cell.name, d.error] for d in failures],
+                [[d.cell.name, d.error or ""] for d in failures],
                 id="failed",
                 caption="run the same mtrec bench command again to retry them",
             )

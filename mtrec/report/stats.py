@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from scipy import stats
+
+K = TypeVar("K", bound=Hashable)  # a point's name
 
 CONFIDENCE = 0.95
 
@@ -22,7 +25,7 @@ class PairedInterval:
 
     @property
     def excludes_zero(self) -> bool:
-        return self.low is not None and (self.low > 0 or self.high < 0)
+        return self.low is not None and self.high is not None and (self.low > 0 or self.high < 0)
 
 
 def paired_t_interval(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> PairedInterval:
@@ -44,11 +47,11 @@ def paired_t_interval(a: Sequence[float], b: Sequence[float], confidence: float 
     return PairedInterval(n, mean, mean - half, mean + half)
 
 
-def dominated_by(points: Mapping[str, Sequence[float]], higher_is_better: Sequence[bool]) -> dict[str, list[str]]:
+def dominated_by(points: Mapping[K, Sequence[float]], higher_is_better: Sequence[bool]) -> dict[K, list[K]]:
     """For every point, the points that dominate it: at least as good on every objective and better on
     one (``higher_is_better`` per objective). An empty list: on the Pareto front."""
     sign = [1.0 if h else -1.0 for h in higher_is_better]
-    out: dict[str, list[str]] = {}
+    out: dict[K, list[K]] = {}
     for name, p in points.items():
         mine = [s * v for s, v in zip(sign, p)]
         out[name] = []

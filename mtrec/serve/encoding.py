@@ -13,7 +13,8 @@ JSON list whose first ``max_len`` items are kept (``""`` items are padding).
 
 The work is per column, not per value: one list of the column's values, one type check over the
 list (``set(map(type, ...))``), one numpy conversion, and a dict lookup mapped over the column.
-A value-by-value pass only runs to name the offending field once a column is known to be bad.
+A value-by-value pass only runs to name the offending field once a column is known to be bad. A context
+id found as it is in the vocabulary is one dict lookup; any other form takes the column path.
 Every problem is a :class:`RequestError` naming the field (``candidates[3].age``).
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import itemgetter
@@ -49,6 +50,7 @@ _ID_TYPES = frozenset({str, int, float, NoneType})
 _NUMBER_TYPES = frozenset({int, float, NoneType})
 _SEQ_TYPES = frozenset({list, NoneType})
 _ITEM_TYPES = frozenset({str, int, float})
+_DIRECT_ID_TYPES = frozenset({str, int, NoneType})  # looked up as they are (a float may need its integral text)
 
 
 class RequestError(Exception):
@@ -108,10 +110,10 @@ class _Vocab:
         self.sequence = {**self.ids, "": PAD}
 
     @staticmethod
-    def lookup(table: dict, values: list) -> np.ndarray:
+    def lookup(table: dict, values: Sequence) -> np.ndarray:
         """Ids of ``values`` (already type-checked); a miss is retried in canonical text, then OOV."""
         ids = np.fromiter(map(table.get, values, repeat(-1)), dtype=np.int64, count=len(values))
-        for i in np.flatnonzero(ids < 0):
+        for i in np.flatnonzero(ids < 0).tolist():
             v = values[i]
             text = _INTEGRAL.sub(r"\1", v) if isinstance(v, str) else _id_text(v)
             ids[i] = table.get(text, OOV)
@@ -208,13 +210,15 @@ class RequestEncoder:
     # ---- per kind ------------------------------------------------------------------------------------
 
     @staticmethod
-    def _bad_type(values: list, allowed: frozenset, where: Callable[[int], str], expected: str, f: FeatureSpec) -> None:
+    def _bad_type(
+        values: Sequence, allowed: frozenset, where: Callable[[int], str], expected: str, f: FeatureSpec
+    ) -> None:
         i = next(i for i, v in enumerate(values) if type(v) not in allowed)
         raise RequestError(
             422, where(i), f"expected {expected} (feature {f.name}, {f.type}), got {_type_name(values[i])}"
         )
 
-    def _encode_sparse(self, values: list, f: FeatureSpec, where: Callable[[int], str]) -> np.ndarray:
+    def _encode_sparse(self, values: Sequence, f: FeatureSpec, where: Callable[[int], str]) -> np.ndarray:
         types = set(map(type, values))
         if not types <= _ID_TYPES:
             self._bad_type(values, _ID_TYPES, where, "a string or number id, or null", f)
@@ -224,7 +228,7 @@ class RequestEncoder:
                     raise RequestError(422, where(i), f"{v} is not a valid id (feature {f.name})")
         return _Vocab.lookup(self.vocab[f.name].sparse, values)
 
-    def _encode_dense(self, values: list, f: FeatureSpec, where: Callable[[int], str]) -> np.ndarray:
+    def _encode_dense(self, values: Sequence, f: FeatureSpec, where: Callable[[int], str]) -> np.ndarray:
         types = set(map(type, values))
         if not types <= _NUMBER_TYPES:
             self._bad_type(values, _NUMBER_TYPES, where, "a number, or null", f)
@@ -256,7 +260,7 @@ class RequestEncoder:
             raise RequestError(422, where(i), f"{values[i]} is out of range (feature {f.name})")
         return out
 
-    def _encode_sequence(self, values: list, f: FeatureSpec, where: Callable[[int], str]) -> np.ndarray:
+    def _encode_sequence(self, values: Sequence, f: FeatureSpec, where: Callable[[int], str]) -> np.ndarray:
         types = set(map(type, values))
         if not types <= _SEQ_TYPES:
             self._bad_type(values, _SEQ_TYPES, where, "a list of ids, or null", f)
@@ -305,13 +309,19 @@ class RequestEncoder:
         by_column = dict(zip(own, zip(*rows) if len(own) > 1 else [tuple(r for r in rows)]))
         for column, features in self.columns.items():
             if column in by_column:
-                values = list(by_column[column])
+                values: Sequence = by_column[column]  # a tuple, read only
                 where = _candidate_field(column)
             else:
                 values = [context[column]]
                 where = _context_field(column)
                 given_once.update(f.name for f in features)
             for f in features:
+                if f.type == "sparse" and len(values) == 1 and type(values[0]) in _DIRECT_ID_TYPES:
+                    # one context id: a direct hit in the vocabulary needs none of the column machinery
+                    hit = self.vocab[f.name].sparse.get(values[0])
+                    if hit is not None:
+                        sparse[:, self._sparse_index[f.name]] = hit
+                        continue
                 if f.type == "sparse":
                     sparse[:, self._sparse_index[f.name]] = self._encode_sparse(values, f, where)
                 elif f.type == "dense":

@@ -18,8 +18,8 @@ Endpoints:
 
 A bad request gets a 4xx ``{"detail": "<field>: <reason>", "field": "<field>"}``: 400 malformed JSON,
 413 a body above the size limit, 422 anything else; a request that waits or runs past the timeout
-gets 503. The model work runs on one thread per worker (``torch.set_num_threads(threads)`` inside
-it), so requests queue instead of oversubscribing the cores.
+gets 503. The model work runs on one thread per worker, on ``threads`` torch threads under mtrec's thread
+policy (:func:`mtrec.threads.apply_thread_policy`), so requests queue instead of oversubscribing the cores.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import orjson
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -48,8 +47,10 @@ from starlette.requests import ClientDisconnect
 
 from mtrec import __version__
 from mtrec.errors import MtrecError
+from mtrec.files import write_json_atomic
 from mtrec.serve.encoding import RequestEncoder, RequestError
 from mtrec.serve.scorers import Scorer, build_scorer
+from mtrec.threads import apply_thread_policy, prepare_openmp, thread_count
 
 if TYPE_CHECKING:
     from mtrec.data.tables import FeatureLayout
@@ -225,7 +226,7 @@ class Metrics:
     def exposition(self) -> bytes:
         from prometheus_client import CollectorRegistry, generate_latest
 
-        if not self.multiprocess:
+        if self.registry is not None:  # one process: its own registry
             return generate_latest(self.registry)
         from prometheus_client import multiprocess
 
@@ -270,7 +271,7 @@ class ServiceState:
 
     def __init__(self, settings: ServeSettings, ranker: Ranker | None = None) -> None:
         self.settings = settings
-        torch.set_num_threads(settings.threads)
+        apply_thread_policy(settings.threads)  # mtrec/threads.py; the OpenMP setting came with the environment
         self.ranker = ranker if ranker is not None else self._initial()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrec-rank")
         self.reload_lock = threading.Lock()
@@ -336,9 +337,8 @@ class ServiceState:
 
     def _publish(self, state: dict) -> None:
         path = self.settings.state_file
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, path)
+        assert path is not None  # only multi-worker serving, which has a state file, publishes
+        write_json_atomic(path, state)
         self._seen_state = self._state_mtime()
 
     def _watch(self) -> None:
@@ -498,8 +498,9 @@ def app_from_env() -> FastAPI:
 
 
 def default_threads(workers: int) -> int:
-    """Torch threads per worker when not given: the cores divided among the workers, at least 1."""
-    return max(1, (os.cpu_count() or 1) // workers)
+    """Torch threads per worker when not given: ``OMP_NUM_THREADS``, else the cores divided among the
+    workers, at least 1 (:func:`mtrec.threads.thread_count`)."""
+    return thread_count(None, workers=workers)
 
 
 def serve(settings: ServeSettings, host: str, port: int, workers: int, log_level: str = "warning") -> None:
@@ -521,12 +522,15 @@ def serve(settings: ServeSettings, host: str, port: int, workers: int, log_level
         f"{ranker.info['ranked_by']}) on http://{host}:{port} with {workers} worker(s) x {settings.threads} thread(s)",
         flush=True,
     )
-    common = dict(host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+    common: dict[str, Any] = dict(
+        host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5
+    )
     if workers == 1:
         uvicorn.run(create_app(settings, ranker), **common)
         return
     with tempfile.TemporaryDirectory(prefix="mtrec-serve-") as tmp:
         settings = settings.model_copy(update={"state_file": Path(tmp) / "state.json"})
+        prepare_openmp()  # the workers inherit the OpenMP wait setting before they import torch (mtrec/threads.py)
         os.environ[SETTINGS_ENV] = settings.model_dump_json()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(Path(tmp) / "prometheus")
         (Path(tmp) / "prometheus").mkdir()

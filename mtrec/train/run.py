@@ -29,28 +29,32 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mtrec import __version__
 from mtrec.balancing import build_balancer, validate_balancer_options
-from mtrec.data.ingest import Encoders, encode, load_splits, oov_rates, read_frame
+from mtrec.data.ingest import Encoders, encode, load_splits, oov_rates
 from mtrec.data.store import load_store, table_from_arrays
-from mtrec.data.tables import FeatureLayout, TensorTable
+from mtrec.data.stream import DEFAULT_CHUNK_ROWS, OovCounter, read_chunks, source_files
+from mtrec.data.tables import FeatureLayout
 from mtrec.diagnostics.monitor import ConflictMonitor
 from mtrec.errors import MtrecError
 from mtrec.files import write_atomic, write_json_atomic
 from mtrec.fusion.calibration import Calibrators, calibration_report
 from mtrec.fusion.spec import apply_fusion, fusion_for_run
-from mtrec.metrics.core import evaluate_predictions, joint_scores
+from mtrec.metrics.core import check_select_by, evaluate_predictions, joint_scores, weighted_scores
 from mtrec.models import MultiTaskModel, build_model, validate_model_options
-from mtrec.schema import Schema, schema_from_dict
+from mtrec.schema import Schema, TaskSpec, schema_from_dict
+from mtrec.train.distributed import Distributed, FollowerError, check_precision, resolve_device
 from mtrec.train.tensorboard import TensorBoardLogger
 from mtrec.train.trainer import FitResult, TrainConfig, Trainer, seed_everything
 
@@ -217,7 +221,7 @@ def _arguments(
     }
 
 
-def _check_same_arguments(recorded: dict, given: dict, out: Path) -> None:
+def _check_same_arguments(recorded: dict, given: dict, out: Path | None) -> None:
     diffs = [
         f"{key} {recorded.get(key)!r} in the run, {given.get(key)!r} now"
         for key in sorted(set(recorded) | set(given))
@@ -294,9 +298,97 @@ def train_run(
     # unknown names and bad options fail before any data is read
     validate_model_options(model_name, model_options)
     validate_balancer_options(balancer_name, schema.task_names, balancer_options, task_weights)
+    if out is None and (resume or overwrite):
+        raise MtrecError("--resume and --overwrite need a run directory (--out)")
+    # under torchrun: one of WORLD_SIZE data-parallel processes (mtrec.train.distributed)
+    distributed = Distributed.from_env(train_config.device)
+    try:
+        device = distributed.device if distributed is not None else resolve_device(train_config.device)
+        check_precision(device, train_config.bf16)
+        if distributed is not None and not distributed.is_main:
+            # rank 0 checks the run directory and builds the store; this rank follows its verdict and
+            # writes nothing (no run directory, no TensorBoard, no echo)
+            try:
+                checkpoint = distributed.hear()
+                return _train(
+                    schema,
+                    model_name,
+                    None,
+                    train_config,
+                    model_options,
+                    balancer_name,
+                    balancer_options,
+                    task_weights,
+                    False,
+                    checkpoint,
+                    checkpoint_every,
+                    None,
+                    threads=threads,
+                    device=device,
+                    distributed=distributed,
+                )
+            except MtrecError as err:  # the same error as rank 0's, which prints it
+                raise FollowerError(str(err)) from None
+        return _train_main(
+            schema,
+            model_name,
+            out,
+            train_config,
+            model_options,
+            balancer_name,
+            balancer_options,
+            task_weights,
+            tensorboard,
+            overwrite=overwrite,
+            resume=resume,
+            checkpoint_every=checkpoint_every,
+            threads=threads,
+            echo=echo,
+            device=device,
+            distributed=distributed,
+        )
+    finally:
+        if distributed is not None:
+            distributed.close()
+
+
+def _train_main(
+    schema: Schema,
+    model_name: str,
+    out: Path | None,
+    train_config: TrainConfig,
+    model_options: dict | None,
+    balancer_name: str,
+    balancer_options: dict | None,
+    task_weights: Sequence[float] | None,
+    tensorboard: bool,
+    *,
+    overwrite: bool,
+    resume: bool,
+    checkpoint_every: int,
+    threads: int | None,
+    echo: Callable[[str], None] | None,
+    device: torch.device,
+    distributed: Distributed | None,
+) -> RunResult:
+    """:func:`train_run` in a single process, or on rank 0 of a data-parallel run (which checks the run
+    directory, builds the store and tells the other ranks to go, or why not)."""
+    told = False
+
+    def go(checkpoint: dict | None) -> None:
+        nonlocal told
+        if distributed is not None:
+            load_store(schema, echo=echo)  # built once, here, before the other ranks open it
+            distributed.tell(checkpoint)
+        told = True
+
     if out is None:
-        if resume or overwrite:
-            raise MtrecError("--resume and --overwrite need a run directory (--out)")
+        try:
+            go(None)
+        except MtrecError as err:
+            if distributed is not None and not told:
+                distributed.tell(error=str(err))
+            raise
         return _train(
             schema,
             model_name,
@@ -310,7 +402,57 @@ def train_run(
             None,
             checkpoint_every,
             echo,
+            device=device,
+            distributed=distributed,
         )
+    try:
+        return _train_out(
+            schema,
+            model_name,
+            out,
+            train_config,
+            model_options,
+            balancer_name,
+            balancer_options,
+            task_weights,
+            tensorboard,
+            overwrite=overwrite,
+            resume=resume,
+            checkpoint_every=checkpoint_every,
+            threads=threads,
+            echo=echo,
+            device=device,
+            distributed=distributed,
+            go=go,
+        )
+    except MtrecError as err:
+        if distributed is not None and not told:
+            distributed.tell(error=str(err))
+        raise
+
+
+def _train_out(
+    schema: Schema,
+    model_name: str,
+    out: Path,
+    train_config: TrainConfig,
+    model_options: dict | None,
+    balancer_name: str,
+    balancer_options: dict | None,
+    task_weights: Sequence[float] | None,
+    tensorboard: bool,
+    *,
+    overwrite: bool,
+    resume: bool,
+    checkpoint_every: int,
+    threads: int | None,
+    echo: Callable[[str], None] | None,
+    device: torch.device,
+    distributed: Distributed | None,
+    go: Callable[[dict | None], None],
+) -> RunResult:
+    """Train into the run directory ``out`` (locked while training); ``go(checkpoint)`` is called once the
+    directory is checked, before training starts."""
     if overwrite and resume:
         raise MtrecError("--overwrite starts the run again and --resume continues it: give one of them")
     if out.exists() and not out.is_dir():
@@ -344,6 +486,7 @@ def train_run(
             raise MtrecError(
                 f"--out {out}: an interrupted run is here; --resume continues it, --overwrite starts again"
             )
+        go(checkpoint)
         result = _train(
             schema,
             model_name,
@@ -359,6 +502,8 @@ def train_run(
             echo,
             overwrite=overwrite,
             threads=threads,
+            device=device,
+            distributed=distributed,
         )
     except MtrecError:
         if created:  # nothing of a run that failed on the user's input is left behind
@@ -384,15 +529,20 @@ def _train(
     echo: Callable[[str], None] | None,
     overwrite: bool = False,
     threads: int | None = None,
+    device: torch.device | None = None,
+    distributed: Distributed | None = None,
 ) -> RunResult:
-    store = load_store(schema, echo=echo)
-    train, valid, test = store.split("train"), store.split("valid"), store.split("test")
+    store = load_store(schema, echo=echo if distributed is None else None)
+    train, valid, test = store.require("train"), store.split("valid"), store.split("test")
     if valid is None or len(valid) == 0:
         raise MtrecError(f"schema '{schema.name}': no validation rows; set valid_fraction > 0 or source.valid")
     check_memory(model_name, store.layout, model_options)
+    check_select_by(train_config.select_by, store.layout, valid.user is not None)
     arguments = _arguments(
         model_name, model_options, balancer_name, balancer_options, task_weights, train_config, schema
     )
+    if distributed is not None:  # the global batch is world_size x batch_size: a resume needs the same count
+        arguments["processes"] = distributed.world_size
     if checkpoint is not None:
         _check_same_arguments(checkpoint.get("arguments", {}), arguments, out)
         recorded = int(checkpoint["trainer"]["threads"])
@@ -418,9 +568,9 @@ def _train(
     balancer = build_balancer(balancer_name, store.layout.task_names, balancer_options, task_weights)
     loggers = [TensorBoardLogger(out / "tensorboard")] if out is not None and tensorboard else []
     callbacks: list = list(loggers)
-    if train_config.monitor_every:
+    if train_config.monitor_every:  # data parallel: on every rank (rank 0 records it; the steps stay in step)
         writer = loggers[0].writer if loggers else None
-        callbacks.append(ConflictMonitor(train_config.monitor_every, writer=writer))
+        callbacks.append(ConflictMonitor(train_config.monitor_every, train_config.monitor_scope, writer=writer))
     save = None
     if out is not None:
 
@@ -435,6 +585,8 @@ def _train(
         checkpoint=save,
         checkpoint_every=checkpoint_every,
         echo=echo,
+        device=device,
+        distributed=distributed,
     )
     try:
         fit = trainer.fit(train, valid, resume=None if checkpoint is None else checkpoint["trainer"])
@@ -449,6 +601,14 @@ def _train(
         "valid": trainer.evaluate(valid),
         "test": trainer.evaluate(test) if test is not None and len(test) else {},
     }
+    # the business score: per split, the tasks' schema weights over their AUC / uAUC / GAUC
+    metrics["weighted"] = {
+        split: weighted_scores(values, store.layout)
+        for split, values in (("valid", metrics["valid"]), ("test", metrics["test"]))
+        if isinstance(values, dict) and values
+    }
+    metrics["select_by"] = train_config.select_by
+    model.cpu()  # the run's model is used and saved on the CPU, wherever it trained
     if out is not None:
         from mtrec.config import RunConfig
 
@@ -461,6 +621,12 @@ def _train(
             "schema": store.schema,
             "train": train_config.model_dump(mode="json"),
             "balancer": {"name": balancer_name, "options": balancer_options or {}, "task_weights": task_weights},
+            # how it was trained: processes (batch_size is per process) and device
+            "training": {
+                "processes": 1 if distributed is None else distributed.world_size,
+                "backend": None if distributed is None else distributed.backend,
+                "device": str(trainer.device),
+            },
             # the whole run as a RunConfig, the recorded schema inline: `mtrec train --config RUN/config.json`
             # reruns it (mtrec.config.read_run_config)
             "run_config": RunConfig.model_validate(
@@ -551,13 +717,6 @@ def load_run(run: Path) -> LoadedRun:
     return LoadedRun(model, schema, loaded_encoders, config)
 
 
-@torch.no_grad()
-def predict_table(model: MultiTaskModel, table: TensorTable, batch_size: int = 16384) -> np.ndarray:
-    model.eval()
-    outs = [model.predict(model(table.slice(i, i + batch_size))) for i in range(0, len(table), batch_size)]
-    return torch.cat(outs).numpy() if outs else np.zeros((0, model.num_tasks), np.float32)
-
-
 def _matched(schema: Schema, run_schema: Schema, run: Path) -> Schema:
     """``schema`` read as the run's model expects: its tasks and features matched to the run's by name
     (never by position) and put in the run's order; features keep the run's encoding (log, fill,
@@ -578,7 +737,7 @@ def _matched(schema: Schema, run_schema: Schema, run: Path) -> Schema:
             a, b = mine[name], other[name]
             if a.type != b.type:
                 problems.append(f"{kind[:-1]} {name} is {b.type} here but {a.type} in the run")
-            if kind == "tasks" and a.space != b.space:
+            if isinstance(a, TaskSpec) and isinstance(b, TaskSpec) and a.space != b.space:
                 problems.append(f"task {name} has space {b.space} here but {a.space} in the run")
     if problems:
         raise MtrecError(
@@ -612,12 +771,14 @@ def evaluate_run(run: Path, schema: Schema | None = None) -> dict:
         arrays = encode(frame, schema, loaded.encoders, path)
         oov[split] = oov_rates(arrays, schema)
         table = table_from_arrays(arrays)
-        scores = predict_table(loaded.model, table)
+        scores = loaded.model.predict_table(table)
         user = table.user.numpy() if table.user is not None else None
         out[split] = evaluate_predictions(table.labels.numpy(), scores, loaded.model.layout, user)
         calibration[split] = calibration_report(table.labels.numpy(), scores, loaded.model.layout, calibrators)
     out["oov_rate"] = oov
     out["calibration"] = calibration  # per split: ECE and reliability curve per binary task (and calibrated)
+    # the business score, as in metrics.json
+    out["weighted"] = {s: weighted_scores(out[s], loaded.model.layout) for s in ("valid", "test") if s in out}
     return out
 
 
@@ -638,8 +799,10 @@ def predict_file(
     fusion: Path | None = None,
     backend: str = "torch",
     keep: Sequence[str] = (),
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> int:
-    """Score every row of ``input_path``; write one column per task to ``output_path`` (CSV, gzipped
+    """Score every row of ``input_path`` (a file or a directory of shards, read ``chunk_rows`` rows at a
+    time, the output written as it goes: an input larger than memory is fine); write one column per task to ``output_path`` (CSV, gzipped
     CSV or Parquet by its suffix), plus ``<task>@all`` (the entire-space probability, e.g. pCTCVR) for
     every task with a space, and ``score`` (the fused score) when the run has a ``fusion.yaml`` or
     ``fusion`` names a spec; scores go through the run's calibrator if it has one. Returns rows;
@@ -655,43 +818,73 @@ def predict_file(
         raise MtrecError(f"--output {output_path}: is the input file; write the scores to another file")
     loaded = load_run(run)
     schema = loaded.schema
-    if input_path.suffix == ".parquet" and schema.format.type != "parquet":
+    parquet = input_path.is_dir() and any(p.suffix == ".parquet" for p in input_path.iterdir())
+    if (input_path.suffix == ".parquet" or parquet) and schema.format.type != "parquet":
         schema = schema.model_copy(update={"format": schema.format.model_copy(update={"type": "parquet"})})
-    frame_in = read_frame(input_path, schema)
-    if missing := [c for c in keep if c not in frame_in.columns]:
-        raise MtrecError(f"--keep: column(s) {', '.join(missing)} not in {input_path}")
-    arrays = encode(frame_in, schema, loaded.encoders, input_path, with_labels=False)
-    if oov_rate is not None:
-        oov_rate.update(oov_rates(arrays, schema))
-    table = table_from_arrays(arrays)
+    files = source_files(input_path, schema.format)  # one file, or a directory of shards
     calibrators = Calibrators.load(run)
     spec = fusion_for_run(run, loaded.model.layout, calibrators.method, fusion)  # before scoring: fail early
-    if backend == "onnx":
-        from mtrec.serve.export import predict_onnx
+    side = None
+    if schema.join:  # the log's side tables (user, item features), read from the run's schema paths
+        from mtrec.data.sources import load_side_tables
 
-        # calibrated, and fused: by the graph when it includes this calibrator / spec, else applied there
-        scores, fused = predict_onnx(run, table, calibrators, spec)
-    else:
-        scores = calibrators.apply(predict_table(loaded.model, table))  # identity without calibration.json
-        fused = apply_fusion(scores, spec) if spec is not None else None
-    columns = {name: scores[:, t] for t, name in enumerate(loaded.model.task_names)}
-    columns.update(joint_scores(scores, loaded.model.layout))  # e.g. purchase@all = pCTCVR
-    if fused is not None:
-        columns["score"] = fused  # the fused ranking score (fusion.yaml or --fusion)
-    if clash := [c for c in keep if c in columns]:
-        raise MtrecError(f"--keep: column(s) {', '.join(clash)} have the name of a score column")
-    frame = pl.DataFrame(columns)
-    if keep:
-        frame = pl.concat([frame_in.select(list(keep)), frame], how="horizontal")
+        side = load_side_tables(schema)
+    oov = OovCounter(schema)
+
+    def scored(frame_in: pl.DataFrame, path: Path) -> pl.DataFrame:
+        """One chunk of the input with its score columns (and the kept input columns first)."""
+        if side is not None:
+            from mtrec.data.sources import prepare_frame
+
+            frame_in = prepare_frame(frame_in, schema, side, path, with_labels=False)
+        if missing := [c for c in keep if c not in frame_in.columns]:
+            raise MtrecError(f"--keep: column(s) {', '.join(missing)} not in {input_path}")
+        arrays = encode(frame_in, schema, loaded.encoders, path, with_labels=False)
+        oov.add(arrays)
+        table = table_from_arrays(arrays)
+        if backend == "onnx":
+            from mtrec.serve.export import predict_onnx
+
+            # calibrated, and fused: by the graph when it includes this calibrator / spec, else applied there
+            scores, fused = predict_onnx(run, table, calibrators, spec)
+        else:
+            scores = calibrators.apply(loaded.model.predict_table(table))  # identity without calibration.json
+            fused = apply_fusion(scores, spec) if spec is not None else None
+        columns = {name: scores[:, t] for t, name in enumerate(loaded.model.task_names)}
+        columns.update(joint_scores(scores, loaded.model.layout))  # e.g. purchase@all = pCTCVR
+        if fused is not None:
+            columns["score"] = fused  # the fused ranking score (fusion.yaml or --fusion)
+        if clash := [c for c in keep if c in columns]:
+            raise MtrecError(f"--keep: column(s) {', '.join(clash)} have the name of a score column")
+        frame = pl.DataFrame(columns)
+        if keep:
+            frame = pl.concat([frame_in.select(list(keep)), frame], how="horizontal")
+        return frame
+
+    rows = 0
 
     def write(tmp: Path) -> None:
-        if kind == "parquet":
-            frame.write_parquet(tmp)
-        elif kind == "csv.gz":
-            with gzip.open(tmp, "wb") as fh:
-                frame.write_csv(fh)
-        else:
-            frame.write_csv(tmp)
+        """The input scored chunk by chunk (an input larger than memory is fine), appended to ``tmp``."""
+        nonlocal rows
+        with ExitStack() as stack:
+            parquet_out: pq.ParquetWriter | None = None
+            csv_out: Any = None  # a binary file, or a gzip stream over one
+            for path in files:
+                for chunk in read_chunks(path, schema.format, chunk_rows):
+                    frame = scored(chunk, path)
+                    if kind == "parquet":
+                        table = frame.to_arrow()
+                        if parquet_out is None:
+                            parquet_out = stack.enter_context(pq.ParquetWriter(tmp, table.schema))
+                        parquet_out.write_table(table.cast(parquet_out.schema))
+                    else:
+                        if csv_out is None:
+                            opened = gzip.open(tmp, "wb") if kind == "csv.gz" else open(tmp, "wb")
+                            csv_out = stack.enter_context(opened)
+                        frame.write_csv(csv_out, include_header=rows == 0)
+                    rows += frame.height
 
     write_atomic(output_path, write)
-    return frame.height
+    if oov_rate is not None:
+        oov_rate.update(oov.rates())
+    return rows

@@ -7,10 +7,11 @@ its losses; the balancer owns how per-task losses become a gradient. Hooks on
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +22,9 @@ from tqdm.auto import tqdm
 from mtrec.balancing.base import Balancer, StepContext
 from mtrec.data.tables import TensorTable, iterate_batches
 from mtrec.errors import MtrecError
-from mtrec.metrics.core import evaluate_predictions, mean_auc
+from mtrec.metrics.core import evaluate_predictions, selection_score
 from mtrec.models.base import MultiTaskModel
+from mtrec.train.distributed import Distributed, autocast, move
 from mtrec.train.options import TrainConfig  # defined without torch for the CLI; re-exported here
 
 
@@ -33,13 +35,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _adam(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam with the fused kernel where this torch has it (CPU since 2.4): one kernel per parameter
+def _adam(model: torch.nn.Module, balancer: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam over the model's parameters (with ``weight_decay``) and, in a group of their own without
+    weight decay, the balancer's learnable ones (UW's log-variances, GradNorm's weights): they are
+    not model weights, and decay would pull them toward 0 (UW: every variance toward 1) whatever the
+    losses say. The fused kernel where this torch has it (CPU since 2.4): one kernel per parameter
     instead of about ten, which matters when a step is a few milliseconds. Same update rule."""
+    groups: list[dict[str, Any]] = [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    own = list(balancer.parameters())
+    if own:
+        groups.append({"params": own, "weight_decay": 0.0})
     try:
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.Adam(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):  # an older torch, or a device/dtype without the kernel
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(groups, lr=lr)
 
 
 # A task's batch loss above this many times its loss at the first step (floored at DIVERGENCE_FLOOR,
@@ -84,6 +93,8 @@ def _random_states() -> dict:
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
+        # the GPUs' generators (dropout on CUDA), once CUDA is in use
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
     }
 
 
@@ -92,6 +103,8 @@ def _set_random_states(states: dict) -> None:
     kind, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 @dataclass
@@ -111,11 +124,21 @@ class Trainer:
         checkpoint: Callable[[dict], None] | None = None,
         checkpoint_every: int = 0,
         echo: Callable[[str], None] | None = None,
+        device: torch.device | None = None,
+        distributed: Distributed | None = None,
     ) -> None:
         """``checkpoint`` receives :meth:`state_dict` after every epoch and, when ``checkpoint_every``
-        is positive, every that many steps; ``echo`` receives one line per epoch."""
-        self.model = model
-        self.balancer = balancer
+        is positive, every that many steps; ``echo`` receives one line per epoch. ``device``: where the
+        model, the balancer and the batches go (default: the CPU); ``distributed``: this process's place in
+        a data-parallel run (see :mod:`mtrec.train.distributed`), None in a single process."""
+        self.device = torch.device("cpu") if device is None else device
+        self.distributed = distributed
+        self.model = model.to(self.device)
+        self.balancer = balancer.to(self.device)
+        # what a training step calls: the model, or the model in DistributedDataParallel (wrapped at the
+        # first step: see Distributed.wrap)
+        self._forward: torch.nn.Module | None = model if distributed is None else None
+        balancer.distributed = distributed
         self.config = config
         self.callbacks = list(callbacks)
         self.checkpoint = checkpoint
@@ -125,24 +148,79 @@ class Trainer:
         # generator's state when the epoch began (the epoch's shuffle is drawn from it), the running sums
         self._epoch, self._batch = 1, 0
         self._epoch_generator: torch.Tensor | None = None
-        self._sums = torch.zeros(model.num_tasks)
+        self._sums = torch.zeros(model.num_tasks, device=self.device)
         self._stat_sums: dict[str, float] = {}
         self._best: tuple[float, int, dict | None] = (-float("inf"), 0, None)
         self._history: list[dict] = []
         self._stopped = False
-        params = list(model.parameters()) + list(balancer.parameters())
-        self.optimizer = _adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = _adam(model, balancer, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
         self.first_losses: torch.Tensor | None = None  # [T], the divergence check's reference
         self.epoch_stats: dict[str, float] = {}
         self.step_stats: dict[str, float] = {}
 
-    @torch.no_grad()
     def predict(self, table: TensorTable) -> np.ndarray:
-        """Scores ``[N, T]`` (probabilities for binary tasks)."""
+        """Scores ``[N, T]`` (probabilities for binary tasks); data parallel: every rank predicts its slice
+        of the rows and gets all of them."""
+        if self.distributed is not None:
+            return self.distributed.gather_rows(
+                len(table), lambda a, b: self._predict_rows(table, a, b), self.model.num_tasks
+            )
+        if self.device.type == "cpu" and not self.config.bf16:
+            return self.model.predict_table(table, self.config.eval_batch_size)
+        return self._predict_rows(table, 0, len(table)).cpu().numpy()
+
+    @torch.no_grad()
+    def _predict_rows(self, table: TensorTable, start: int, stop: int) -> torch.Tensor:
+        """Scores of rows ``start:stop`` on the device (float32)."""
         self.model.eval()
-        out = [self.model.predict(self.model(batch)) for batch in iterate_batches(table, self.config.eval_batch_size)]
-        return torch.cat(out).numpy() if out else np.zeros((0, self.model.num_tasks), np.float32)
+        size = self.config.eval_batch_size
+        out = []
+        for i in range(start, stop, size):
+            batch = move(table.slice(i, min(i + size, stop)), self.device)
+            with autocast(self.device, self.config.bf16):
+                out.append(self.model.predict(self.model(batch)).float())
+        return torch.cat(out) if out else torch.zeros(0, self.model.num_tasks, device=self.device)
+
+    def _batches(self, train: TensorTable, generator: torch.Generator) -> Iterator[tuple[TensorTable, float]]:
+        """The epoch's training batches on the device, each with its share of the global batch (data
+        parallel: this rank's slice of every global batch; see :mod:`mtrec.train.distributed`)."""
+        if self.distributed is not None:
+            parts = self.distributed.batches(train, self.config.batch_size, generator)
+        else:
+            parts = (
+                (b, 1.0) for b in iterate_batches(train, self.config.batch_size, shuffle=True, generator=generator)
+            )
+        for batch, share in parts:
+            yield move(batch, self.device), share
+
+    def _steps(self, rows: int) -> int:
+        if self.distributed is not None:
+            return self.distributed.steps(rows, self.config.batch_size)
+        return -(-rows // self.config.batch_size)
+
+    def _forward_losses(self, batch: TensorTable, share: float) -> tuple[Any, torch.Tensor]:
+        """The step's forward pass and per-task losses ``[T]`` (data parallel: the global batch's losses,
+        with this rank's part of their gradient; a balancer that all-reduces gradients itself runs it
+        outside DDP's gradient synchronisation)."""
+        if self._forward is None:
+            assert self.distributed is not None
+            self._forward = self.distributed.wrap(self.model, batch)
+        sync = contextlib.nullcontext()
+        if self.distributed is not None and self.balancer.reduces_own_gradients:
+            sync = self._forward.no_sync()  # type: ignore[operator]
+        with sync, autocast(self.device, self.config.bf16):
+            output = self._forward(batch)
+            losses = self.model.losses(output, batch)  # [T]
+        if self.distributed is not None:
+            losses = self.distributed.global_losses(losses.float(), share)
+        return output, losses
+
+    def _sync_balancer(self) -> None:
+        """Data parallel: average the balancer's own gradients (the same on every rank when they depend on
+        the losses alone; GradNorm's depend on each rank's gradients)."""
+        if self.distributed is not None:
+            self.distributed.mean_([p.grad for p in self.balancer.parameters()])
 
     def evaluate(self, table: TensorTable) -> dict:
         """Metrics of ``table``; predictions or metrics that are not finite mean training diverged."""
@@ -167,33 +245,36 @@ class Trainer:
         """One epoch; ``skip`` batches of it were done before a checkpoint (their sums are in ``self._sums``)."""
         self.model.train()
         if not skip:
-            self._sums = torch.zeros(self.model.num_tasks)
+            self._sums = torch.zeros(self.model.num_tasks, device=self.device)
             self._stat_sums = {}
         self._epoch, self._batch = epoch, skip
         self._epoch_generator = generator.get_state()
-        total = -(-len(train) // self.config.batch_size)
+        total = self._steps(len(train))
         show = self.config.progress
         bar = tqdm(
             total=total,
             initial=skip,
             desc=f"epoch {epoch}",
-            disable=None if show is None else not show,
+            # None: tqdm decides (shown on a terminal only); other ranks never show one
+            disable=True
+            if self.distributed is not None and self.distributed.rank > 0
+            else None
+            if show is None
+            else not show,
             leave=False,
             dynamic_ncols=True,
         )
-        for index, batch in enumerate(
-            iterate_batches(train, self.config.batch_size, shuffle=True, generator=generator)
-        ):
+        for index, (batch, share) in enumerate(self._batches(train, generator)):
             if index < skip:  # done before the checkpoint this run resumed from (the shuffle is the same)
                 continue
-            output = self.model(batch)
-            losses = self.model.losses(output, batch)  # [T]
+            output, losses = self._forward_losses(batch, share)
             self._check_losses(losses.detach(), epoch)
             for cb in self.callbacks:
                 cb.on_losses(self, self.step, losses, output)
             self.optimizer.zero_grad(set_to_none=True)
-            context = StepContext(step=self.step, epoch=epoch, model=self.model, extra={"output": output})
+            context = StepContext(step=self.step, epoch=epoch, model=self.model, shared=output.shared)
             self.balancer.backward(losses, context, output.aux_loss)
+            self._sync_balancer()
             self.optimizer.step()
             detached = losses.detach()
             self._sums += detached
@@ -280,11 +361,12 @@ class Trainer:
         self._epoch, self._batch, self.step = int(state["epoch"]), int(state["batch"]), int(state["step"])
         self._stopped = bool(state["stopped"])
         self._epoch_generator = state["epoch_generator"]
-        self._sums = state["sums"].clone()
+        self._sums = state["sums"].clone().to(self.device)
         self._stat_sums = dict(state["stat_sums"])
         self._best = (float(state["best_score"]), int(state["best_epoch"]), state["best_state"])
         self._history = list(state["history"])
-        self.first_losses = state["first_losses"]
+        first = state["first_losses"]
+        self.first_losses = None if first is None else first.to(self.device)
         _set_random_states(state["random"])
 
     def _epoch_line(self, record: dict, seconds: float) -> str:
@@ -313,7 +395,10 @@ class Trainer:
         if resume is not None:
             self.load_state_dict(resume)
             first, skip = self._epoch, self._batch
+            assert self._epoch_generator is not None  # every checkpoint records the epoch's generator
             generator.set_state(self._epoch_generator)
+        if self.distributed is not None:
+            self.distributed.seed_rank(self.config.seed, self.step)
         for epoch in range(first, self.config.epochs + 1):
             if self._stopped:
                 break
@@ -322,7 +407,7 @@ class Trainer:
             skip = 0
             self.balancer.on_epoch_end(epoch, train_losses)
             metrics = self.evaluate(valid)
-            score = mean_auc(metrics, self.model.layout)
+            score = selection_score(metrics, self.model.layout, self.config.select_by)
             record = {
                 "epoch": epoch,
                 "train_loss": dict(zip(self.model.task_names, train_losses.tolist())),
@@ -344,7 +429,7 @@ class Trainer:
             # the next epoch starts here: its shuffle comes from the generator as it is now
             self._epoch, self._batch = epoch + 1, 0
             self._epoch_generator = generator.get_state()
-            self._sums = torch.zeros(self.model.num_tasks)
+            self._sums = torch.zeros(self.model.num_tasks, device=self.device)
             self._stat_sums = {}
             if self.checkpoint is not None:
                 self.checkpoint(self.state_dict())
