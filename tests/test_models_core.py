@@ -160,3 +160,20 @@ def test_memory_check_counts_the_whole_model_without_building_it(name: str, cens
 
     built = sum(p.numel() for p in build_model(name, census_store.layout).parameters())
     assert count_parameters(name, census_store.layout, None) == built
+
+
+def test_an_undefined_selection_score_is_null_in_the_history(census_store) -> None:
+    """Selecting by a metric the validation split cannot define (one label class) never wins and is
+    recorded as null, so history.json stays strict JSON."""
+    import json
+
+    valid = census_store.split("valid")
+    negatives = valid.take(torch.nonzero(valid.labels[:, 0] == 0).squeeze(1))  # income: one class only
+    seed_everything(0)
+    model = build_model("shared_bottom", census_store.layout)
+    config = TrainConfig(epochs=1, batch_size=512, select_by="income.auc", progress=False)
+    fit = Trainer(model, BALANCERS.get("fixed")(model.task_names), config).fit(
+        census_store.split("train").slice(0, 2048), negatives
+    )
+    assert fit.history[0]["score"] is None
+    json.dumps(fit.history, allow_nan=False)  # raises on -Infinity

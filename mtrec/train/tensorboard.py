@@ -46,7 +46,8 @@ class TensorBoardLogger(Callback):
             for metric, value in metrics.items():
                 if value is not None:
                     self.writer.add_scalar(f"valid/{task}/{metric}", float(value), trainer.step)
-        self.writer.add_scalar("valid/score", float(record["score"]), trainer.step)
+        if record["score"] is not None:
+            self.writer.add_scalar("valid/score", float(record["score"]), trainer.step)
         self.writer.flush()
 
     def close(self) -> None:

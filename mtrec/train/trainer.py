@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -381,7 +382,7 @@ class Trainer:
                 valid.append(f"{task} {name} {value:.4f}")
         return (
             f"epoch {record['epoch']}/{self.config.epochs}  train loss {losses}  valid {'  '.join(valid)}  "
-            f"score {record['score']:.4f}  {seconds:.1f} s"
+            f"score {'undefined' if record['score'] is None else format(record['score'], '.4f')}  {seconds:.1f} s"
         )
 
     def fit(self, train: TensorTable, valid: TensorTable, resume: dict | None = None) -> FitResult:
@@ -412,7 +413,7 @@ class Trainer:
                 "epoch": epoch,
                 "train_loss": dict(zip(self.model.task_names, train_losses.tolist())),
                 "valid": metrics,
-                "score": score,
+                "score": score if math.isfinite(score) else None,  # undefined (one label class): null in JSON
                 "weights": self.balancer.weights(),
                 "balancer": self.epoch_stats,  # per-epoch means of the balancer's per-step stats
             }
