@@ -288,9 +288,12 @@ def _lookup_column(frame: pl.DataFrame, column: str, vocab: list[str] | pl.DataF
         ints, null, lut = _int_table(vocab, table, default)
         blank = raw.is_null().to_numpy() if raw.null_count() else None
         if lut is not None:
-            values = raw.cast(pl.Int64).fill_null(-1).to_numpy()
-            inside = (values >= 0) & (values < len(lut))
-            out = np.where(inside, lut[np.where(inside, values, 0)], default)
+            values = (raw.cast(pl.Int64).fill_null(-1) if blank is not None else raw.cast(pl.Int64)).to_numpy()
+            if values.size and values.min() >= 0 and values.max() < len(lut):  # all inside: one gather
+                out = lut[values]
+            else:
+                inside = (values >= 0) & (values < len(lut))
+                out = np.where(inside, lut[np.where(inside, values, 0)], default)
         else:
             ids = raw.cast(pl.Int64).replace_strict(ints["token"], ints["id"], default=default, return_dtype=pl.Int64)
             out = ids.to_numpy()
@@ -408,6 +411,28 @@ def encode(
     """Encode a frame into arrays: ``sparse``, ``dense``, ``labels``, ``seq.<name>``, ``weight``, ``user``.
     ``users`` (``{token, id}``): the user ids of the whole split when ``frame`` is one chunk of it (else
     the dense rank of the user text within ``frame``)."""
+    sparse, dense, arrays = encode_columns(frame, schema, enc, path, with_labels, users)
+    n = frame.height
+    # rows of columns, then one transposing copy: twice as fast as np.stack(axis=1)'s strided writes
+    return {
+        "sparse": np.ascontiguousarray(np.vstack(sparse).T) if sparse else np.zeros((n, 0), np.int64),
+        "dense": (np.vstack(dense).T if dense else np.zeros((n, 0))).astype(np.float32, order="C"),
+        **arrays,
+    }
+
+
+def encode_columns(
+    frame: pl.DataFrame,
+    schema: Schema,
+    enc: Encoders,
+    path: Path,
+    with_labels: bool = True,
+    users: pl.DataFrame | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, np.ndarray]]:
+    """What :func:`encode` encodes, with the ``sparse`` and ``dense`` matrices left as their columns (the
+    ids of each sparse feature; each dense feature standardised, float64): a chunked writer assembles the
+    rows in small reused blocks instead of two whole-chunk copies (``encode``'s ``sparse`` is
+    ``np.vstack(columns).T`` as int64, its ``dense`` the same as float32)."""
     check_columns(frame, path, schema, with_labels)
     n = frame.height
     features = schema.features_of("sparse")
@@ -416,11 +441,7 @@ def encode(
     for f in schema.features_of("dense"):
         mean, std = enc.stats[f.name]
         dense.append((_dense_values(frame, f, path) - mean) / std)
-    # rows of columns, then one transposing copy: twice as fast as np.stack(axis=1)'s strided writes
-    arrays = {
-        "sparse": np.ascontiguousarray(np.vstack(sparse).T) if sparse else np.zeros((n, 0), np.int64),
-        "dense": (np.vstack(dense).T if dense else np.zeros((n, 0))).astype(np.float32, order="C"),
-    }
+    arrays: dict[str, np.ndarray] = {}
     for f in schema.features_of("sequence"):
         arrays[f"seq.{f.name}"] = _encode_sequence(frame, f, enc.vocabs[_vocab_owner(f)])
     if with_labels:
@@ -434,7 +455,7 @@ def encode(
         arrays["user"] = _lookup_column(frame, schema.user, users, default=0)
     elif schema.user:
         arrays["user"] = _as_text(frame, schema.user).rank("dense").to_numpy().astype(np.int64)
-    return arrays
+    return sparse, dense, arrays
 
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool): a forked child makes its own
@@ -464,15 +485,17 @@ def build_layout(schema: Schema, enc: Encoders) -> FeatureLayout:
     )
 
 
-def split_rows(n: int, shares: list[float], seed: int) -> list[np.ndarray]:
-    """Seeded random split of ``range(n)``: one index array per share, the rest last."""
+def split_rows(n: int, shares: list[float], seed: int, sort: bool = True) -> list[np.ndarray]:
+    """Seeded random split of ``range(n)``: one index array per share, the rest last (each sorted, unless
+    ``sort`` is False: the same rows, in the permutation's order, for a caller that only scatters them)."""
     perm = np.random.default_rng(seed).permutation(n)
     out, start = [], 0
     for share in shares:
         size = int(round(n * share))
-        out.append(np.sort(perm[start : start + size]))
+        part = perm[start : start + size]
+        out.append(np.sort(part) if sort else part)
         start += size
-    out.append(np.sort(perm[start:]))
+    out.append(np.sort(perm[start:]) if sort else perm[start:])
     return out
 
 

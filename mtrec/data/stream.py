@@ -11,7 +11,9 @@ in chunks of rows and written into preallocated ``.npy`` files, in three passes 
    of every split, and the row count of every split.
 3. **Encode**: every chunk again, encoded with the fitted encoders and appended to its split's ``.npy``
    files, whose headers already hold the final shapes (the row counts of pass 2), so the store is
-   written sequentially, one chunk in memory at a time, and opened memory-mapped afterwards.
+   written sequentially, one chunk in memory at a time, and opened memory-mapped afterwards. The sparse
+   and dense matrices are assembled from their columns in small reused blocks of rows (:class:`_Blocks`),
+   and a chunk is written on a writer thread while the next one is read and encoded.
 
 Rows keep their file order inside every split, so any chunk size gives the same arrays, and these are
 exactly the arrays of the in-memory path (:func:`mtrec.data.ingest.ingest`) up to a training split of
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,7 @@ from mtrec.data.ingest import (
     canonical_ids,
     check_columns,
     encode,
+    encode_columns,
     read_labels,
     split_rows,
 )
@@ -336,7 +340,7 @@ class ChunkedSource:
                 n = sum(count_rows(file, schema.format) for file in train.files)
             shares = [schema.valid_share if s == "valid" else schema.test_share for s in self.carve]
             self.assignment = np.zeros(n, dtype=np.int8)
-            for name, idx in zip(self.carve, split_rows(n, shares, schema.split_seed)[:-1]):
+            for name, idx in zip(self.carve, split_rows(n, shares, schema.split_seed, sort=False)[:-1]):
                 self.assignment[idx] = CODES[name]
 
     def _prepared(self, source: _Source, count: bool = True) -> Iterator[tuple[Path, pl.DataFrame, int]]:
@@ -485,9 +489,21 @@ def ingest_to(
     tables = {split: found.table() for split, found in users.items()}
     written: dict[str, dict[str, tuple[BinaryIO | None, np.dtype, tuple[int, ...]]]] = {}
     offsets = dict.fromkeys(rows, 0)
-    with ExitStack() as files:
+    blocks = _Blocks()
+    # one writer thread: a part's arrays are written while the next part is read and encoded (the store is
+    # larger than the page cache takes without throttling, so its writes wait on the disk)
+    with ExitStack() as files, ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrec-store") as writer:
+        pending: Future[None] | None = None
         for split, part, file, _, _ in source.chunks():
-            arrays = encode(part, schema, enc, file, users=tables.get(split))
+            sparse, dense, encoded = encode_columns(part, schema, enc, file, users=tables.get(split))
+            arrays: dict[str, np.ndarray | _Columns] = {
+                "sparse": _Columns(sparse, np.result_type(*sparse) if sparse else np.dtype(np.int64), part.height),
+                "dense": _Columns(dense, np.dtype(np.float32), part.height),
+                **encoded,
+            }
+            if pending is not None:  # the previous part is written before any file is touched again
+                pending.result()
+                pending = None
             if split not in written:  # each array's .npy header (its final shape), then rows appended
                 written[split] = {}
                 for key, value in arrays.items():
@@ -500,12 +516,16 @@ def ingest_to(
                     }
                     np.lib.format.write_array_header_1_0(out, header)
                     written[split][key] = (out, value.dtype, shape)
+            jobs: list[tuple[BinaryIO, np.ndarray | _Columns]] = []
             for key, value in arrays.items():
                 handle, dtype, shape = written[split][key]
                 if handle is None or value.dtype != dtype or value.shape[1:] != shape[1:]:
                     raise AssertionError(f"{split}.{key}: a chunk encoded as {value.dtype}{value.shape}")
-                np.ascontiguousarray(value).tofile(handle)
+                jobs.append((handle, value))
+            pending = writer.submit(blocks.write_all, jobs)
             offsets[split] += part.height
+        if pending is not None:
+            pending.result()
         for split in rows:
             if split not in written:  # a split without rows still has its (empty) arrays
                 empty = encode(_empty_like(schema, source), schema, enc, source.sources[0].path, users=None)
@@ -516,6 +536,55 @@ def ingest_to(
         raise MtrecError(f"schema '{schema.name}': the source changed during ingestion; run again")
     meta = {split: {"rows": int(n), "arrays": sorted(written[split])} for split, n in rows.items()}
     return enc, layout, meta
+
+
+BLOCK_BYTES = 1 << 19  # rows are assembled from their columns in blocks of about this size (cache-sized)
+
+
+@dataclass
+class _Columns:
+    """A matrix ``[rows, len(columns)]`` of ``dtype`` given as its columns, not yet assembled."""
+
+    columns: list[np.ndarray]
+    dtype: np.dtype
+    rows: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, len(self.columns))
+
+
+class _Blocks:
+    """Writes a :class:`_Columns` matrix row-major to a file through a reused block buffer: each block of
+    rows is filled column by column (the cast to the matrix's dtype as ``astype`` casts) and written, so a
+    chunk is never assembled whole (two copies of fresh memory: the slowest part of encoding a chunk)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[np.dtype, int], np.ndarray] = {}
+
+    def write(self, matrix: _Columns, handle: BinaryIO) -> None:
+        width = len(matrix.columns)
+        if width == 0 or matrix.rows == 0:
+            return
+        per = max(1, BLOCK_BYTES // (width * matrix.dtype.itemsize))
+        key = (matrix.dtype, width)
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            buffer = self.buffers[key] = np.empty((per, width), dtype=matrix.dtype)
+        for start in range(0, matrix.rows, per):
+            stop = min(start + per, matrix.rows)
+            block = buffer[: stop - start]
+            for j, column in enumerate(matrix.columns):
+                block[:, j] = column[start:stop]
+            block.tofile(handle)
+
+    def write_all(self, jobs: list[tuple[BinaryIO, np.ndarray | _Columns]]) -> None:
+        """Append each array (or matrix of columns) to its file, in order."""
+        for handle, value in jobs:
+            if isinstance(value, _Columns):
+                self.write(value, handle)
+            else:
+                np.ascontiguousarray(value).tofile(handle)
 
 
 def _empty_like(schema: Schema, source: ChunkedSource) -> pl.DataFrame:
