@@ -14,7 +14,7 @@ all that is shared, as the gradient balancers do). A model that declares no last
 that shares only embeddings) is read on all its shared elements under either scope.
 
 Cost: ``T`` backward passes from the losses down to the scope's layers on a sampled step, none on the
-others. On ``mmoe`` / Census a sample costs about half a training step at ``last`` and about
+others. On ``mmoe`` / Census a sample costs about a third of a training step at ``last`` and about
 one step at ``all``, where the passes run through the widest expert layers (BENCHMARKS.md). At
 ``all``, a gradient balancer at ``level=params`` (default ``embeddings=sum``) already built the same
 gradients: the monitor then reads its Gram matrix instead, at no cost. At ``last`` it always takes

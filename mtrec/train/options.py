@@ -39,9 +39,10 @@ class TrainConfig(BaseModel):
         "weighted_uauc, weighted_gauc (the tasks' schema weights) or TASK.METRIC, e.g. like.auc",
     )
     # The gradient conflict monitor samples every this many steps (0: off). Every 8 gives about 22 samples
-    # per Census epoch of 175 steps; on the last shared layer (the default scope) a sample costs about half
-    # a training step on mmoe / Census, +6.8% CPU time per step at every 8 (benchmarks/monitor_overhead.py,
-    # BENCHMARKS.md); on all shared dense parameters about one step, +16%.
+    # per Census epoch of 175 steps; on the last shared layer (the default scope) a sample costs about a
+    # third of a training step on mmoe / Census: +3.9% CPU time per step at every 8 on quiet cores, +6-7%
+    # beside other work (benchmarks/monitor_overhead.py, BENCHMARKS.md); on all shared dense parameters about
+    # one step, +16%.
     monitor_every: int = Field(
         8,
         ge=0,
