@@ -189,7 +189,7 @@ class GradientBalancer(Balancer):
         if not shared:
             raise MtrecError(
                 f"balancer '{self.registered_name}' combines gradients of shared parameters; "
-                f"model '{getattr(model, 'registered_name', type(model).__name__)}' shares none"
+                f"model '{model.model_name()}' shares none"
             )
         task = self.task_losses(losses)
         if self.level == "repr":

@@ -86,7 +86,7 @@ class GradNorm(Balancer):
         if not layer:
             raise MtrecError(
                 f"gradnorm measures gradient norms on the last shared layer; model "
-                f"'{getattr(context.model, 'registered_name', type(context.model).__name__)}' shares only its "
+                f"'{context.model.model_name()}' shares only its "
                 f"embedding tables. Models with a shared layer: {', '.join(models_with_shared_layer(context.model.layout))}"
             )
         with torch.no_grad():

@@ -55,6 +55,12 @@ class MultiTaskModel(nn.Module):
     config: ModelConfig
     registered_name: ClassVar[str]  # set by MODELS.register
 
+    @classmethod
+    def model_name(cls) -> str:
+        """The name the model is registered under (its class name for a model built outside the registry),
+        as messages name it."""
+        return getattr(cls, "registered_name", cls.__name__)
+
     # buffers (register_buffer), declared for the type checker
     is_binary: Tensor
     space_index: Tensor

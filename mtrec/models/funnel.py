@@ -182,7 +182,7 @@ class FunnelModel(MultiTaskModel):
 
     def __init__(self, layout: FeatureLayout, config: FunnelConfig) -> None:
         super().__init__(layout, config)
-        self.funnel = funnel_of(layout, getattr(self, "registered_name", type(self).__name__))
+        self.funnel = funnel_of(layout, self.model_name())
         self.register_buffer("chain", self.funnel.chain_matrix(), persistent=False)  # [T, T]
         self.register_buffer("member", torch.tensor(self.funnel.member), persistent=False)  # [T]
 

@@ -574,7 +574,7 @@ def _check(
 
 
 def model_name(model: MultiTaskModel) -> str:
-    return getattr(model, "registered_name", type(model).__name__)
+    return model.model_name()
 
 
 # ---- export ----------------------------------------------------------------------------------------
