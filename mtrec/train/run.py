@@ -272,6 +272,24 @@ def _write_checkpoint(path: Path, state: dict) -> None:
     _test_pause("after")
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What one :func:`train_run` call trains and how, passed whole down its layers (the rank's part, the
+    run directory's checks, the training itself)."""
+
+    schema: Schema
+    model_name: str
+    train_config: TrainConfig
+    model_options: dict | None
+    balancer_name: str
+    balancer_options: dict | None
+    task_weights: Sequence[float] | None
+    checkpoint_every: int
+    threads: int | None
+    device: torch.device
+    distributed: Distributed | None
+
+
 def train_run(
     schema: Schema,
     model_name: str,
@@ -305,80 +323,50 @@ def train_run(
     try:
         device = distributed.device if distributed is not None else resolve_device(train_config.device)
         check_precision(device, train_config.bf16)
-        if distributed is not None and not distributed.is_main:
-            # rank 0 checks the run directory and builds the store; this rank follows its verdict and
-            # writes nothing (no run directory, no TensorBoard, no echo)
-            try:
-                checkpoint = distributed.hear()
-                return _train(
-                    schema,
-                    model_name,
-                    None,
-                    train_config,
-                    model_options,
-                    balancer_name,
-                    balancer_options,
-                    task_weights,
-                    False,
-                    checkpoint,
-                    checkpoint_every,
-                    None,
-                    threads=threads,
-                    device=device,
-                    distributed=distributed,
-                )
-            except MtrecError as err:  # the same error as rank 0's, which prints it
-                raise FollowerError(str(err)) from None
-        return _train_main(
+        job = _Job(
             schema,
             model_name,
-            out,
             train_config,
             model_options,
             balancer_name,
             balancer_options,
             task_weights,
-            tensorboard,
-            overwrite=overwrite,
-            resume=resume,
-            checkpoint_every=checkpoint_every,
-            threads=threads,
-            echo=echo,
-            device=device,
-            distributed=distributed,
+            checkpoint_every,
+            threads,
+            device,
+            distributed,
         )
+        if distributed is not None and not distributed.is_main:
+            # rank 0 checks the run directory and builds the store; this rank follows its verdict and
+            # writes nothing (no run directory, no TensorBoard, no echo)
+            try:
+                return _train(job, None, False, distributed.hear(), None)
+            except MtrecError as err:  # the same error as rank 0's, which prints it
+                raise FollowerError(str(err)) from None
+        return _train_main(job, out, tensorboard, overwrite=overwrite, resume=resume, echo=echo)
     finally:
         if distributed is not None:
             distributed.close()
 
 
 def _train_main(
-    schema: Schema,
-    model_name: str,
+    job: _Job,
     out: Path | None,
-    train_config: TrainConfig,
-    model_options: dict | None,
-    balancer_name: str,
-    balancer_options: dict | None,
-    task_weights: Sequence[float] | None,
     tensorboard: bool,
     *,
     overwrite: bool,
     resume: bool,
-    checkpoint_every: int,
-    threads: int | None,
     echo: Callable[[str], None] | None,
-    device: torch.device,
-    distributed: Distributed | None,
 ) -> RunResult:
     """:func:`train_run` in a single process, or on rank 0 of a data-parallel run (which checks the run
     directory, builds the store and tells the other ranks to go, or why not)."""
+    distributed = job.distributed
     told = False
 
     def go(checkpoint: dict | None) -> None:
         nonlocal told
         if distributed is not None:
-            load_store(schema, echo=echo)  # built once, here, before the other ranks open it
+            load_store(job.schema, echo=echo)  # built once, here, before the other ranks open it
             distributed.tell(checkpoint)
         told = True
 
@@ -389,42 +377,9 @@ def _train_main(
             if distributed is not None and not told:
                 distributed.tell(error=str(err))
             raise
-        return _train(
-            schema,
-            model_name,
-            None,
-            train_config,
-            model_options,
-            balancer_name,
-            balancer_options,
-            task_weights,
-            tensorboard,
-            None,
-            checkpoint_every,
-            echo,
-            device=device,
-            distributed=distributed,
-        )
+        return _train(job, None, tensorboard, None, echo)
     try:
-        return _train_out(
-            schema,
-            model_name,
-            out,
-            train_config,
-            model_options,
-            balancer_name,
-            balancer_options,
-            task_weights,
-            tensorboard,
-            overwrite=overwrite,
-            resume=resume,
-            checkpoint_every=checkpoint_every,
-            threads=threads,
-            echo=echo,
-            device=device,
-            distributed=distributed,
-            go=go,
-        )
+        return _train_out(job, out, tensorboard, overwrite=overwrite, resume=resume, echo=echo, go=go)
     except MtrecError as err:
         if distributed is not None and not told:
             distributed.tell(error=str(err))
@@ -432,23 +387,13 @@ def _train_main(
 
 
 def _train_out(
-    schema: Schema,
-    model_name: str,
+    job: _Job,
     out: Path,
-    train_config: TrainConfig,
-    model_options: dict | None,
-    balancer_name: str,
-    balancer_options: dict | None,
-    task_weights: Sequence[float] | None,
     tensorboard: bool,
     *,
     overwrite: bool,
     resume: bool,
-    checkpoint_every: int,
-    threads: int | None,
     echo: Callable[[str], None] | None,
-    device: torch.device,
-    distributed: Distributed | None,
     go: Callable[[dict | None], None],
 ) -> RunResult:
     """Train into the run directory ``out`` (locked while training); ``go(checkpoint)`` is called once the
@@ -487,24 +432,7 @@ def _train_out(
                 f"--out {out}: an interrupted run is here; --resume continues it, --overwrite starts again"
             )
         go(checkpoint)
-        result = _train(
-            schema,
-            model_name,
-            out,
-            train_config,
-            model_options,
-            balancer_name,
-            balancer_options,
-            task_weights,
-            tensorboard,
-            checkpoint,
-            checkpoint_every,
-            echo,
-            overwrite=overwrite,
-            threads=threads,
-            device=device,
-            distributed=distributed,
-        )
+        result = _train(job, out, tensorboard, checkpoint, echo, overwrite=overwrite)
     except MtrecError:
         if created:  # nothing of a run that failed on the user's input is left behind
             shutil.rmtree(out, ignore_errors=True)
@@ -515,40 +443,36 @@ def _train_out(
 
 
 def _train(
-    schema: Schema,
-    model_name: str,
+    job: _Job,
     out: Path | None,
-    train_config: TrainConfig,
-    model_options: dict | None,
-    balancer_name: str,
-    balancer_options: dict | None,
-    task_weights: Sequence[float] | None,
     tensorboard: bool,
     checkpoint: dict | None,
-    checkpoint_every: int,
     echo: Callable[[str], None] | None,
     overwrite: bool = False,
-    threads: int | None = None,
-    device: torch.device | None = None,
-    distributed: Distributed | None = None,
 ) -> RunResult:
-    store = load_store(schema, echo=echo if distributed is None else None)
+    store = load_store(job.schema, echo=echo if job.distributed is None else None)
     train, valid, test = store.require("train"), store.split("valid"), store.split("test")
     if valid is None or len(valid) == 0:
-        raise MtrecError(f"schema '{schema.name}': no validation rows; set valid_fraction > 0 or source.valid")
-    check_memory(model_name, store.layout, model_options)
-    check_select_by(train_config.select_by, store.layout, valid.user is not None)
+        raise MtrecError(f"schema '{job.schema.name}': no validation rows; set valid_fraction > 0 or source.valid")
+    check_memory(job.model_name, store.layout, job.model_options)
+    check_select_by(job.train_config.select_by, store.layout, valid.user is not None)
     arguments = _arguments(
-        model_name, model_options, balancer_name, balancer_options, task_weights, train_config, schema
+        job.model_name,
+        job.model_options,
+        job.balancer_name,
+        job.balancer_options,
+        job.task_weights,
+        job.train_config,
+        job.schema,
     )
-    if distributed is not None:  # the global batch is world_size x batch_size: a resume needs the same count
-        arguments["processes"] = distributed.world_size
+    if job.distributed is not None:  # the global batch is world_size x batch_size: a resume needs the same count
+        arguments["processes"] = job.distributed.world_size
     if checkpoint is not None:
         _check_same_arguments(checkpoint.get("arguments", {}), arguments, out)
         recorded = int(checkpoint["trainer"]["threads"])
-        if threads is not None and threads != recorded:
+        if job.threads is not None and job.threads != recorded:
             raise MtrecError(
-                f"--resume {out}: the run trains on {recorded} thread(s) (--threads {threads} given); "
+                f"--resume {out}: the run trains on {recorded} thread(s) (--threads {job.threads} given); "
                 f"a resumed run uses the recorded count to stay bit-identical: drop --threads"
             )
         torch.set_num_threads(recorded)
@@ -563,14 +487,14 @@ def _train(
                 out / INCOMPLETE,
                 {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "arguments": arguments},
             )
-    seed_everything(train_config.seed)
-    model = build_model(model_name, store.layout, model_options)
-    balancer = build_balancer(balancer_name, store.layout.task_names, balancer_options, task_weights)
+    seed_everything(job.train_config.seed)
+    model = build_model(job.model_name, store.layout, job.model_options)
+    balancer = build_balancer(job.balancer_name, store.layout.task_names, job.balancer_options, job.task_weights)
     loggers = [TensorBoardLogger(out / "tensorboard")] if out is not None and tensorboard else []
     callbacks: list = list(loggers)
-    if train_config.monitor_every:  # data parallel: on every rank (rank 0 records it; the steps stay in step)
+    if job.train_config.monitor_every:  # data parallel: on every rank (rank 0 records it; the steps stay in step)
         writer = loggers[0].writer if loggers else None
-        callbacks.append(ConflictMonitor(train_config.monitor_every, train_config.monitor_scope, writer=writer))
+        callbacks.append(ConflictMonitor(job.train_config.monitor_every, job.train_config.monitor_scope, writer=writer))
     save = None
     if out is not None:
 
@@ -580,13 +504,13 @@ def _train(
     trainer = Trainer(
         model,
         balancer,
-        train_config,
+        job.train_config,
         callbacks=callbacks,
         checkpoint=save,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=job.checkpoint_every,
         echo=echo,
-        device=device,
-        distributed=distributed,
+        device=job.device,
+        distributed=job.distributed,
     )
     try:
         fit = trainer.fit(train, valid, resume=None if checkpoint is None else checkpoint["trainer"])
@@ -594,9 +518,9 @@ def _train(
         for logger in loggers:
             logger.close()
     metrics = {
-        "model": model_name,
-        "seed": train_config.seed,
-        "balancer": balancer_name,
+        "model": job.model_name,
+        "seed": job.train_config.seed,
+        "balancer": job.balancer_name,
         "best_epoch": fit.best_epoch,
         "valid": trainer.evaluate(valid),
         "test": trainer.evaluate(test) if test is not None and len(test) else {},
@@ -607,7 +531,7 @@ def _train(
         for split, values in (("valid", metrics["valid"]), ("test", metrics["test"]))
         if isinstance(values, dict) and values
     }
-    metrics["select_by"] = train_config.select_by
+    metrics["select_by"] = job.train_config.select_by
     model.cpu()  # the run's model is used and saved on the CPU, wherever it trained
     if out is not None:
         from mtrec.config import RunConfig
@@ -615,29 +539,33 @@ def _train(
         config = {
             "run_format": RUN_FORMAT,
             "mtrec_version": __version__,
-            "model": model_name,
+            "model": job.model_name,
             "model_options": model.config.model_dump(mode="json"),
             "layout": store.layout.to_dict(),
             "schema": store.schema,
-            "train": train_config.model_dump(mode="json"),
-            "balancer": {"name": balancer_name, "options": balancer_options or {}, "task_weights": task_weights},
+            "train": job.train_config.model_dump(mode="json"),
+            "balancer": {
+                "name": job.balancer_name,
+                "options": job.balancer_options or {},
+                "task_weights": job.task_weights,
+            },
             # how it was trained: processes (batch_size is per process) and device
             "training": {
-                "processes": 1 if distributed is None else distributed.world_size,
-                "backend": None if distributed is None else distributed.backend,
+                "processes": 1 if job.distributed is None else job.distributed.world_size,
+                "backend": None if job.distributed is None else job.distributed.backend,
                 "device": str(trainer.device),
             },
             # the whole run as a RunConfig, the recorded schema inline: `mtrec train --config RUN/config.json`
             # reruns it (mtrec.config.read_run_config)
             "run_config": RunConfig.model_validate(
                 {
-                    **train_config.model_dump(),
+                    **job.train_config.model_dump(),
                     "schema": store.schema,
-                    "model": model_name,
-                    "model_args": model_options or {},
-                    "balancer": balancer_name,
-                    "balancer_args": balancer_options or {},
-                    "task_weights": None if task_weights is None else [float(w) for w in task_weights],
+                    "model": job.model_name,
+                    "model_args": job.model_options or {},
+                    "balancer": job.balancer_name,
+                    "balancer_args": job.balancer_options or {},
+                    "task_weights": None if job.task_weights is None else [float(w) for w in job.task_weights],
                     "tensorboard": tensorboard,
                 }
             ).to_json(),
