@@ -30,16 +30,13 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from machine import cpu_model, load_average
+from machine import cpu_model, load_average, write_section
 
-REPO = Path(__file__).resolve().parents[1]
 SECTION = "## A shared machine: training beside a busy process (issue 12 §2)"
 NOTES_MARK = "<!-- notes below this line are kept by benchmarks/contention.py --write -->"
 POLICIES = ("old", "new")
@@ -161,22 +158,6 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = REPO / "BENCHMARKS.md") -> None:
-    """Replace (or append) this benchmark's section, keeping hand-written notes after ``NOTES_MARK``;
-    the file is re-read right before writing and replaced atomically."""
-    content = path.read_text()
-    if SECTION not in content:
-        content = content.rstrip("\n") + f"\n\n{SECTION}\n\n{NOTES_MARK}\n"
-    start = content.index(SECTION) + len(SECTION)
-    nxt = re.search(r"^## ", content[start:], flags=re.MULTILINE)
-    end = start + nxt.start() if nxt else len(content)
-    body = content[start:end]
-    notes = body[body.index(NOTES_MARK) :].rstrip() + "\n\n" if NOTES_MARK in body else ""
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(content[:start] + "\n\n" + text.rstrip() + "\n\n" + notes + content[end:].lstrip("\n"))
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians reported)")
@@ -238,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(table)
     if args.write:
-        write_section(table)
+        write_section(SECTION, NOTES_MARK, table)
         print(f"\nwrote the section '{SECTION[3:]}' of BENCHMARKS.md")
 
 

@@ -1,10 +1,13 @@
-"""What the benchmark scripts record about the machine they ran on."""
+"""What the benchmark scripts record about the machine they ran on, and how they write their figures."""
 
 from __future__ import annotations
 
 import os
 import platform
+import re
 from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
 def cpu_model() -> str:
@@ -21,3 +24,20 @@ def cpu_model() -> str:
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages, so a reader can tell whether timings met busy cores."""
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def write_section(section: str, notes_mark: str, text: str, path: Path = BENCHMARKS) -> None:
+    """Replace the body of the ``section`` heading of BENCHMARKS.md with ``text`` (append the section when it is
+    missing), keeping the hand-written notes after the ``notes_mark`` line; the file is re-read right before
+    writing and replaced atomically."""
+    content = path.read_text()
+    if section not in content:
+        content = content.rstrip("\n") + f"\n\n{section}\n\n{notes_mark}\n"
+    start = content.index(section) + len(section)
+    nxt = re.search(r"^## ", content[start:], flags=re.MULTILINE)
+    end = start + nxt.start() if nxt else len(content)
+    body = content[start:end]
+    notes = body[body.index(notes_mark) :].rstrip() + "\n\n" if notes_mark in body else ""
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(content[:start] + "\n\n" + text.rstrip() + "\n\n" + notes + content[end:].lstrip("\n"))
+    tmp.replace(path)

@@ -48,7 +48,6 @@ import contextlib
 import io
 import os
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -59,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_model, load_average
+from machine import cpu_model, load_average, write_section
 
 from mtrec.balancing.fixed import Fixed
 from mtrec.data.store import Store, load_store
@@ -69,7 +68,6 @@ from mtrec.models.base import build_model
 from mtrec.schema import load_schema
 from mtrec.train.trainer import TrainConfig, Trainer, seed_everything
 
-REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Training throughput and ingestion (issue 2)"
 NOTES_MARK = "<!-- notes below this line are kept by benchmarks/throughput.py --write -->"
 NUM_EXPERTS = 8
@@ -374,20 +372,6 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = REPO / "BENCHMARKS.md") -> None:
-    """Replace only the body of this benchmark's section (re-read right before writing).
-
-    Hand-written notes after the ``NOTES_MARK`` line of the section are kept.
-    """
-    content = path.read_text()
-    start = content.index(SECTION) + len(SECTION)
-    nxt = re.search(r"^## ", content[start:], flags=re.MULTILINE)
-    end = start + nxt.start() if nxt else len(content)
-    body = content[start:end]
-    notes = body[body.index(NOTES_MARK) :].rstrip() + "\n\n" if NOTES_MARK in body else ""
-    path.write_text(content[:start] + "\n\n" + text.rstrip() + "\n\n" + notes + content[end:].lstrip("\n"))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="runs per side (median reported)")
@@ -476,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(table)
     if args.write:
-        write_section(table)
+        write_section(SECTION, NOTES_MARK, table)
         print(f"\nwrote the section '{SECTION[3:]}' of BENCHMARKS.md")
 
 
