@@ -229,6 +229,33 @@ def test_context_ids_in_any_form_encode_as_per_candidate(tmp_path: Path, monkeyp
     assert ids["city", "None"] == ids["city", "''"] != ids["city", "'paris'"]
 
 
+def test_candidates_in_any_key_order_encode_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidates listing their columns in one order take the flatten-and-slice path, mixed orders the
+    per-row path: the same batch either way, misses (unknown ids, an id as a float or as its text)
+    included, and a missing column in a mixed-order request is still named."""
+    monkeypatch.setenv("MTREC_CACHE", str(tmp_path / "cache"))
+    schema = load_schema(write_toy(tmp_path / "toy", rows=120))
+    encoder = RequestEncoder(schema, load_store(schema).encoders, 100)
+    body = request_from_frame(read_frame(tmp_path / "toy" / "toy.csv", schema).head(8), schema, [])
+    cands = body["candidates"]
+    sparse_col = next(f.source_column for f in schema.features if f.type == "sparse")
+    cands[1][sparse_col], cands[2][sparse_col] = "never-seen", None  # an OOV and a missing id
+    uniform = encoder.encode({"context": {}, "candidates": cands})
+    mixed = [dict(reversed(list(c.items()))) if i % 2 else c for i, c in enumerate(cands)]
+    assert list(mixed[1]) != list(mixed[0])
+    got = encoder.encode({"context": {}, "candidates": mixed})
+    np.testing.assert_array_equal(got.sparse, uniform.sparse)
+    np.testing.assert_array_equal(got.dense, uniform.dense)
+    j = [f.source_column for f in schema.features_of("sparse")].index(sparse_col)
+    assert uniform.sparse[1, j] == 1  # the out-of-vocabulary id
+    broken = [dict(c) for c in mixed]
+    del broken[3][sparse_col]
+    broken[3]["not_a_column"] = 1
+    with pytest.raises(RequestError) as err:
+        encoder.encode({"context": {}, "candidates": broken})
+    assert err.value.field == "candidates[3].not_a_column"
+
+
 def test_encoder_matches_ingest_with_sequences(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Column-wise request encoding (context broadcast, a sequence as a JSON list, ids as numbers or
     text, unknown ids) equals the file encoding of the same rows."""
@@ -634,3 +661,31 @@ def test_request_timeout_gets_503_and_the_service_goes_on(runs: dict, one_thread
     late, health = asyncio.run(post(1e-6))
     assert late.status_code == 503 and "timed out" in late.json()["detail"] and health.status_code == 200
     assert asyncio.run(post(30.0))[0].status_code == 200
+
+
+def test_garbage_collector_settled_at_start_and_reload() -> None:
+    """At start the loaded objects are frozen (a full collection no longer walks them; it took ~150 ms
+    per pass in a served process); a reload unfreezes first, so a replaced run caught in a reference
+    cycle is freed then, not kept forever."""
+    import gc
+    import weakref
+
+    from mtrec.serve.service import settle_garbage_collector
+
+    class Node:
+        pass
+
+    try:
+        old = Node()
+        old.self = old  # a reference cycle: only the collector frees it
+        alive = weakref.ref(old)
+        settle_garbage_collector()
+        assert gc.get_freeze_count() > 0
+        del old
+        gc.collect()
+        assert alive() is not None  # frozen: out of the collector's reach
+        settle_garbage_collector(reload=True)
+        assert alive() is None  # the reload's unfreeze let the full collection free it
+        assert gc.get_freeze_count() > 0  # and what is alive now is frozen again
+    finally:
+        gc.unfreeze()

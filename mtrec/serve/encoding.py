@@ -11,8 +11,9 @@ the same id, ``617`` = ``"617"`` = ``"617.0"``; unknown ids get the out-of-vocab
 (an error when the schema gives no ``fill``), ``log``-transformed and standardised; a sequence is a
 JSON list whose first ``max_len`` items are kept (``""`` items are padding).
 
-The work is per column, not per value: one list of the column's values, one type check over the
-list (``set(map(type, ...))``), one numpy conversion, and a dict lookup mapped over the column.
+The work is per column, not per value: the candidates' values flattened once and sliced per column,
+one type check over each column (``set(map(type, ...))``), one numpy conversion, and dict lookups
+mapped over the columns (all sparse columns in one ``fromiter``).
 A value-by-value pass only runs to name the offending field once a column is known to be bad. A context
 id found as it is in the vocabulary is one dict lookup; any other form takes the column path.
 Every problem is a :class:`RequestError` naming the field (``candidates[3].age``).
@@ -291,6 +292,47 @@ class RequestEncoder:
 
     # ---- the whole request ---------------------------------------------------------------------------
 
+    def _by_column(self, context: dict, cands: list[dict], own: list[str]) -> dict[str, Sequence]:
+        """The candidates' values per column, each a sequence read only. When every candidate lists its
+        columns in the same order (what a client serialising one record type sends), one C-level flatten
+        of the dicts' values and a strided slice per column; otherwise an ``itemgetter`` per row and a
+        transpose (about 40% slower on 500 candidates x 30 columns)."""
+        if not own:
+            return {}
+        first = list(cands[0])
+        if set(first) == set(own) and list(map(list, cands)).count(first) == len(cands):
+            flat = list(chain.from_iterable(map(dict.values, cands)))
+            k = len(first)
+            return {column: flat[j::k] for j, column in enumerate(first)}
+        try:
+            rows = list(map(itemgetter(*own), cands))
+        except (KeyError, TypeError):
+            self._explain_columns(context, cands, own)
+            raise  # pragma: no cover - _explain_columns always raises here
+        return dict(zip(own, zip(*rows) if len(own) > 1 else [tuple(r for r in rows)]))
+
+    def _encode_sparse_columns(self, columns: list[tuple[FeatureSpec, Sequence, Callable[[int], str]]]) -> np.ndarray:
+        """``[len(columns), n]`` ids of several sparse columns of ``n`` values: each column type-checked,
+        then every lookup in one ``fromiter`` (one miss check for all of them, instead of per column)."""
+        n = len(columns[0][1])
+        for f, values, where in columns:
+            types = set(map(type, values))
+            if not types <= _ID_TYPES:
+                self._bad_type(values, _ID_TYPES, where, "a string or number id, or null", f)
+            if float in types:
+                for i, v in enumerate(values):
+                    if isinstance(v, float) and not math.isfinite(v):
+                        raise RequestError(422, where(i), f"{v} is not a valid id (feature {f.name})")
+        lookups = (map(self.vocab[f.name].sparse.get, values, repeat(-1)) for f, values, _ in columns)
+        ids = np.fromiter(chain.from_iterable(lookups), dtype=np.int64, count=n * len(columns)).reshape(-1, n)
+        if ids.min() < 0:  # misses: retried in canonical text, then OOV
+            for j, i in np.argwhere(ids < 0).tolist():
+                f, values, _ = columns[j]
+                ids[j, i] = _Vocab.lookup(self.vocab[f.name].sparse, [values[i]])[0]
+        return ids
+
+    # ---- the whole request ---------------------------------------------------------------------------
+
     def encode(self, body: Any) -> EncodedRequest:
         """Validate a parsed request body and encode it; :class:`RequestError` names the first bad field."""
         context, cands, own = self._structure(body)
@@ -299,35 +341,31 @@ class RequestEncoder:
         dense = np.empty((n, len(self.dense)), dtype=np.float32)
         sequences: dict[str, np.ndarray] = {}
         given_once: set[str] = set()
-        # the candidates' columns in one C-level pass (itemgetter per row, then a transpose), about a
-        # quarter of the cost of one list comprehension per column on 500 candidates x 40 columns
-        try:
-            rows = list(map(itemgetter(*own), cands)) if own else []
-        except (KeyError, TypeError):
-            self._explain_columns(context, cands, own)
-            raise  # pragma: no cover - _explain_columns always raises here
-        by_column = dict(zip(own, zip(*rows) if len(own) > 1 else [tuple(r for r in rows)]))
+        by_column = self._by_column(context, cands, own)
+        candidate_sparse: list[tuple[FeatureSpec, Sequence, Callable[[int], str]]] = []
         for column, features in self.columns.items():
             if column in by_column:
-                values: Sequence = by_column[column]  # a tuple, read only
+                values: Sequence = by_column[column]
                 where = _candidate_field(column)
             else:
                 values = [context[column]]
                 where = _context_field(column)
                 given_once.update(f.name for f in features)
             for f in features:
-                if f.type == "sparse" and len(values) == 1 and type(values[0]) in _DIRECT_ID_TYPES:
+                if f.type == "sparse" and column in by_column:
+                    candidate_sparse.append((f, values, where))  # encoded together below
+                elif f.type == "sparse":
                     # one context id: a direct hit in the vocabulary needs none of the column machinery
-                    hit = self.vocab[f.name].sparse.get(values[0])
-                    if hit is not None:
-                        sparse[:, self._sparse_index[f.name]] = hit
-                        continue
-                if f.type == "sparse":
-                    sparse[:, self._sparse_index[f.name]] = self._encode_sparse(values, f, where)
+                    hit = self.vocab[f.name].sparse.get(values[0]) if type(values[0]) in _DIRECT_ID_TYPES else None
+                    j = self._sparse_index[f.name]
+                    sparse[:, j] = hit if hit is not None else self._encode_sparse(values, f, where)
                 elif f.type == "dense":
                     dense[:, self._dense_index[f.name]] = self._encode_dense(values, f, where)
                 else:
                     sequences[f.name] = self._encode_sequence(values, f, where)
+        if candidate_sparse:
+            cols = [self._sparse_index[f.name] for f, _, _ in candidate_sparse]
+            sparse[:, cols] = self._encode_sparse_columns(candidate_sparse).T
         return EncodedRequest(n, sparse, dense, sequences, frozenset(given_once))
 
 

@@ -25,6 +25,7 @@ policy (:func:`mtrec.threads.apply_thread_policy`), so requests queue instead of
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -266,6 +267,19 @@ class MetricsMiddleware:
 # ---- the service's state: the ranker in use, reloads -------------------------------------------------
 
 
+def settle_garbage_collector(reload: bool = False) -> None:
+    """Move every object alive now (the loaded libraries and the run: about 320,000 tracked objects with
+    torch, ONNX Runtime and FastAPI) out of the collector's reach with ``gc.freeze()``. Without it, a full
+    collection walks them all every so often (about 150 ms on Census ``mmoe``: one request in a thousand
+    waited that long); requests allocate short-lived objects only, which the young generations collect.
+    After a reload the frozen objects go back to the collector first (``gc.unfreeze()``), so that a
+    replaced run caught in reference cycles is freed, at the cost of one full collection then."""
+    if reload:
+        gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class ServiceState:
     """The ranker in use (swapped atomically by a reload), the model thread and the reload watcher."""
 
@@ -319,6 +333,7 @@ class ServiceState:
             generation = max(self.ranker.generation, (self._read_state() or {}).get("generation", 0)) + 1
             ranker = load_ranker(self.settings, run, fusion, generation)
             self.ranker = ranker  # one reference assignment: a request holds the ranker it started with
+            settle_garbage_collector(reload=True)
             if self.settings.state_file is not None:
                 self._publish({"generation": generation, "run": str(run), "fusion": str(fusion) if fusion else None})
             return ranker
@@ -355,10 +370,12 @@ class ServiceState:
                     self.ranker = load_ranker(
                         self.settings, Path(state["run"]), _opt_path(state.get("fusion")), int(state["generation"])
                     )
+                    settle_garbage_collector(reload=True)
                 except Exception as err:  # keep serving the current run
                     log.error("reload of %s published by another worker failed: %s", state.get("run"), err)
 
     def start(self) -> None:
+        settle_garbage_collector()
         if self.settings.state_file is not None and self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, name="mtrec-reload-watch", daemon=True)
             self._watcher.start()
