@@ -131,6 +131,18 @@ def plain_app(run: Path, encoder: str = "file"):
     return app
 
 
+PLAIN_ENV = "MTREC_BENCH_PLAIN"  # the plain server's settings, as JSON, for its worker processes
+
+
+def plain_from_env():
+    """App factory of a plain server's worker (``--workers`` > 1 goes through uvicorn's import string)."""
+    import torch
+
+    settings = json.loads(os.environ[PLAIN_ENV])
+    torch.set_num_threads(settings["threads"])
+    return plain_app(Path(settings["run"]), settings["encoder"])
+
+
 # ---- servers and clients --------------------------------------------------------------------------
 
 
@@ -341,7 +353,9 @@ def main() -> None:
         "rotated order each round; figures are medians over the rounds",
     )
     ap.add_argument("--epochs", type=int, default=1, help="epochs of a run trained here (speed does not depend on it)")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument(
+        "--workers", type=int, default=1, help="worker processes of every server, mtrec's and the plain ones"
+    )
     ap.add_argument(
         "--threads", type=int, default=None, help="torch threads per server worker (default: cores / workers)"
     )
@@ -356,13 +370,16 @@ def main() -> None:
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     if args.plain_server:
-        import torch
         import uvicorn
 
-        torch.set_num_threads(threads)
-        uvicorn.run(
-            plain_app(args.run, args.encoder), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
-        )
+        common = dict(host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+        os.environ[PLAIN_ENV] = json.dumps({"run": str(args.run), "encoder": args.encoder, "threads": threads})
+        if args.workers == 1:
+            uvicorn.run(plain_from_env(), **common)
+        else:  # as many worker processes as mtrec's server gets, each with the same threads
+            uvicorn.run(
+                "serve:plain_from_env", factory=True, workers=args.workers, app_dir=str(Path(__file__).parent), **common
+            )
         return
 
     env = dict(os.environ)
@@ -418,6 +435,8 @@ def main() -> None:
                         str(run),
                         "--threads",
                         str(threads),
+                        "--workers",
+                        str(args.workers),
                         "--encoder",
                         kind,
                     ],
