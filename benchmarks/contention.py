@@ -96,9 +96,12 @@ def reference_seconds(n: int = 3_000_000) -> float:
     return time.perf_counter() - start
 
 
-def measure(policy: str, load: str, steps: int, warmup: int) -> dict:
-    """One measuring process, with a busy-loop competitor beside it when ``load == "busy"``."""
+def measure(policy: str, load: str, steps: int, warmup: int, spin: int | None = None) -> dict:
+    """One measuring process, with a busy-loop competitor beside it when ``load == "busy"``; ``spin``: the
+    new policy with this ``GOMP_SPINCOUNT`` instead of mtrec's (the policy keeps a value the user set)."""
     env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
+    if policy == "new" and spin is not None:
+        env["GOMP_SPINCOUNT"] = str(spin)
     competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" else None
     try:
         done = subprocess.run(
@@ -164,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed training steps per cell")
     parser.add_argument("--warmup", type=int, default=5, help="warm-up steps per cell")
     parser.add_argument("--write", action="store_true", help="update the section of BENCHMARKS.md")
+    parser.add_argument("--spin", type=int, default=None, help="try the new policy with this GOMP_SPINCOUNT")
     parser.add_argument("--child", choices=POLICIES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         references.append(reference_seconds())
         times = {}
         for p, load in order[r % len(order) :] + order[: r % len(order)]:  # rotated: no cell always first
-            out = measure(p, load, args.steps, args.warmup)
+            out = measure(p, load, args.steps, args.warmup, args.spin)
             info[p] = out
             times[f"{p}/{load}"] = out["step_ms"]
             cells[f"{p}/{load}"]["cpu"].append(out["cpu_ms"])

@@ -43,6 +43,15 @@ RUNTIMES = ("libgomp", "libiomp", "libomp")  # GNU, Intel and LLVM OpenMP, as th
 
 _state: dict[str, bool] = {}  # "in_effect": whether the wait setting was in the environment when OpenMP loaded
 
+# glibc malloc: keep the memory of freed tensors instead of handing it back to the system, so that the next
+# step's tensors of the same sizes reuse pages already mapped (see tune_allocator)
+MALLOC_MMAP_THRESHOLD = 64 << 20  # bytes: blocks up to this size come from the heap, not from their own mmap
+MALLOC_TRIM_THRESHOLD = 256 << 20  # bytes: free memory at a heap's top is returned only beyond this much
+_MALLOC_OPTIONS = (
+    ("MALLOC_MMAP_THRESHOLD_", -3, MALLOC_MMAP_THRESHOLD),
+    ("MALLOC_TRIM_THRESHOLD_", -1, MALLOC_TRIM_THRESHOLD),
+)
+
 
 def openmp_runtime() -> str | None:
     """The file name of torch's OpenMP library in this process (e.g. ``libgomp.so.1``; torch's own copy is
@@ -80,6 +89,35 @@ def prepare_openmp() -> bool:
     if not any(name in os.environ for name in WAIT_VARIABLES):
         os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
     return _state["in_effect"]
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory for reuse in this process (glibc's ``mallopt``; elsewhere nothing). Returns whether
+    the setting was applied.
+
+    Why (issue 12, Census ``mmoe``, batch 1024): a training step allocates and frees dozens of tensors of
+    1-4 MB. With glibc's defaults (an mmap threshold that adapts to the sizes freed, free memory at a heap's
+    top handed back to the system beyond twice that threshold) the pages of these tensors keep going back
+    to the system and coming back as minor page faults, each a page the kernel zeroes: 700-1,000 faults
+    per step on two torch threads (40-70 on one). With a fixed mmap threshold of 64 MB and a trim threshold
+    of 256 MB, 0-50 remain, and a two-thread step takes about 10% less wall time (14.3 -> 12.6 ms, and
+    16.5 -> 14.9 ms before the blocked fold of mtrec/nn/embedding.py; medians of 7 rounds of 30 steps).
+    Unlike the OpenMP setting this takes effect at once, in this process only. A value the user put in the
+    environment (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, read by glibc at start-up) is kept.
+    """
+    if "allocator" in _state:
+        return _state["allocator"]
+    applied = False
+    if sys.platform.startswith("linux") and not any(name in os.environ for name, _, _ in _MALLOC_OPTIONS):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            applied = all(libc.mallopt(param, value) == 1 for _, param, value in _MALLOC_OPTIONS)
+        except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+            applied = False
+    _state["allocator"] = applied
+    return applied
 
 
 def available_cores() -> int:
@@ -153,11 +191,12 @@ def current_policy() -> ThreadPolicy:
 
 def apply_thread_policy(threads: int | None = None, *, workers: int = 1) -> ThreadPolicy:
     """Apply the policy in this process: the OpenMP wait setting (:func:`prepare_openmp`; effective only if
-    torch is not imported yet, or inherited) and the torch thread count: ``threads`` when given; else
-    :func:`thread_count` (``workers``: processes started together that share the cores), unless torch was
-    imported before this call, whose caller (a Python program, a test) may have chosen its count already:
-    that count is kept. Returns what is in force."""
+    torch is not imported yet, or inherited), the allocator setting (:func:`tune_allocator`) and the torch
+    thread count: ``threads`` when given; else :func:`thread_count` (``workers``: processes started together
+    that share the cores), unless torch was imported before this call, whose caller (a Python program, a
+    test) may have chosen its count already: that count is kept. Returns what is in force."""
     prepare_openmp()
+    tune_allocator()
     fresh = "torch" not in sys.modules
     count = thread_count(threads, workers)
     import torch

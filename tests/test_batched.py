@@ -3,6 +3,8 @@ one, and training is bit-reproducible for a fixed seed."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -146,8 +148,8 @@ def test_mixture_with_embedded_input_equals_plain(name: str, options: dict, cens
     mixture = model.mixture if name == "mmoe" else model.levels[0]
     batch = census_store.split("train").slice(0, 256)
     folded_calls = []
-    plain_linear = model.embedding.linear
-    model.embedding.linear = lambda *args: folded_calls.append(1) or plain_linear(*args)  # counts, then runs it
+    stacked = model.embedding.stacked_linear
+    model.embedding.stacked_linear = lambda *args: folded_calls.append(1) or stacked(*args)  # counts, then runs it
     results = []
     for embedded in (None, Embedded(model.embedding, batch)):
         model.zero_grad(set_to_none=True)
@@ -168,7 +170,8 @@ def test_mixture_with_embedded_input_equals_plain(name: str, options: dict, cens
 
 def test_summed_rows_backward_equals_embedding_bag_bit_for_bit(census_store) -> None:
     """The folded lookup-sum's own backward gives exactly the gradient of ``F.embedding_bag``'s backward
-    (same sums in the same order), and its double backward is right."""
+    (same sums in the same order), block by block when the table holds several blocks, and its double
+    backward is right (with and without the in-place product of the unfolded columns)."""
     from mtrec.nn.embedding import _SumRows
 
     torch.manual_seed(0)
@@ -176,19 +179,73 @@ def test_summed_rows_backward_equals_embedding_bag_bit_for_bit(census_store) -> 
     batch = census_store.split("train").slice(0, 512)
     plan = emb._plan(512, torch.device("cpu"))
     ids = batch.sparse.index_select(1, plan.sparse_cols) + plan.prow_offsets  # [B, F], many repeated rows
-    rows = int(sum(g.count * g.rows for t in plan.tables for g in t.groups))
-    table = torch.randn(rows, 24, requires_grad=True)
-    upstream = torch.randn(512, 24)
-    (torch.nn.functional.embedding_bag(ids, table, mode="sum") * upstream).sum().backward()
-    expected, table.grad = table.grad.clone(), None
-    out = _SumRows.apply(table, ids)
-    (out * upstream).sum().backward()
-    assert torch.equal(out, torch.nn.functional.embedding_bag(ids, table.detach(), mode="sum"))
-    assert torch.equal(table.grad, expected)
-    assert table.grad.abs().sum() > 0 and (expected == 0).all(1).any()  # real sums, and rows no sample holds
-    small = torch.randn(7, 3, dtype=torch.double, requires_grad=True)
+    rows = plan.rows
+    for blocks in (1, 3):
+        table = torch.randn(blocks * rows, 24, requires_grad=True)
+        upstream = torch.randn(blocks, 512, 24)
+        expected_out, expected_grad = [], []
+        for e, block in enumerate(table.detach().split(rows)):  # every block on its own, by embedding_bag
+            block = block.clone().requires_grad_(True)
+            out_e = torch.nn.functional.embedding_bag(ids, block, mode="sum")
+            (out_e * upstream[e]).sum().backward()
+            expected_out.append(out_e.detach())
+            expected_grad.append(block.grad)
+        out = _SumRows.apply(table, ids, blocks)
+        (out * upstream).sum().backward()
+        assert out.shape == (blocks, 512, 24)
+        assert torch.equal(out, torch.stack(expected_out))
+        assert torch.equal(table.grad, torch.cat(expected_grad))
+        assert table.grad.abs().sum() > 0 and (table.grad == 0).all(1).any()  # real sums, and rows no sample holds
+    small = torch.randn(2 * 7, 3, dtype=torch.double, requires_grad=True)
     small_ids = torch.tensor([[0, 3, 5], [1, 3, 6], [0, 4, 5], [0, 3, 5]])
-    assert torch.autograd.gradgradcheck(_SumRows.apply, (small, small_ids))
+    x = torch.randn(4, 2, dtype=torch.double, requires_grad=True)
+    w = torch.randn(2, 2, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: _SumRows.apply(t, small_ids, 2), (small,))
+    assert torch.autograd.gradgradcheck(lambda t, x, w: _SumRows.apply(t, small_ids, 2, x, w), (small, x, w))
+
+
+@pytest.mark.parametrize("rows", [512, 40])  # every field folded; only the small-vocabulary fields folded
+@pytest.mark.parametrize("given_x", [True, False])  # the caller's x, or only what the fold still reads
+def test_stacked_linear_equals_plain_products_in_float64(rows: int, given_x: bool, census_store) -> None:
+    """Every member of stacks of maps (wide ones as blocks of the folded table, narrow ones sharing a
+    block) equals ``x @ W_i + b_i`` with autograd, outputs and gradients (of the maps and the embedding
+    tables), within float64 rounding: with every field folded, and with the large-vocabulary fields left to
+    an ordinary product beside the dense values (at 40 rows only fields of at most 20 values fold)."""
+    torch.manual_seed(0)
+    emb = FeatureEmbedding(census_store.layout).double()
+    batch = census_store.split("train").slice(0, rows)
+    batch = dataclasses.replace(batch, dense=batch.dense.double())
+    plan = emb._plan(rows, torch.device("cpu"))
+    assert plan is not None and plan.rest_is_dense == (rows == 512)
+    d = emb.output_dim
+    stacks = [  # (weight [n, D, out], bias [n, out]): wide members (own blocks), narrow ones (one shared block)
+        (torch.randn(3, d, 64, dtype=torch.double), torch.randn(3, 64, dtype=torch.double)),
+        (torch.randn(2, d, 5, dtype=torch.double), torch.randn(2, 5, dtype=torch.double)),
+    ]
+    for w, b in stacks:
+        w.requires_grad_(True)
+        b.requires_grad_(True)
+    upstream = [torch.randn(w.shape[0], rows, w.shape[2], dtype=torch.double) for w, _ in stacks]
+    results = []
+    for folded in (False, True):
+        emb.zero_grad(set_to_none=True)
+        for w, b in stacks:
+            w.grad = b.grad = None
+        x = emb(batch).squeeze(1)
+        if folded:
+            outs = emb.stacked_linear(batch, x if given_x else None, stacks)
+        else:  # the independent computation: every member's product on its own
+            outs = [torch.stack([x @ w[i] + b[i] for i in range(w.shape[0])]) for w, b in stacks]
+        sum((out * u).sum() for out, u in zip(outs, upstream)).backward()
+        grads_maps = [g.clone() for w, b in stacks for g in (w.grad, b.grad)]
+        results.append(([out.detach() for out in outs], grads_maps, grads(emb)))
+    (o0, m0, e0), (o1, m1, e1) = results
+    for actual, expected in [*zip(o1, o0), *zip(m1, m0)]:
+        assert_close_to_scale(actual, expected, tol=1e-12)
+    assert o1[0].is_contiguous() and o1[0].shape == (3, rows, 64)  # wide members: [n, B, out], one block each
+    assert e0.keys() == e1.keys() and e0
+    for k in e0:
+        assert_close_to_scale(e1[k], e0[k], tol=1e-12)
 
 
 @pytest.mark.parametrize("rows", [512, 40])  # every field folded; only the small-vocabulary fields folded

@@ -60,17 +60,6 @@ class BatchedLinear(nn.Module):
         return lin
 
 
-def shared_input_weights(layers: Sequence[BatchedLinear]) -> tuple[Tensor, Tensor]:
-    """Several stacks reading one ``[B, in]`` input as one map: weight ``[in, sum n*out]``, bias ``[sum n*out]``.
-
-    Layer ``i``'s outputs are the column block after layer ``i - 1``'s; split them with
-    :meth:`torch.Tensor.split` and :meth:`BatchedLinear.split_members`.
-    """
-    weight = torch.cat([layer.shared_weight() for layer in layers], dim=1)  # [in, sum n*out]
-    bias = torch.cat([layer.bias.reshape(-1) for layer in layers])  # [sum n*out]
-    return weight, bias
-
-
 class BatchedMLP(nn.Module):
     """``n`` independent MLPs with hidden sizes ``hidden``; ReLU and dropout after every layer."""
 
