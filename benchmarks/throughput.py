@@ -23,7 +23,9 @@ What is timed: one training epoch of each library's own training loop
 (``Trainer._train_epoch`` for mtrec, ``MTLTrainer.train_one_epoch`` for
 torch-rechub, shuffling included, validation excluded) over the full train
 split, or its first ``--steps`` batches, after a warm-up of ``--warmup``
-batches through the same loop; ``torch.set_num_threads(2)``. Runs alternate
+batches through the same loop; ``torch.set_num_threads(2)`` and mtrec's allocator setting
+(:func:`mtrec.threads.tune_allocator`, process-wide, so both sides get it; the OpenMP wait stays
+libgomp's default here). Runs alternate
 between the two sides (A B A B ...) so that load from other processes on a
 shared machine falls on both; the table reports medians, the load average and
 how many cores other processes kept busy meanwhile.
@@ -66,6 +68,7 @@ from mtrec.data.tables import TensorTable
 from mtrec.datasets import dataset_schema_path
 from mtrec.models.base import build_model
 from mtrec.schema import load_schema
+from mtrec.threads import tune_allocator
 from mtrec.train.trainer import TrainConfig, Trainer, seed_everything
 
 SECTION = "## Training throughput and ingestion (issue 2)"
@@ -307,7 +310,8 @@ def render(result: dict) -> str:
     fmt = lambda xs: ", ".join(f"{v:,.0f}" for v in xs)  # noqa: E731
     lines = [
         f"Machine: {result['nproc']} CPU cores ({result['cpu']}), torch {result['torch']}, "
-        f"`torch.set_num_threads({THREADS})`, Python {platform.python_version()}.",
+        f"`torch.set_num_threads({THREADS})`, glibc malloc tuned as mtrec does it (both sides of the loop), "
+        f"Python {platform.python_version()}.",
         f"Command: `{result['command']}` ({result['date']}).",
         f"Load average (1/5/15 min) before: {result['load_before']}; after: {result['load_after']}. "
         f"Other processes kept on average {result['others']:.2f} of the {result['nproc']} cores busy during the "
@@ -392,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     torch.set_num_threads(THREADS)
+    tune_allocator()  # what every mtrec entry point does; process-wide, so the peer's loop gets it as well
     load_before = load_average()
     busy_start, own_start, wall_start = *cpu_seconds(), time.perf_counter()
     store = load_store(load_schema(dataset_schema_path("census")))
