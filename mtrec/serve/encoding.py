@@ -219,7 +219,8 @@ class RequestEncoder:
             422, where(i), f"expected {expected} (feature {f.name}, {f.type}), got {_type_name(values[i])}"
         )
 
-    def _encode_sparse(self, values: Sequence, f: FeatureSpec, where: Callable[[int], str]) -> np.ndarray:
+    def _check_ids(self, values: Sequence, f: FeatureSpec, where: Callable[[int], str]) -> None:
+        """A sparse column's values are ids (string, number or null) and its floats finite."""
         types = set(map(type, values))
         if not types <= _ID_TYPES:
             self._bad_type(values, _ID_TYPES, where, "a string or number id, or null", f)
@@ -227,6 +228,9 @@ class RequestEncoder:
             for i, v in enumerate(values):
                 if isinstance(v, float) and not math.isfinite(v):
                     raise RequestError(422, where(i), f"{v} is not a valid id (feature {f.name})")
+
+    def _encode_sparse(self, values: Sequence, f: FeatureSpec, where: Callable[[int], str]) -> np.ndarray:
+        self._check_ids(values, f, where)
         return _Vocab.lookup(self.vocab[f.name].sparse, values)
 
     def _encode_dense(self, values: Sequence, f: FeatureSpec, where: Callable[[int], str]) -> np.ndarray:
@@ -316,13 +320,7 @@ class RequestEncoder:
         then every lookup in one ``fromiter`` (one miss check for all of them, instead of per column)."""
         n = len(columns[0][1])
         for f, values, where in columns:
-            types = set(map(type, values))
-            if not types <= _ID_TYPES:
-                self._bad_type(values, _ID_TYPES, where, "a string or number id, or null", f)
-            if float in types:
-                for i, v in enumerate(values):
-                    if isinstance(v, float) and not math.isfinite(v):
-                        raise RequestError(422, where(i), f"{v} is not a valid id (feature {f.name})")
+            self._check_ids(values, f, where)
         lookups = (map(self.vocab[f.name].sparse.get, values, repeat(-1)) for f, values, _ in columns)
         ids = np.fromiter(chain.from_iterable(lookups), dtype=np.int64, count=n * len(columns)).reshape(-1, n)
         if ids.min() < 0:  # misses: retried in canonical text, then OOV
