@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -221,8 +221,22 @@ class Embedded:
         return self.embedding(self.batch)[:, 0]
 
 
+# ``(batch, x, weight, bias) -> x @ weight + bias``: the signature of :meth:`FeatureEmbedding.linear`
+FirstLayer = Callable[[TensorTable, Tensor | None, Tensor, Tensor], Tensor]
+
+
 class FeatureEmbedding(nn.Module):
-    """Embeds a batch into ``[B, copies, output_dim]``."""
+    """Embeds a batch into ``[B, copies, output_dim]``.
+
+    ``first_layer_override``: None (the default, and always in training), or a callable with the
+    signature of :meth:`linear` that :meth:`linear` and :meth:`stacked_linear` hand every first-layer
+    map to instead of computing it (no folding then). The export wrapper sets it while it traces a
+    graph with context inputs (``mtrec.serve.export``: the context's share of the product taken once
+    per request) and clears it afterwards. Give a plain callable, e.g. a module's bound ``__call__``:
+    a module assigned here would be registered as a submodule of the embedding.
+    """
+
+    first_layer_override: FirstLayer | None = None  # see the class docstring
 
     def __init__(self, layout: FeatureLayout, copies: int = 1) -> None:
         super().__init__()
@@ -378,6 +392,8 @@ class FeatureEmbedding(nn.Module):
         backward passes are deterministic; elsewhere, and while tracing for export, this is the plain
         product.
         """
+        if self.first_layer_override is not None:
+            return self.first_layer_override(batch, x, weight, bias)
         if x is None and self.copies != 1:
             raise ValueError("linear() without x needs an embedding of one copy")
         plan = self._foldable(batch, weight)
@@ -397,11 +413,11 @@ class FeatureEmbedding(nn.Module):
         of a stack of wide maps (``out >= FOLD_BLOCK_MIN_WIDTH``, e.g. the experts' first layer) gets its
         own block of the folded table and comes back contiguous, ``[n, B, out]``, the layout a batched
         product of the next layer reads (see :class:`_SumRows`); narrow maps (gates) share one block.
-        Where nothing folds (or while tracing for export) this is :meth:`linear` of the side-by-side
-        weights, split into members.
+        Where nothing folds (or while tracing for export, or with ``first_layer_override`` set) this is
+        :meth:`linear` of the side-by-side weights, split into members.
         """
-        plan = self._foldable(batch, stacks[0][0]) if "linear" not in self.__dict__ else None
-        if plan is None:  # the plain product (or a replacement of linear() installed on this instance)
+        plan = self._foldable(batch, stacks[0][0]) if self.first_layer_override is None else None
+        if plan is None:  # the plain product, or the override (which linear() calls)
             weight = torch.cat([w.transpose(0, 1).reshape(w.shape[1], -1) for w, _ in stacks], dim=1)
             y = self.linear(batch, x, weight, torch.cat([b.reshape(-1) for _, b in stacks]))  # [B, sum n*out]
             sizes = [w.shape[0] * w.shape[2] for w, _ in stacks]

@@ -209,8 +209,8 @@ class _ContextFirstLayer(nn.Module):
     inputs (so neither the context columns of every row nor the full embedded batch is built). The
     same map; only the order of the sums changes, and the export's parity check bounds the difference.
 
-    Installed on the embedding in place of its ``linear`` while :class:`EncodedInputModel` runs (so
-    while it is traced for export), never in training; ``given`` holds the graph's inputs of the call.
+    Set as the embedding's ``first_layer_override`` while :class:`EncodedInputModel` runs (so while it
+    is traced for export), never in training; ``given`` holds the graph's inputs of the call.
     """
 
     embedding: FeatureEmbedding
@@ -334,14 +334,15 @@ class EncodedInputModel(nn.Module):
     @contextlib.contextmanager
     def _context_once(self, given: dict[str, Tensor]):
         """While the model runs on ``given``: every embedding's first layer takes the context once."""
-        for split in self.splits:
-            split.given = given
-            split.embedding.__dict__["linear"] = split  # an instance attribute: found before the class's method
         try:
+            for split in self.splits:
+                split.given = given
+                # the bound __call__, not the module: assigned as is, it would become the embedding's submodule
+                split.embedding.first_layer_override = split.__call__
             yield
         finally:
             for split in self.splits:
-                split.embedding.__dict__.pop("linear", None)
+                split.embedding.first_layer_override = None
                 split.given = {}
 
     def feed(self, table: TensorTable) -> dict[str, Tensor]:
