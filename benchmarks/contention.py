@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 
-from machine import cpu_model, load_average, write_section
+from machine import load_average, publish, run_header
 
 SECTION = "## A shared machine: training beside a busy process (issue 12 §2)"
 NOTES_MARK = "<!-- notes below this line are kept by benchmarks/contention.py --write -->"
@@ -200,18 +200,14 @@ def main(argv: list[str] | None = None) -> None:
         cell["norm"] = [t[key] * ref_median / ref for t, ref in zip(per_round, references)]
     for p in POLICIES:
         cells[f"{p}/busy"]["ratio"] = [t[f"{p}/busy"] / t[f"{p}/quiet"] for t in per_round]
-    import torch
-
     result = {
-        "nproc": os.cpu_count(),
-        "cpu": cpu_model(),
-        "torch": torch.__version__,
-        "command": " ".join(
-            ["flock /tmp/mtrec-heavy.lock .venv/bin/python", "benchmarks/contention.py", *(argv or sys.argv[1:])]
+        **run_header(
+            "benchmarks/contention.py",
+            argv,
+            load_before,
+            date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            launcher="flock /tmp/mtrec-heavy.lock .venv/bin/python",
         ),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "load_before": load_before,
-        "load_after": load_average(),
         "rounds": args.rounds,
         "steps": args.steps,
         "warmup": args.warmup,
@@ -219,12 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         "reference": references,
         "info": info,
     }
-    table = render(result)
-    print()
-    print(table)
-    if args.write:
-        write_section(SECTION, NOTES_MARK, table)
-        print(f"\nwrote the section '{SECTION[3:]}' of BENCHMARKS.md")
+    publish(render(result), args.write, SECTION, NOTES_MARK)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_model, load_average, write_section
+from machine import load_average, publish, run_header
 
 from mtrec.balancing.fixed import Fixed
 from mtrec.data.store import Store, load_store
@@ -434,21 +434,13 @@ def main(argv: list[str] | None = None) -> None:
     for run in range(args.ingest_runs):
         ingest.append(ingest_seconds())
         print(f"ingest run {run + 1}: {ingest[-1]:.2f} s", flush=True)
-    load_after = load_average()
+    header = run_header("benchmarks/throughput.py", argv, load_before, date=time.strftime("%Y-%m-%d"))
     busy_end, own_end = cpu_seconds()
     # cores kept busy by other processes, on average over the whole measurement
     others = ((busy_end - busy_start) - (own_end - own_start)) / ((time.perf_counter() - wall_start) * os.cpu_count())
     others = max(others, 0.0) * os.cpu_count()
     result = {
-        "nproc": os.cpu_count(),
-        "cpu": cpu_model(),
-        "torch": torch.__version__,
-        "command": " ".join(
-            [".venv/bin/python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "date": time.strftime("%Y-%m-%d"),
-        "load_before": load_before,
-        "load_after": load_after,
+        **header,
         "others": others,
         "rows": len(timed_rows(store, args.steps)),
         "warmup": args.warmup,
@@ -461,12 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         "ingest": ingest,
         **params,
     }
-    table = render(result)
-    print()
-    print(table)
-    if args.write:
-        write_section(SECTION, NOTES_MARK, table)
-        print(f"\nwrote the section '{SECTION[3:]}' of BENCHMARKS.md")
+    publish(render(result), args.write, SECTION, NOTES_MARK)
 
 
 if __name__ == "__main__":

@@ -37,15 +37,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from machine import cpu_model, load_average
+from machine import load_average, run_header
 
 from mtrec.balancing import BALANCERS
 from mtrec.data.store import Store, load_store
@@ -222,16 +220,8 @@ def train_all(
                 flush=True,
             )
     return {
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(
-            [".venv/bin/python", "benchmarks/zoo_census.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "cpu": cpu_model(),
-        "nproc": os.cpu_count(),
-        "torch": torch.__version__,
+        **run_header("benchmarks/zoo_census.py", argv, load_before, date=time.strftime("%Y-%m-%d")),
         "train_threads": args.threads,
-        "load_before": load_before,
-        "load_after": load_average(),
         "models": models,
         "seeds": seeds,
         "epochs": args.epochs,
