@@ -38,6 +38,7 @@ from mtrec.models.base import MODELS, ModelConfig, ModelOutput, MultiTaskModel
 from mtrec.models.reach import Sharing
 from mtrec.nn.batched import BatchedLinear, BatchedMLP, Towers
 from mtrec.nn.embedding import FeatureEmbedding
+from mtrec.nn.mixture import mix_experts
 from mtrec.nn.typed import TypedModuleList
 
 
@@ -88,7 +89,7 @@ class FusionLevel(nn.Module):
             gate_in = x.index_select(0, self.unit_group)  # [G, B, in]
         h = self.experts(expert_in)  # [E, B, H]
         weights = torch.softmax(self.gates(gate_in), dim=-1)  # [G, B, E], over every expert
-        fused = torch.einsum("gbe,ebh->gbh", weights, h)  # [G, B, H]
+        fused = mix_experts(weights, h)  # [G, B, H]
         t, m = self.num_tasks, self.specific
         parts = [fused[:t]]
         if m > 0:

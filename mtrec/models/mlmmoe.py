@@ -28,7 +28,7 @@ from mtrec.models.reach import Sharing
 from mtrec.nn.batched import BatchedLinear, Towers
 from mtrec.nn.bottoms import output_layer
 from mtrec.nn.embedding import FeatureEmbedding
-from mtrec.nn.mixture import MixtureLayer
+from mtrec.nn.mixture import MixtureLayer, mix_experts
 from mtrec.nn.typed import TypedModuleList
 
 
@@ -58,7 +58,7 @@ class GatedLevel(MixtureLayer):
     def route(self, expert_in: Tensor, gate_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h = self.experts(expert_in)  # [E, B, H]
         weights = torch.softmax(self.gates(gate_in), dim=-1)  # [C, B, E]; every gate sees every expert
-        return torch.einsum("cbe,ebh->cbh", weights, h), weights, h  # [C, B, H]
+        return mix_experts(weights, h), weights, h  # [C, B, H]
 
 
 @MODELS.register("ml_mmoe", "multi-level MMoE: stacked MMoE levels, each upper expert gating the experts below")

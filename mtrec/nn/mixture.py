@@ -29,6 +29,27 @@ from mtrec.nn.bottoms import BatchedDCNv2
 from mtrec.nn.embedding import Embedded
 
 
+def gate_softmax(logits: Tensor) -> Tensor:
+    """Gate weights ``[G, B, E]`` from gate logits ``[G, B, E]``: the softmax over the experts.
+
+    In PyTorch taken as the first dimension of an ``[E, G, B]`` layout (along a last dimension of a few
+    experts, CPU softmax kernels take over ten times as long), made contiguous again (the batched products
+    of :func:`mix_experts` are slow on the permuted layout). While tracing for export, the plain softmax over
+    the last axis, which ONNX Runtime runs without the two transposes."""
+    if torch.jit.is_tracing():
+        return torch.softmax(logits, dim=-1)
+    return torch.softmax(logits.permute(2, 0, 1), dim=0).permute(1, 2, 0).contiguous()
+
+
+def mix_experts(weights: Tensor, h: Tensor) -> Tensor:
+    """``[G, B, H]``: each gate's mixture of the experts' outputs ``h`` ``[E, B, H]`` with its weights
+    ``[G, B, E]``. An ``einsum`` in PyTorch; while tracing for export, the same sums as one batched
+    ``MatMul`` over the samples (ONNX Runtime's ``Einsum`` takes 2-3x as long on 500 candidates)."""
+    if torch.jit.is_tracing():
+        return torch.matmul(weights.transpose(0, 1), h.transpose(0, 1)).transpose(0, 1)
+    return torch.einsum("gbe,ebh->gbh", weights, h)
+
+
 class MixtureLayer(nn.Module):
     """Experts + gates; ``forward`` returns (mixed ``[G, B, H]``, gate weights ``[G, B, E]``).
 
@@ -127,12 +148,8 @@ class MixtureLayer(nn.Module):
             logits = self.gates(gate_in)  # [G, B, E]
         if self.masked:
             logits = logits.masked_fill(~self.allowed.unsqueeze(1), float("-inf"))
-        # [G, B, E]; the softmax over the experts taken as the first dimension of an [E, G, B] layout: along a
-        # last dimension of a few experts, CPU softmax kernels take over ten times as long
-        # (made contiguous again: the batched products of the mixing below are slow on the permuted layout)
-        weights = torch.softmax(logits.permute(2, 0, 1), dim=0).permute(1, 2, 0).contiguous()
-        mixed = torch.einsum("gbe,ebh->gbh", weights, h)  # [G, B, H]
-        return mixed, weights, h
+        weights = gate_softmax(logits)  # [G, B, E]
+        return mix_experts(weights, h), weights, h  # [G, B, H]
 
     def _one_first_map(self, in_dim: int | None) -> bool:
         """Whether the experts' first layer and the gates are plain stacked maps of one ``[B, in_dim]`` input
