@@ -49,7 +49,7 @@ from starlette.requests import ClientDisconnect
 from mtrec import __version__
 from mtrec.errors import MtrecError
 from mtrec.files import write_json_atomic
-from mtrec.serve.encoding import RequestEncoder, RequestError
+from mtrec.serve.encoding import RequestEncoder, RequestError, parse_body
 from mtrec.serve.scorers import Scorer, build_scorer
 from mtrec.threads import apply_thread_policy, prepare_openmp, thread_count
 
@@ -75,19 +75,6 @@ class ServeSettings(BaseModel):
     max_body_bytes: int = Field(8 << 20, ge=1)
     timeout_s: float = Field(1.0, gt=0)
     state_file: Path | None = None  # shared by the workers: the run to serve after a reload
-
-
-def parse_body(body: bytes) -> Any:
-    """JSON with orjson; on failure, Python's parser (it reads NaN, Infinity and huge integers, which
-    the encoder then refuses naming the field); a body neither reads is a 400."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as err:
-        first = str(err)
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError):
-        raise RequestError(400, "body", f"malformed JSON ({first})") from None
 
 
 def _iso(ts: float) -> str:
@@ -116,7 +103,7 @@ class Ranker:
         from mtrec.metrics.core import joint_scores
 
         t0 = time.perf_counter()
-        parsed = parse_body(body)
+        parsed = self.encoder.parse(body)
         t1 = time.perf_counter()
         batch = self.encoder.encode(parsed)
         t2 = time.perf_counter()
