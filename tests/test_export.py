@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import polars as pl
 import pytest
@@ -26,6 +27,7 @@ from mtrec.models.shared_bottom import SharedBottom
 from mtrec.schema import load_schema
 from mtrec.serve.export import (
     CONTEXT_ONNX_FILE,
+    GRAPH_VERSION,
     ONNX_FILE,
     EncodedInputModel,
     embedding_columns,
@@ -443,6 +445,16 @@ def test_cli_export_and_predict_with_the_onnx_backend(tmp_path: Path, one_thread
     assert np.abs(by_onnx["click"].to_numpy() - by_torch["click"].to_numpy()).max() <= TOL
     watch_t = by_torch["watch"].to_numpy()
     assert (np.abs(by_onnx["watch"].to_numpy() - watch_t) / np.maximum(1.0, np.abs(watch_t))).max() <= TOL
+
+    # a graph of an older layout version is exported again on use
+    graph = onnx.load(str(run / ONNX_FILE))
+    entry = next(p for p in graph.metadata_props if p.key == "mtrec")
+    entry.value = json.dumps({**json.loads(entry.value), "graph_version": GRAPH_VERSION - 1})
+    onnx.save(graph, str(run / ONNX_FILE))
+    result = runner.invoke(app, [*args, "--output", str(tmp_path / "onnx1.csv"), "--backend", "onnx"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads(ort.InferenceSession(str(run / ONNX_FILE)).get_modelmeta().custom_metadata_map["mtrec"])
+    assert meta["graph_version"] == GRAPH_VERSION
 
     # mtrec export, both formats, to a chosen file
     for fmt, name in (("onnx", "x.onnx"), ("torchscript", "x.pt")):

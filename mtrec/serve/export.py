@@ -97,8 +97,9 @@ TOLERANCE = 1e-5
 PARITY_ROWS = 256  # rows of the validation split the parity check scores
 METADATA_KEY = "mtrec"  # ONNX metadata_props key / TorchScript extra file holding the graph's description
 # the graph's layout version: 2 takes the context features' share of a first layer once per request
-# (:class:`_ContextFirstLayer`); a run's context graph of an older version is exported again
-GRAPH_VERSION = 2
+# (:class:`_ContextFirstLayer`); 3 mixes the experts with one batched MatMul instead of an Einsum
+# (:func:`~mtrec.nn.mixture.mix_experts`); a run's context graph of an older version is exported again
+GRAPH_VERSION = 3
 
 
 # ---- the graph's inputs -----------------------------------------------------------------------------
@@ -1018,11 +1019,11 @@ def _graph_meta(path: Path) -> dict:
 def run_onnx(run: Path, fallback_rows: TensorTable | None = None) -> Path:
     """The run's ONNX file for batch scoring (``model.onnx``), exported (with its parity check, see
     :func:`export_run` for ``fallback_rows``; with the run's calibrator when it has one) when absent,
-    stale (other weights) or exported with context inputs."""
+    stale (other weights, or an older :data:`GRAPH_VERSION`) or exported with context inputs."""
     path = run / ONNX_FILE
     if path.is_file():
         meta = _graph_meta(path)
-        fresh = meta.get("weights_sha256") == weights_digest(run)
+        fresh = meta.get("weights_sha256") == weights_digest(run) and meta.get("graph_version", 1) >= GRAPH_VERSION
         if fresh and not any(i.get("context") for i in meta.get("inputs", [])):
             return path
     export_run(run, "onnx", path, fallback_rows=fallback_rows)
