@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_model, load_average
-from zoo_census import TASKS, mean_std, run_one, task_aucs, verdict_beyond_noise, write_section
+from machine import cpu_model, load_average, publish
+from zoo_census import NOTES_MARK, TASKS, mean_std, run_one, task_aucs, verdict_beyond_noise
 
 from mtrec.balancing import BALANCERS
 from mtrec.data.store import load_store
@@ -172,11 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         "`single_task` baseline. *verdict*: any difference counts; *verdict beyond seed std*: a task's change "
         "counts only when it is larger than the larger seed std of the two rows."
     )
-    table = render(runs, models, balancers, meta)
-    print(table)
-    if args.write:
-        write_section(table, section=SECTION)
-        print(f"\nwrote the section '{SECTION[3:]}' of BENCHMARKS.md")
+    publish(render(runs, models, balancers, meta), args.write, SECTION, NOTES_MARK)
 
 
 if __name__ == "__main__":
