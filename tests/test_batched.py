@@ -248,6 +248,54 @@ def test_stacked_linear_equals_plain_products_in_float64(rows: int, given_x: boo
         assert_close_to_scale(e1[k], e0[k], tol=1e-12)
 
 
+def test_inference_reuses_projected_tables_until_the_weights_change(census_store) -> None:
+    """Without autograd the folded first layer projects its tables once and reuses them batch after batch;
+    any change of the weights it reads (an in-place edit of the experts' weight, a gate bias or an
+    embedding table, an optimiser step, a loaded state) projects them again: every output equals the
+    forward pass with autograd on, which always projects afresh."""
+    torch.manual_seed(0)
+    model = build_model("mmoe", census_store.layout, {"num_experts": 4, "expert_hidden": [16, 8]}).eval()
+    emb = model.embedding
+    train = census_store.split("train")
+    batches = [train.slice(0, 512), train.slice(512, 1024), train.slice(1024, 1536)]
+    assert emb._plan(512, torch.device("cpu")) is emb._plan(700, torch.device("cpu"))  # same fields: one plan
+    projections = []
+    project = emb._project
+    emb._project = lambda *args, **kw: projections.append(1) or project(*args, **kw)  # counts, then runs it
+
+    def check(batch, projected: int) -> None:
+        """The no-grad output of ``batch`` after ``projected`` new projections equals the autograd one."""
+        projections.clear()
+        with torch.no_grad():
+            got = model(batch).logits
+        assert len(projections) == projected
+        assert_close_to_scale(got, model(batch).logits.detach(), tol=1e-6)  # autograd on: projected afresh
+
+    check(batches[0], 2)  # the experts' map and the gates' map
+    check(batches[1], 0)  # both reused
+    first = model.mixture.experts.layers[0]
+    with torch.no_grad():
+        first.weight.add_(0.05)
+    check(batches[2], 1)  # the experts' map only
+    with torch.no_grad():
+        model.mixture.gates.bias.sub_(0.3)
+    check(batches[0], 1)  # the gates' map only
+    with torch.no_grad():
+        next(iter(emb.tables.values())).weight.mul_(1.5)
+    check(batches[1], 2)  # both read the tables
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    model.train()
+    model(batches[2]).logits.square().mean().backward()
+    optimizer.step()
+    model.eval()
+    check(batches[0], 2)
+    other = build_model("mmoe", census_store.layout, {"num_experts": 4, "expert_hidden": [16, 8]})
+    model.load_state_dict(other.state_dict())
+    check(batches[1], 2)
+    with torch.no_grad():
+        assert_close_to_scale(model(batches[1]).logits, other.eval()(batches[1]).logits, tol=1e-6)
+
+
 @pytest.mark.parametrize("rows", [512, 40])  # every field folded; only the small-vocabulary fields folded
 def test_model_embeds_only_what_its_folded_first_layer_reads(rows: int, census_store) -> None:
     """``mmoe`` lets its first layer look up only what it reads: at 512 rows every Census field folds and

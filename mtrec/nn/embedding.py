@@ -48,6 +48,8 @@ FOLD_MAX_ROWS_PER_SAMPLE = 0.5
 # a stack of folded maps at least this wide gets one table block per member (see _SumRows); narrower
 # ones (gates: a few logits each) share one block, whose rows would otherwise be too short to read well
 FOLD_BLOCK_MIN_WIDTH = 64
+# projected tables kept for inference (FeatureEmbedding._projected): a model's maps under one or two plans
+PROJECTED_CACHE_SIZE = 8
 
 
 def _lookup(weight: Tensor, ids: Tensor) -> Tensor:
@@ -225,6 +227,11 @@ class Embedded:
 FirstLayer = Callable[[TensorTable, Tensor | None, Tensor, Tensor], Tensor]
 
 
+# an inference cache entry: the tensors a projected table was computed from, their (version, storage)
+# stamps, the table and the unfolded rows of W
+_Projected = tuple[tuple[Tensor, ...], tuple[tuple[int, int], ...], Tensor, Tensor]
+
+
 class FeatureEmbedding(nn.Module):
     """Embeds a batch into ``[B, copies, output_dim]``.
 
@@ -280,6 +287,10 @@ class FeatureEmbedding(nn.Module):
                 self._field_slots.append((col, d, offset_of[f.name][1], f.vocab_size, pos))
                 pos += d
         self._plans: dict[tuple[int, str], _FoldPlan | None] = {}
+        self._plans_by_fields: dict[tuple[tuple[int, ...], str], _FoldPlan] = {}  # one plan per set of fields
+        # inference only: projected tables by (plan, map), with the tensors they were computed from (see
+        # _projected); emptied by train() / eval()
+        self._projected_cache: dict[tuple[int, int], _Projected] = {}
         self.sequences = [(s.name, s.embed_dim, offset_of[s.shares or s.name][1]) for s in layout.sequences]
         self.output_dim = (
             sum(f.embed_dim for f in layout.sparse) + sum(s.embed_dim for s in layout.sequences) + self.num_dense
@@ -329,6 +340,10 @@ class FeatureEmbedding(nn.Module):
         if not slots:
             self._plans[key] = None
             return None
+        fields = (tuple(s[0] for s in slots), str(device))  # batch sizes folding the same fields share a plan
+        if fields in self._plans_by_fields:
+            self._plans[key] = self._plans_by_fields[fields]
+            return self._plans[key]
         tables: list[_FoldTable] = []
         sparse_cols: list[int] = []
         prow_offsets: list[int] = []
@@ -369,8 +384,13 @@ class FeatureEmbedding(nn.Module):
             rest_is_dense=rest == list(range(self.output_dim - self.num_dense, self.output_dim)),
             rows=prow,
         )
-        self._plans[key] = plan
+        self._plans[key] = self._plans_by_fields[fields] = plan
         return plan
+
+    def train(self, mode: bool = True) -> FeatureEmbedding:
+        """As :meth:`torch.nn.Module.train`; also drops the inference cache of projected tables."""
+        self._projected_cache.clear()
+        return super().train(mode)
 
     def _foldable(self, batch: TensorTable, weight: Tensor) -> _FoldPlan | None:
         """The fold plan for this batch, or None where the plain product runs: nothing folds, the weights
@@ -399,7 +419,7 @@ class FeatureEmbedding(nn.Module):
         plan = self._foldable(batch, weight)
         if plan is None:
             return torch.addmm(bias, self(batch)[:, 0] if x is None else x, weight)  # [B, K]
-        return self._folded(plan, batch, x, [(weight.unsqueeze(0), bias.unsqueeze(0))])[0][0]
+        return self._folded(plan, batch, x, [(weight.unsqueeze(0), bias.unsqueeze(0))], sources=[(weight, bias)])[0][0]
 
     def stacked_linear(
         self, batch: TensorTable, x: Tensor | None, stacks: Sequence[tuple[Tensor, Tensor]]
@@ -430,19 +450,24 @@ class FeatureEmbedding(nn.Module):
             if w.shape[2] < FOLD_BLOCK_MIN_WIDTH and w.shape[0] > 1:
                 w, b = w.transpose(0, 1).reshape(1, w.shape[1], -1), b.reshape(1, -1)
             blocked.append((w, b))
-        outs = self._folded(plan, batch, x, blocked)
+        outs = self._folded(plan, batch, x, blocked, sources=[(w, b) for w, b in stacks])
         return [
             y if y.shape[0] == w.shape[0] else y[0].view(y.shape[1], w.shape[0], w.shape[2]).transpose(0, 1)
             for y, (w, _) in zip(outs, stacks)
         ]
 
     def _folded(
-        self, plan: _FoldPlan, batch: TensorTable, x: Tensor | None, maps: Sequence[tuple[Tensor, Tensor]]
+        self,
+        plan: _FoldPlan,
+        batch: TensorTable,
+        x: Tensor | None,
+        maps: Sequence[tuple[Tensor, Tensor]],
+        sources: Sequence[tuple[Tensor, Tensor]],
     ) -> list[Tensor]:
         """For each ``(weight [m, D, width], bias [m, width])``: ``x @ weight[e] + bias[e]`` for every block
-        ``e``, as ``[m, B, width]``, with ``x``'s folded columns looked up from projected tables."""
-        # the embedding rows of every folded field, padded per group (shared by all maps)
-        e_pads = {t.dim: self.tables[str(t.dim)].weight.index_select(0, t.pad_rows) for t in plan.tables}
+        ``e``, as ``[m, B, width]``, with ``x``'s folded columns looked up from projected tables.
+        ``sources``: per map, the tensors its weight and bias were formed from (the cache's key, see
+        :meth:`_projected`)."""
         rows = plan.rows + 1  # rows of one block of a projected table: the folded fields', then the bias
         # [B, F_folded + 1]: every folded field's row, and the bias row every sample adds once
         # (32-bit: less to read per lookup, and a faster sort in the backward pass)
@@ -458,29 +483,15 @@ class FeatureEmbedding(nn.Module):
             x_rest = (self(batch)[:, 0] if x is None else x).index_select(1, plan.rest_cols)
         grad = torch.is_grad_enabled()
         order = _RowOrder()  # one sort of the ids for the backward passes of every map
+        e_pads: dict[int, Tensor] = {}  # the embedding rows of every folded field, padded per group (shared)
         outs = []
-        for weight, bias in maps:
+        for j, ((weight, bias), source) in enumerate(zip(maps, sources)):
             m, _, width = weight.shape
-            k = m * width
-            w_wide = weight.transpose(0, 1).reshape(-1, k)  # [D, m * width]: the blocks side by side
-            # rows of W regrouped: each table's folded fields (group order), then the unfolded columns
-            if grad and w_wide.requires_grad:
-                w_perm = _PermuteRows.apply(w_wide, plan.w_perm, plan.w_inverse)  # [D, m * width]
-            else:  # inference (and export): a plain gather
-                w_perm = w_wide.index_select(0, plan.w_perm)
-            w_tables = w_perm.split([t.w_rows for t in plan.tables] + [len(plan.rest_cols)])
-            projected: list[Tensor] = []
-            for table, w_fold in zip(plan.tables, w_tables):  # w_fold: [sum count * d, m * width]
-                d = table.dim
-                e_parts = e_pads[d].split([g.count * g.rows for g in table.groups])
-                w_parts = w_fold.split([g.count * d for g in table.groups])
-                for g, e, w in zip(table.groups, e_parts, w_parts):
-                    # [count, rows, m * width] = E_f @ W_f for every field f of the group
-                    p = torch.bmm(e.view(g.count, g.rows, d), w.view(g.count, d, k))
-                    projected.append(p.view(g.count * g.rows, m, width).transpose(0, 1))  # [m, count * rows, width]
-            projected.append(bias.view(m, 1, width))
-            table_p = torch.cat(projected, dim=1).view(m * rows, width)  # [m * rows, width]
-            w_rest = w_tables[-1].view(-1, m, width).transpose(0, 1) if x_rest is not None else None  # [m, R, width]
+            if grad:
+                table_p, w_all = self._project(plan, weight, bias, e_pads, grad)
+            else:
+                table_p, w_all = self._projected(plan, j, weight, bias, source, e_pads)
+            w_rest = w_all if x_rest is not None else None  # [m, R, width]
             if grad and any(t is not None and t.requires_grad for t in (table_p, x_rest, w_rest)):
                 outs.append(_SumRows.apply(table_p, pid, m, x_rest, w_rest, order))  # [m, B, width]
             else:  # inference: the same sums
@@ -489,3 +500,62 @@ class FeatureEmbedding(nn.Module):
                     y.baddbmm_(x_rest.expand(m, *x_rest.shape), w_rest)
                 outs.append(y)
         return outs
+
+    def _project(
+        self, plan: _FoldPlan, weight: Tensor, bias: Tensor, e_pads: dict[int, Tensor], grad: bool
+    ) -> tuple[Tensor, Tensor]:
+        """One map's projected table ``[m * rows, width]`` (per block: ``E_f @ W_f`` of every folded field,
+        then the bias row) and its unfolded rows of ``W`` ``[m, R, width]``."""
+        m, _, width = weight.shape
+        k = m * width
+        for t in plan.tables:
+            if t.dim not in e_pads:
+                e_pads[t.dim] = self.tables[str(t.dim)].weight.index_select(0, t.pad_rows)
+        w_wide = weight.transpose(0, 1).reshape(-1, k)  # [D, m * width]: the blocks side by side
+        # rows of W regrouped: each table's folded fields (group order), then the unfolded columns
+        if grad and w_wide.requires_grad:
+            w_perm = _PermuteRows.apply(w_wide, plan.w_perm, plan.w_inverse)  # [D, m * width]
+        else:  # inference (and export): a plain gather
+            w_perm = w_wide.index_select(0, plan.w_perm)
+        w_tables = w_perm.split([t.w_rows for t in plan.tables] + [len(plan.rest_cols)])
+        projected: list[Tensor] = []
+        for table, w_fold in zip(plan.tables, w_tables):  # w_fold: [sum count * d, m * width]
+            d = table.dim
+            e_parts = e_pads[d].split([g.count * g.rows for g in table.groups])
+            w_parts = w_fold.split([g.count * d for g in table.groups])
+            for g, e, w in zip(table.groups, e_parts, w_parts):
+                # [count, rows, m * width] = E_f @ W_f for every field f of the group
+                p = torch.bmm(e.view(g.count, g.rows, d), w.view(g.count, d, k))
+                projected.append(p.view(g.count * g.rows, m, width).transpose(0, 1))  # [m, count * rows, width]
+        projected.append(bias.view(m, 1, width))
+        table_p = torch.cat(projected, dim=1).view(m * (plan.rows + 1), width)  # [m * rows, width]
+        return table_p, w_tables[-1].view(-1, m, width).transpose(0, 1)  # [m, R, width]
+
+    def _projected(
+        self,
+        plan: _FoldPlan,
+        j: int,
+        weight: Tensor,
+        bias: Tensor,
+        source: tuple[Tensor, Tensor],
+        e_pads: dict[int, Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`_project` without autograd, kept between calls while its inputs are unchanged: scoring
+        batch after batch (validation, ``predict``, the service) projects the tables once instead of per
+        batch (on a 500-candidate request about half of the model's time). The entry is valid while
+        ``source`` (the map's weight and bias as the caller holds them) and the embedding tables are
+        the same tensors, at the same version (every in-place change, an optimiser step or a loaded
+        state, bumps it) and storage; the entry holds them, so neither identity can be reused meanwhile.
+        """
+        tensors = (*source, *(self.tables[str(t.dim)].weight for t in plan.tables))
+        stamp = tuple((t._version, t.data_ptr()) for t in tensors)
+        key = (id(plan), j)
+        entry = self._projected_cache.get(key)
+        if entry is not None and len(entry[0]) == len(tensors):
+            if all(a is b for a, b in zip(entry[0], tensors)) and entry[1] == stamp:
+                return entry[2], entry[3]
+        table_p, w_rest = self._project(plan, weight, bias, e_pads, grad=False)
+        if len(self._projected_cache) >= PROJECTED_CACHE_SIZE:
+            self._projected_cache.pop(next(iter(self._projected_cache)))
+        self._projected_cache[key] = (tensors, stamp, table_p, w_rest)
+        return table_p, w_rest
