@@ -87,9 +87,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(runs: dict):
-    """``mtrec serve`` on run mmoe, as a real process; yields its base URL."""
+def _start_server(runs: dict, *extra: str) -> tuple[str, subprocess.Popen]:
+    """``mtrec serve`` on run mmoe as a real process (the limits of this module, ``extra`` options);
+    returns its base URL, once it answers, and the process."""
     port = _free_port()
     env = {**os.environ, "MTREC_CACHE": str(runs["cache"])}
     proc = subprocess.Popen(
@@ -110,6 +110,7 @@ def server(runs: dict):
             str(MAX_BODY / (1 << 20)),
             "--timeout-ms",
             "30000",
+            *extra,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -128,14 +129,25 @@ def server(runs: dict):
             pass
         assert time.monotonic() < deadline, "server did not come up"
         time.sleep(0.2)
-    PROCESSES[url] = proc
-    yield url
+    return url, proc
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
     assert proc.returncode in (0, -15), proc.stderr.read()
+
+
+@pytest.fixture(scope="module")
+def server(runs: dict):
+    """``mtrec serve`` on run mmoe, as a real process; yields its base URL."""
+    url, proc = _start_server(runs)
+    PROCESSES[url] = proc
+    yield url
+    _stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -620,6 +632,41 @@ def test_reload_under_load(runs: dict, client: httpx.Client, server: str, tmp_pa
         assert time.monotonic() < deadline and PROCESSES[server].poll() is None
         time.sleep(0.1)
     assert client.post("/rank", json=body).json() == before
+
+
+def test_two_workers_serve_reload_and_count_together(runs: dict, tmp_path: Path) -> None:
+    """``--workers 2``: new connections reach both worker processes and get the same ranking; a reload sent
+    to one worker is taken up by the other (through the shared state file); ``/metrics`` adds up both
+    workers' counts; SIGTERM to the supervisor stops it and its workers."""
+    url, proc = _start_server(runs, "--workers", "2")
+    try:
+        workers: set[int] = set()
+        deadline = time.monotonic() + 90
+        while len(workers) < 2:  # each request on a new connection: whichever worker accepts it answers
+            assert time.monotonic() < deadline, f"one worker answered every connection: {workers}"
+            workers.add(httpx.get(url + "/health", timeout=10).json()["worker"])
+        body = _body(runs, 8)
+        before = {json.dumps(httpx.post(url + "/rank", json=body, timeout=60).json()) for _ in range(6)}
+        assert len(before) == 1
+        reloaded = httpx.post(url + "/reload", json={"run": str(runs["ple"])}, timeout=60)
+        assert reloaded.status_code == 200 and reloaded.json()["model"] == "ple", reloaded.text
+        seen: dict[int, str] = {}
+        deadline = time.monotonic() + 30
+        while not (len(seen) == 2 and set(seen.values()) == {"ple"}):  # the other worker polls the state file
+            assert time.monotonic() < deadline, f"not every worker took up the reload: {seen}"
+            health = httpx.get(url + "/health", timeout=10).json()
+            seen[health["worker"]] = health["model"]
+            time.sleep(0.05)
+        after = {json.dumps(httpx.post(url + "/rank", json=body, timeout=60).json()) for _ in range(6)}
+        assert len(after) == 1 and after != before
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        ranked = [line for line in metrics.splitlines() if line.startswith("mtrec_candidates_ranked_total")]
+        assert ranked and float(ranked[0].split()[-1]) == 12 * 8, ranked  # 12 requests of 8, over both workers
+    finally:
+        _stop_server(proc)
+    for pid in workers:  # the workers went with the supervisor
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_serve_option_errors(runs: dict, tmp_path: Path) -> None:

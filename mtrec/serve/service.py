@@ -445,9 +445,16 @@ def create_app(settings: ServeSettings, ranker: Ranker | None = None) -> FastAPI
 
     @app.get("/health")
     async def health() -> dict:
-        """Liveness: the run being served and its generation (incremented by each reload)."""
+        """Liveness: the run being served, its generation (incremented by each reload) and the answering
+        worker's process id (with several workers, which one this connection reached)."""
         r = state.ranker
-        return {"status": "ok", "run": r.info["run"], "model": r.info["model"], "generation": r.generation}
+        return {
+            "status": "ok",
+            "run": r.info["run"],
+            "model": r.info["model"],
+            "generation": r.generation,
+            "worker": os.getpid(),
+        }
 
     @app.get("/model")
     async def model() -> dict:
