@@ -126,7 +126,7 @@ def plain_app(run: Path, encoder: str = "file"):
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok"}
+        return {"status": "ok", "worker": os.getpid()}
 
     return app
 
@@ -152,21 +152,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], port: int, env: dict) -> subprocess.Popen:
+def start(cmd: list[str], port: int, env: dict, workers: int = 1) -> subprocess.Popen:
+    """Start a server and wait until ``workers`` worker processes answer ``/health`` (each request on a new
+    connection): the clients' keep-alive connections, opened next, stay with the worker that accepted
+    them, so connecting while a worker is still starting would leave it idle for the whole cell."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 300  # an ONNX backend exports its graph first
+    seen: set[int] = set()
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server {' '.join(cmd)} exited: {proc.stderr.read()}")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc
+            response = conn.getresponse()
+            if response.status == 200:
+                seen.add(json.loads(response.read())["worker"])
+                if len(seen) >= workers:
+                    return proc
+            conn.close()
+            time.sleep(0.05)
         except OSError:
             time.sleep(0.2)
     proc.kill()
-    raise SystemExit(f"server {' '.join(cmd)} did not come up")
+    raise SystemExit(f"server {' '.join(cmd)} did not come up with {workers} worker(s)")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -446,7 +455,7 @@ def main() -> None:
         order = [servers[(i + rnd) % len(servers)] for rnd in range(args.rounds) for i in range(len(servers))]
         for name, cmd in order:
             port = free_port()
-            proc = start([*cmd, "--port", str(port)], port, env)
+            proc = start([*cmd, "--port", str(port)], port, env, args.workers)
             try:
                 for n in sizes:
                     body = payloads[n][1 if name.startswith("plain") else 0]

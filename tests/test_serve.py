@@ -635,28 +635,50 @@ def test_reload_under_load(runs: dict, client: httpx.Client, server: str, tmp_pa
 
 
 def test_two_workers_serve_reload_and_count_together(runs: dict, tmp_path: Path) -> None:
-    """``--workers 2``: new connections reach both worker processes and get the same ranking; a reload sent
-    to one worker is taken up by the other (through the shared state file); ``/metrics`` adds up both
-    workers' counts; SIGTERM to the supervisor stops it and its workers."""
+    """``--workers 2``: keep-alive clients connecting at once, once both workers are up, are spread over
+    both worker processes and get the same ranking; a reload sent to one worker is taken up by the other
+    (through the shared state file); ``/metrics`` adds up both workers' counts; SIGTERM to the supervisor
+    stops it and its workers."""
     url, proc = _start_server(runs, "--workers", "2")
     try:
-        workers: set[int] = set()
         deadline = time.monotonic() + 90
-        while len(workers) < 2:  # each request on a new connection: whichever worker accepts it answers
-            assert time.monotonic() < deadline, f"one worker answered every connection: {workers}"
-            workers.add(httpx.get(url + "/health", timeout=10).json()["worker"])
+        while len({httpx.get(url + "/health", timeout=10).json()["worker"] for _ in range(8)}) < 2:
+            assert time.monotonic() < deadline, "the second worker did not come up"
+        reached: list[int] = []
+
+        def connect() -> None:  # a client that keeps its connection: every request goes to one worker
+            with httpx.Client(base_url=url, timeout=30) as c:
+                reached.append(c.get("/health").json()["worker"])
+
+        clients = [threading.Thread(target=connect) for _ in range(16)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(timeout=60)
+        workers = set(reached)
+        assert len(reached) == 16 and len(workers) == 2, reached  # not every connection on one worker
+
+        def serving() -> dict[int, tuple[str, int]]:
+            """Worker -> (model, generation), from new connections until both workers answered."""
+            seen: dict[int, tuple[str, int]] = {}
+            while len(seen) < 2:
+                health = httpx.get(url + "/health", timeout=10).json()
+                seen[health["worker"]] = (health["model"], health["generation"])
+            return seen
+
+        def wait_for(model: str, generation: int) -> None:
+            deadline = time.monotonic() + 30
+            while set(serving().values()) != {(model, generation)}:  # the other worker polls the state file
+                assert time.monotonic() < deadline, f"not every worker took up the reload: {serving()}"
+                time.sleep(0.05)
+
         body = _body(runs, 8)
         before = {json.dumps(httpx.post(url + "/rank", json=body, timeout=60).json()) for _ in range(6)}
         assert len(before) == 1
+        generation = httpx.get(url + "/health").json()["generation"]
         reloaded = httpx.post(url + "/reload", json={"run": str(runs["ple"])}, timeout=60)
-        assert reloaded.status_code == 200 and reloaded.json()["model"] == "ple", reloaded.text
-        seen: dict[int, str] = {}
-        deadline = time.monotonic() + 30
-        while not (len(seen) == 2 and set(seen.values()) == {"ple"}):  # the other worker polls the state file
-            assert time.monotonic() < deadline, f"not every worker took up the reload: {seen}"
-            health = httpx.get(url + "/health", timeout=10).json()
-            seen[health["worker"]] = health["model"]
-            time.sleep(0.05)
+        assert reloaded.status_code == 200 and reloaded.json()["generation"] == generation + 1, reloaded.text
+        wait_for("ple", generation + 1)
         after = {json.dumps(httpx.post(url + "/rank", json=body, timeout=60).json()) for _ in range(6)}
         assert len(after) == 1 and after != before
         metrics = httpx.get(url + "/metrics", timeout=10).text
