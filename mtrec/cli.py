@@ -533,6 +533,12 @@ def serve(
     max_body_mb: float = typer.Option(8.0, help="largest request body in MiB (more is a 413)"),
     timeout_ms: float = typer.Option(1000.0, help="a /rank request waiting or running longer gets a 503"),
     log_level: str = typer.Option("warning", help="uvicorn log level"),
+    ort_spin: bool | None = typer.Option(
+        None,
+        "--ort-spin/--no-ort-spin",
+        help="--backend onnx: ONNX Runtime's threads spin between operators (default: lowest latency on quiet "
+        "cores) or sleep at once (steadier beside other busy processes)",
+    ),
 ) -> None:
     """Serve the run's ranking over HTTP (FastAPI + uvicorn): POST /rank, GET /health, /model, /metrics,
     POST /reload."""
@@ -544,6 +550,7 @@ def serve(
         "--max-candidates": (max_candidates >= 1, "must be at least 1"),
         "--max-body-mb": (max_body_mb > 0, "must be positive"),
         "--timeout-ms": (timeout_ms > 0, "must be positive"),
+        "--ort-spin": (ort_spin is None or backend == "onnx", "only for --backend onnx (ONNX Runtime's threads)"),
         "--log-level": (
             log_level in ("critical", "error", "warning", "info", "debug", "trace"),
             f"unknown level '{log_level}'",
@@ -563,6 +570,7 @@ def serve(
         max_candidates=max_candidates,
         max_body_bytes=int(max_body_mb * (1 << 20)),
         timeout_s=timeout_ms / 1000.0,
+        ort_spin=True if ort_spin is None else ort_spin,
     )
     run_service(settings, host, port, workers, log_level)
 

@@ -699,6 +699,7 @@ def test_serve_option_errors(runs: dict, tmp_path: Path) -> None:
         (["--run", str(runs["mmoe"]), "--workers", "0"], "--workers"),
         (["--run", str(runs["mmoe"]), "--port", "70000"], "--port"),
         (["--run", str(runs["mmoe"]), "--fusion", str(tmp_path / "none.yaml")], "fusion spec not found"),
+        (["--run", str(runs["mmoe"]), "--no-ort-spin"], "--ort-spin: only for --backend onnx"),
     ]
     for args, message in cases:
         result = runner.invoke(app, ["serve", *args])
@@ -721,6 +722,18 @@ def test_onnx_backend_ranks_as_torch(runs: dict, one_thread) -> None:
         [e["score"] for e in answers["onnx"]], [torch_scores[e["index"]] for e in answers["onnx"]], atol=1e-5
     )
     assert np.all(np.diff([e["score"] for e in answers["onnx"]]) <= 0)
+
+    # --no-ort-spin reaches ONNX Runtime's session (the default leaves ONNX Runtime's own, spinning); same ranking
+    def spin_entry(r) -> str | None:
+        options = r.scorer.batch_graph.session.get_session_options()
+        try:
+            return options.get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set
+            return None
+
+    quiet = load_ranker(ServeSettings(run=runs["mmoe"], backend="onnx", threads=1, ort_spin=False))
+    assert spin_entry(ranker) is None and spin_entry(quiet) == "0"
+    assert json.loads(quiet.rank(body)[0])["ranking"] == answers["onnx"]
 
 
 def test_onnx_context_graph_ranks_as_torch(runs: dict, one_thread) -> None:

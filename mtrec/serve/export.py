@@ -623,14 +623,19 @@ def _description(model: MultiTaskModel, wrapper: EncodedInputModel, extra: dict 
     }
 
 
-def ort_session(model_bytes_or_path: bytes | str | Path, threads: int | None = None):
-    """An ONNX Runtime CPU session (``threads``: intra-op threads, default torch's setting)."""
+def ort_session(model_bytes_or_path: bytes | str | Path, threads: int | None = None, spin: bool = True):
+    """An ONNX Runtime CPU session (``threads``: intra-op threads, default torch's setting). ``spin``: its
+    threads spin between operators (ONNX Runtime's default: lowest latency on quiet cores); off, they sleep
+    at once, which keeps latency steady beside other busy processes (BENCHMARKS.md: p50 1.95x slower beside
+    a busy loop with spinning, 1.01x without, but 16% slower on quiet cores)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: the optimiser's notes are noise here
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = str(model_bytes_or_path) if isinstance(model_bytes_or_path, Path) else model_bytes_or_path
     return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
 
@@ -903,9 +908,9 @@ class OnnxScorer:
     the same value on every row (or batch 1 for a sequence).
     """
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    def __init__(self, path: Path, threads: int | None = None, spin: bool = True) -> None:
         self.path = Path(path)
-        self.session = ort_session(self.path, threads)
+        self.session = ort_session(self.path, threads, spin)
         meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if meta is None:
             raise MtrecError(f"{path}: not an ONNX file exported by mtrec (no '{METADATA_KEY}' metadata)")

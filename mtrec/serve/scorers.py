@@ -66,12 +66,12 @@ class OnnxRuntimeScorer:
 
     backend = "onnx"
 
-    def __init__(self, run: Path, threads: int | None = None) -> None:
+    def __init__(self, run: Path, threads: int | None = None, spin: bool = True) -> None:
         from mtrec.serve.export import OnnxScorer, run_context_onnx, run_onnx
 
-        self.batch_graph = OnnxScorer(run_onnx(run), threads=threads)
+        self.batch_graph = OnnxScorer(run_onnx(run), threads=threads, spin=spin)
         context = run_context_onnx(run)
-        self.context_graph = OnnxScorer(context, threads=threads) if context is not None else None
+        self.context_graph = OnnxScorer(context, threads=threads, spin=spin) if context is not None else None
 
     def graph_for(self, batch: EncodedRequest) -> OnnxScorer:
         """The graph that scores ``batch``: the context graph when the request gives all its context features once."""
@@ -84,8 +84,11 @@ class OnnxRuntimeScorer:
         return self.graph_for(batch).model_scores(batch.sparse, batch.dense, batch.sequences)
 
 
-def build_scorer(backend: str, run: Path, model: MultiTaskModel, threads: int | None = None) -> Scorer:
-    """The scorer of ``backend`` (``torch`` or ``onnx``) for a loaded run."""
+def build_scorer(
+    backend: str, run: Path, model: MultiTaskModel, threads: int | None = None, ort_spin: bool = True
+) -> Scorer:
+    """The scorer of ``backend`` (``torch`` or ``onnx``) for a loaded run (``ort_spin``: see
+    :func:`mtrec.serve.export.ort_session`)."""
     if backend == "onnx":
-        return OnnxRuntimeScorer(run, threads)
+        return OnnxRuntimeScorer(run, threads, ort_spin)
     return TorchScorer(model)

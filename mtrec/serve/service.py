@@ -71,6 +71,7 @@ class ServeSettings(BaseModel):
     fusion: Path | None = None
     backend: Literal["torch", "onnx"] = "torch"
     threads: int = Field(1, ge=1)
+    ort_spin: bool = True  # the ONNX backend's threads spin between operators (mtrec.serve.export.ort_session)
     max_candidates: int = Field(1000, ge=1)
     max_body_bytes: int = Field(8 << 20, ge=1)
     timeout_s: float = Field(1.0, gt=0)
@@ -150,7 +151,7 @@ def load_ranker(
     layout = loaded.model.layout
     calibrators = Calibrators.load(run)
     spec = fusion_for_run(run, layout, calibrators.method, fusion)
-    scorer = build_scorer(settings.backend, run, loaded.model, settings.threads)
+    scorer = build_scorer(settings.backend, run, loaded.model, settings.threads, settings.ort_spin)
     encoder = RequestEncoder(loaded.schema, loaded.encoders, settings.max_candidates)
     metrics_path = run / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
