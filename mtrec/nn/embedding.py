@@ -128,6 +128,17 @@ class _RowOrder:
         return self._order
 
 
+def _sum_rows(table: Tensor, ids: Tensor, blocks: int, x: Tensor | None, w: Tensor | None) -> Tensor:
+    """``[blocks, B, width]``: ``sum_f table[e * rows + ids[b, f]] (+ x[b] @ w[e])`` for every block ``e``
+    (the forward pass of :class:`_SumRows`, and the folded map's inference)."""
+    rows = table.shape[0] // blocks
+    out = F.embedding_bag(_block_ids(ids, blocks, rows), table, mode="sum")  # [blocks * B, width]
+    out = out.view(blocks, ids.shape[0], -1)
+    if w is not None and x is not None:
+        out.baddbmm_(x.expand(blocks, *x.shape), w)
+    return out
+
+
 class _SumRows(torch.autograd.Function):
     """``out[e, b] = sum_f table[e * rows + ids[b, f]] (+ x[b] @ w[e])``: the lookup-sum of a folded map.
 
@@ -162,11 +173,7 @@ class _SumRows(torch.autograd.Function):
         ctx.blocks, ctx.rows = blocks, rows
         ctx.order = _RowOrder() if order is None else order
         ctx.save_for_backward(ids, x, w)
-        out = F.embedding_bag(_block_ids(ids, blocks, rows), table, mode="sum")  # [blocks * B, width]
-        out = out.view(blocks, ids.shape[0], -1)
-        if w is not None and x is not None:
-            out.baddbmm_(x.expand(blocks, *x.shape), w)
-        return out
+        return _sum_rows(table, ids, blocks, x, w)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -468,7 +475,6 @@ class FeatureEmbedding(nn.Module):
         ``e``, as ``[m, B, width]``, with ``x``'s folded columns looked up from projected tables.
         ``sources``: per map, the tensors its weight and bias were formed from (the cache's key, see
         :meth:`_projected`)."""
-        rows = plan.rows + 1  # rows of one block of a projected table: the folded fields', then the bias
         # [B, F_folded + 1]: every folded field's row, and the bias row every sample adds once
         # (32-bit: less to read per lookup, and a faster sort in the backward pass)
         pid = F.pad(batch.sparse.index_select(1, plan.sparse_cols) + plan.prow_offsets, (0, 1), value=plan.rows)
@@ -486,7 +492,7 @@ class FeatureEmbedding(nn.Module):
         e_pads: dict[int, Tensor] = {}  # the embedding rows of every folded field, padded per group (shared)
         outs = []
         for j, ((weight, bias), source) in enumerate(zip(maps, sources)):
-            m, _, width = weight.shape
+            m = weight.shape[0]
             if grad:
                 table_p, w_all = self._project(plan, weight, bias, e_pads, grad)
             else:
@@ -495,10 +501,7 @@ class FeatureEmbedding(nn.Module):
             if grad and any(t is not None and t.requires_grad for t in (table_p, x_rest, w_rest)):
                 outs.append(_SumRows.apply(table_p, pid, m, x_rest, w_rest, order))  # [m, B, width]
             else:  # inference: the same sums
-                y = F.embedding_bag(_block_ids(pid, m, rows), table_p, mode="sum").view(m, len(pid), width)
-                if w_rest is not None and x_rest is not None:
-                    y.baddbmm_(x_rest.expand(m, *x_rest.shape), w_rest)
-                outs.append(y)
+                outs.append(_sum_rows(table_p, pid, m, x_rest, w_rest))
         return outs
 
     def _project(
