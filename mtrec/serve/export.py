@@ -475,7 +475,7 @@ class ParityReport:
 
 def _fail(model: MultiTaskModel, fmt: str, what: str, sizes: list[int]) -> MtrecError:
     return MtrecError(
-        f"model '{model_name(model)}' exported to {fmt}: parity check failed on {what} (batch sizes {sizes}); nothing written"
+        f"model '{model.model_name()}' exported to {fmt}: parity check failed on {what} (batch sizes {sizes}); nothing written"
     )
 
 
@@ -512,7 +512,7 @@ def _check(
             score = np.asarray(got[f"{raw_name}.{name}"], dtype=np.float64).reshape(-1)
             if logit.shape != (len(table),):
                 raise MtrecError(
-                    f"model '{model_name(model)}' exported to {fmt}: output 'logit.{name}' has shape {logit.shape} "
+                    f"model '{model.model_name()}' exported to {fmt}: output 'logit.{name}' has shape {logit.shape} "
                     f"for a batch of {len(table)} rows; the batch dimension is not dynamic"
                 )
             diff = np.abs(logit - ref_logits[:, t])
@@ -525,7 +525,7 @@ def _check(
             report.max_rel[name] = max(report.max_rel[name], float(rel.max(initial=0.0)))
             if (~np.isfinite(logit) & np.isfinite(ref_logits[:, t])).any():
                 raise MtrecError(
-                    f"model '{model_name(model)}' exported to {fmt}: parity check failed on task '{name}': "
+                    f"model '{model.model_name()}' exported to {fmt}: parity check failed on task '{name}': "
                     f"non-finite logits where PyTorch's are finite; nothing written"
                 )
         scores = np.stack([np.asarray(got[f"score.{n}"]).reshape(-1) for n in tasks], axis=1).astype(np.float32)
@@ -575,10 +575,6 @@ def _check(
     return report
 
 
-def model_name(model: MultiTaskModel) -> str:
-    return model.model_name()
-
-
 # ---- export ----------------------------------------------------------------------------------------
 
 
@@ -590,7 +586,7 @@ def _operator_of(err: BaseException) -> str:
 def _export_failure(model: MultiTaskModel, fmt: str, err: BaseException) -> MtrecError:
     first = (str(err).strip().splitlines() or [""])[0][:300]
     return MtrecError(
-        f"model '{model_name(model)}' cannot be exported to {fmt}: operator '{_operator_of(err)}' ({first})"
+        f"model '{model.model_name()}' cannot be exported to {fmt}: operator '{_operator_of(err)}' ({first})"
     )
 
 
@@ -598,7 +594,7 @@ def _description(model: MultiTaskModel, wrapper: EncodedInputModel, extra: dict 
     return {
         "mtrec_version": __version__,
         "graph_version": GRAPH_VERSION,
-        "model": model_name(model),
+        "model": model.model_name(),
         "tasks": [{"name": t.name, "type": t.type} for t in model.layout.tasks],
         "inputs": [
             {"name": i.name, "kind": i.kind, "features": list(i.features), "context": i.context} for i in wrapper.inputs
@@ -772,7 +768,7 @@ def export_model(
     if fmt not in FORMATS:
         raise MtrecError(f"--format: unknown export format '{fmt}'; choose one of: {', '.join(FORMATS)}")
     if len(rows) == 0:
-        raise MtrecError(f"model '{model_name(model)}': no rows to check the export against")
+        raise MtrecError(f"model '{model.model_name()}': no rows to check the export against")
     model.eval()
     wrapper = EncodedInputModel(model, context_features, calibrators, fusion).eval()
     description = _description(model, wrapper, metadata)

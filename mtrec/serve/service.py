@@ -141,7 +141,6 @@ def load_ranker(
     from mtrec.fusion.calibration import Calibrators
     from mtrec.fusion.spec import fusion_for_run
     from mtrec.metrics.core import joint_scores
-    from mtrec.serve.export import model_name
     from mtrec.train.run import WEIGHTS, load_run
 
     if run is None:
@@ -158,7 +157,7 @@ def load_ranker(
     weights = run / WEIGHTS
     joint = list(joint_scores(np.zeros((1, layout.num_tasks)), layout))
     info = {
-        "model": model_name(loaded.model),
+        "model": loaded.model.model_name(),
         "run": str(run.resolve()),
         "backend": settings.backend,
         "tasks": [{"name": t.name, "type": t.type, "space": t.space} for t in layout.tasks],
