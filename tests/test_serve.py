@@ -309,6 +309,19 @@ def test_encoder_matches_ingest_with_sequences(tmp_path: Path, monkeypatch: pyte
         RequestEncoder(schema, store.encoders, 100).encode(body)
 
 
+def _json_leaf(text_size: int, samples: list) -> st.SearchStrategy:
+    """A JSON scalar a client might send: null, a boolean, an integer beyond 64 bits, any float (NaN and
+    infinities included), short text, or one of ``samples`` (values that look like the data's)."""
+    return (
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**70), 2**70)
+        | st.floats()
+        | st.text(max_size=text_size)
+        | st.sampled_from(samples)
+    )
+
+
 def _outcome(encoder: RequestEncoder, raw: bytes, typed: bool) -> tuple:
     """What encoding the bytes ``raw`` gives, read by ``encoder.parse`` (``typed``) or as plain JSON: the
     encoded arrays, or the error (status, field, reason)."""
@@ -337,14 +350,7 @@ def test_typed_decoder_encodes_as_the_checked_path(tmp_path: Path, monkeypatch: 
     frame = read_frame(tmp_path / "toy" / "toy.csv", schema).head(5)
     bases = [request_from_frame(frame, schema, context) for context in ([], ["city"], ["age", "tags"])]
     columns = ["age", "city", "tags", "nope"]
-    leaf = (
-        st.none()
-        | st.booleans()
-        | st.integers(-(2**70), 2**70)
-        | st.floats()
-        | st.text(max_size=4)
-        | st.sampled_from(["paris", "617.0", "", "a", 41, 41.0, "41"])
-    )
+    leaf = _json_leaf(4, ["paris", "617.0", "", "a", 41, 41.0, "41"])
     value = leaf | st.lists(leaf, max_size=4)
     typed = []
 
@@ -458,14 +464,7 @@ def test_bad_requests_get_4xx_naming_the_field(runs: dict, client: httpx.Client)
 def test_fuzzed_bodies_never_get_5xx(runs: dict, client: httpx.Client) -> None:
     base = _body(runs, 3)
     columns = list(base["context"]) + list(base["candidates"][0]) + ["nope", ""]
-    leaf = (
-        st.none()
-        | st.booleans()
-        | st.integers(-(2**70), 2**70)
-        | st.floats()
-        | st.text(max_size=6)
-        | st.sampled_from(["Male", "?", "617.0", "Not in universe", "NaN"])
-    )
+    leaf = _json_leaf(6, ["Male", "?", "617.0", "Not in universe", "NaN"])
     value = st.recursive(
         leaf,
         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
