@@ -349,7 +349,11 @@ def main() -> None:
         "--runs", type=Path, default=REPO / "runs" / "bench_serve", help="folder of the runs (trained when missing)"
     )
     ap.add_argument("--models", default="mmoe,ple")
-    ap.add_argument("--backends", default="torch,onnx")
+    ap.add_argument(
+        "--backends",
+        default="torch,onnx",
+        help="mtrec servers to run: torch, onnx, or onnx:MODE for `mtrec serve --ort-spin MODE` (e.g. onnx:on)",
+    )
     ap.add_argument("--candidates", default="10,100,500")
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per cell")
@@ -407,7 +411,7 @@ def main() -> None:
     for model in args.models.split(","):
         run = ensure_run(args.runs, model, args.epochs, env)
         context = [c for c in args.context.split(",") if c]
-        if "onnx" in args.backends.split(","):
+        if any(b.startswith("onnx") for b in args.backends.split(",")):
             ensure_context_graph(run, context, env)
         payloads = bodies(run, sizes, context)
         servers = [
@@ -421,7 +425,8 @@ def main() -> None:
                     "--run",
                     str(run),
                     "--backend",
-                    b,
+                    b.partition(":")[0],
+                    *(["--ort-spin", b.partition(":")[2]] if ":" in b else []),
                     "--workers",
                     str(args.workers),
                     "--threads",

@@ -19,6 +19,7 @@ from mtrec import __version__
 from mtrec.config import RunConfig, build_run_config
 from mtrec.datasets import DATASETS, dataset_schema_path
 from mtrec.errors import MtrecError
+from mtrec.serve import SPIN_MODES
 from mtrec.threads import prepare_openmp
 from mtrec.train.options import TrainConfig
 
@@ -533,11 +534,11 @@ def serve(
     max_body_mb: float = typer.Option(8.0, help="largest request body in MiB (more is a 413)"),
     timeout_ms: float = typer.Option(1000.0, help="a /rank request waiting or running longer gets a 503"),
     log_level: str = typer.Option("warning", help="uvicorn log level"),
-    ort_spin: bool | None = typer.Option(
+    ort_spin: str | None = typer.Option(
         None,
-        "--ort-spin/--no-ort-spin",
-        help="--backend onnx: ONNX Runtime's threads spin between operators (default: lowest latency on quiet "
-        "cores) or sleep at once (steadier beside other busy processes)",
+        help="--backend onnx: how ONNX Runtime's threads wait between operators and runs. auto (default): spin, "
+        "and sleep after a request no other waits behind; on: always spin (ONNX Runtime's default); off: "
+        "never spin (steadier beside other busy processes, slower on quiet cores)",
     ),
 ) -> None:
     """Serve the run's ranking over HTTP (FastAPI + uvicorn): POST /rank, GET /health, /model, /metrics,
@@ -550,7 +551,12 @@ def serve(
         "--max-candidates": (max_candidates >= 1, "must be at least 1"),
         "--max-body-mb": (max_body_mb > 0, "must be positive"),
         "--timeout-ms": (timeout_ms > 0, "must be positive"),
-        "--ort-spin": (ort_spin is None or backend == "onnx", "only for --backend onnx (ONNX Runtime's threads)"),
+        "--ort-spin": (
+            ort_spin is None or (backend == "onnx" and ort_spin in SPIN_MODES),
+            f"'{ort_spin}' is not one of {', '.join(SPIN_MODES)}"
+            if backend == "onnx"
+            else "only for --backend onnx (ONNX Runtime's threads)",
+        ),
         "--log-level": (
             log_level in ("critical", "error", "warning", "info", "debug", "trace"),
             f"unknown level '{log_level}'",
@@ -570,7 +576,7 @@ def serve(
         max_candidates=max_candidates,
         max_body_bytes=int(max_body_mb * (1 << 20)),
         timeout_s=timeout_ms / 1000.0,
-        ort_spin=True if ort_spin is None else ort_spin,
+        ort_spin=ort_spin or "auto",  # checked against SPIN_MODES above (pydantic checks it again)
     )
     run_service(settings, host, port, workers, log_level)
 

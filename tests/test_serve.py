@@ -698,7 +698,8 @@ def test_serve_option_errors(runs: dict, tmp_path: Path) -> None:
         (["--run", str(runs["mmoe"]), "--workers", "0"], "--workers"),
         (["--run", str(runs["mmoe"]), "--port", "70000"], "--port"),
         (["--run", str(runs["mmoe"]), "--fusion", str(tmp_path / "none.yaml")], "fusion spec not found"),
-        (["--run", str(runs["mmoe"]), "--no-ort-spin"], "--ort-spin: only for --backend onnx"),
+        (["--run", str(runs["mmoe"]), "--ort-spin", "off"], "--ort-spin: only for --backend onnx"),
+        (["--run", str(runs["mmoe"]), "--backend", "onnx", "--ort-spin", "never"], "'never' is not one of auto"),
     ]
     for args, message in cases:
         result = runner.invoke(app, ["serve", *args])
@@ -722,17 +723,62 @@ def test_onnx_backend_ranks_as_torch(runs: dict, one_thread) -> None:
     )
     assert np.all(np.diff([e["score"] for e in answers["onnx"]]) <= 0)
 
-    # --no-ort-spin reaches ONNX Runtime's session (the default leaves ONNX Runtime's own, spinning); same ranking
-    def spin_entry(r) -> str | None:
-        options = r.scorer.batch_graph.session.get_session_options()
-        try:
-            return options.get_session_config_entry("session.intra_op.allow_spinning")
-        except RuntimeError:  # not set
-            return None
+    # --ort-spin reaches ONNX Runtime's sessions; the same ranking in every mode. auto (the default): one session
+    # left spinning as ONNX Runtime does, one whose threads sleep once a run returns, chosen per request
+    def entries(session) -> tuple[str | None, str | None]:
+        options = session.get_session_options()
+        out = []
+        for key in ("session.intra_op.allow_spinning", "session.force_spinning_stop"):
+            try:
+                out.append(options.get_session_config_entry(key))
+            except RuntimeError:  # not set
+                out.append(None)
+        return out[0], out[1]
 
-    quiet = load_ranker(ServeSettings(run=runs["mmoe"], backend="onnx", threads=1, ort_spin=False))
-    assert spin_entry(ranker) is None and spin_entry(quiet) == "0"
-    assert json.loads(quiet.rank(body)[0])["ranking"] == answers["onnx"]
+    graph = ranker.scorer.batch_graph
+    assert entries(graph.session) == (None, None) and entries(graph.alone_session) == (None, "1")
+    for mode, want in (("on", (None, None)), ("off", ("0", None))):
+        other = load_ranker(ServeSettings(run=runs["mmoe"], backend="onnx", threads=1, ort_spin=mode))
+        assert entries(other.scorer.batch_graph.session) == want and other.scorer.batch_graph.alone_session is None
+        assert json.loads(other.rank(body)[0])["ranking"] == answers["onnx"]
+    before = _onnx_runs(ranker.scorer)
+    queued = json.loads(ranker.rank(body, alone=lambda: False)[0])["ranking"]
+    assert queued == answers["onnx"]
+    assert _onnx_runs(ranker.scorer) == {"alone": before["alone"], "queued": before["queued"] + 1}
+
+
+def _onnx_runs(scorer) -> dict[str, int]:
+    """Runs of an ONNX scorer's graphs on the session for a request alone / with others queued."""
+    graphs = [g for g in (scorer.batch_graph, scorer.context_graph) if g is not None]
+    return {k: sum(g.runs[k] for g in graphs) for k in ("alone", "queued")}
+
+
+def test_requests_queued_together_keep_onnx_threads_spinning(runs: dict, one_thread) -> None:
+    """`--ort-spin auto`: requests sent one at a time each run alone (the sessions whose threads then sleep);
+    requests arriving together queue behind each other and run on the spinning session, the last one alone."""
+    import asyncio
+
+    from mtrec.serve.service import ServeSettings, create_app
+
+    body = json.dumps(_body(runs, 50)).encode()
+    app = create_app(ServeSettings(run=runs["mmoe"], backend="onnx", threads=1))
+
+    async def main() -> dict[str, int]:
+        transport = httpx.ASGITransport(app=app)
+        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            scorer = app.state.service.ranker.scorer
+            for _ in range(3):
+                assert (await c.post("/rank", content=body)).status_code == 200
+            alone = _onnx_runs(scorer)
+            answers = await asyncio.gather(*(c.post("/rank", content=body) for _ in range(6)))
+            assert [r.status_code for r in answers] == [200] * 6
+            assert app.state.service.pending == 0
+            return {"sequential": alone, "together": {k: _onnx_runs(scorer)[k] - alone[k] for k in alone}}
+
+    runs_seen = asyncio.run(main())
+    assert runs_seen["sequential"] == {"alone": 3, "queued": 0}, runs_seen
+    together = runs_seen["together"]
+    assert together["alone"] + together["queued"] == 6 and together["queued"] >= 4 and together["alone"] >= 1, runs_seen
 
 
 def test_onnx_context_graph_ranks_as_torch(runs: dict, one_thread) -> None:

@@ -81,6 +81,7 @@ from mtrec.files import write_bytes_atomic
 from mtrec.fusion.calibration import Calibrators
 from mtrec.fusion.spec import FusionSpec, apply_fusion, apply_fusion_torch
 from mtrec.models.base import MultiTaskModel
+from mtrec.serve import SPIN_MODES, SpinMode
 
 if TYPE_CHECKING:
     from mtrec.nn.embedding import FeatureEmbedding
@@ -619,11 +620,15 @@ def _description(model: MultiTaskModel, wrapper: EncodedInputModel, extra: dict 
     }
 
 
-def ort_session(model_bytes_or_path: bytes | str | Path, threads: int | None = None, spin: bool = True):
+def ort_session(
+    model_bytes_or_path: bytes | str | Path, threads: int | None = None, spin: bool = True, stop_after_run: bool = False
+):
     """An ONNX Runtime CPU session (``threads``: intra-op threads, default torch's setting). ``spin``: its
     threads spin between operators (ONNX Runtime's default: lowest latency on quiet cores); off, they sleep
     at once, which keeps latency steady beside other busy processes (BENCHMARKS.md: p50 1.95x slower beside
-    a busy loop with spinning, 1.01x without, but 16% slower on quiet cores)."""
+    a busy loop with spinning, 1.01x without, but 16% slower on quiet cores). ``stop_after_run``: spinning
+    threads sleep as soon as a ``run`` returns (``session.force_spinning_stop``) instead of spinning on for
+    the next one (ONNX Runtime spins up to milliseconds), leaving the cores to other work between runs."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -632,6 +637,8 @@ def ort_session(model_bytes_or_path: bytes | str | Path, threads: int | None = N
     options.log_severity_level = 3  # errors only: the optimiser's notes are noise here
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif stop_after_run:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     source = str(model_bytes_or_path) if isinstance(model_bytes_or_path, Path) else model_bytes_or_path
     return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
 
@@ -904,9 +911,16 @@ class OnnxScorer:
     the same value on every row (or batch 1 for a sequence).
     """
 
-    def __init__(self, path: Path, threads: int | None = None, spin: bool = True) -> None:
+    def __init__(self, path: Path, threads: int | None = None, spin: SpinMode = "on") -> None:
+        if spin not in SPIN_MODES:
+            raise ValueError(f"spin: '{spin}' is not one of {', '.join(SPIN_MODES)}")
         self.path = Path(path)
-        self.session = ort_session(self.path, threads, spin)
+        self.session = ort_session(self.path, threads, spin != "off")
+        # spin="auto": a second session of the same graph whose threads sleep once a run returns, for a run
+        # with no other request waiting (run(..., alone=True)); with requests queued, the first one's
+        # threads keep spinning from one run to the next (see the service's module docstring)
+        self.alone_session = ort_session(self.path, threads, True, stop_after_run=True) if spin == "auto" else None
+        self.runs = {"alone": 0, "queued": 0}  # runs per session of spin="auto" (tests, diagnosis)
         meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if meta is None:
             raise MtrecError(f"{path}: not an ONNX file exported by mtrec (no '{METADATA_KEY}' metadata)")
@@ -966,19 +980,30 @@ class OnnxScorer:
             out[spec.name] = np.ascontiguousarray(value)
         return out
 
-    def run(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """``{output: array}`` of the graph on ``feed`` (default: every output); a context input must be batch 1."""
+    def run(
+        self, feed: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None, alone: bool = False
+    ) -> dict[str, np.ndarray]:
+        """``{output: array}`` of the graph on ``feed`` (default: every output); a context input must be batch 1.
+        ``alone``: no other request waits for this graph (with ``spin="auto"``, its threads then sleep
+        once the run returns)."""
         for spec in self.inputs:
             if spec.context and feed[spec.name].shape[0] != 1:
                 raise MtrecError(
                     f"{self.path}: context input '{spec.name}' takes one row, got {feed[spec.name].shape[0]}"
                 )
         names = list(outputs) if outputs is not None else self.output_names
-        return dict(zip(names, self.session.run(names, dict(feed))))
+        session = self.session
+        if self.alone_session is not None:
+            if alone:
+                session = self.alone_session
+            self.runs["alone" if alone else "queued"] += 1
+        return dict(zip(names, session.run(names, dict(feed))))
 
-    def model_scores(self, sparse: np.ndarray, dense: np.ndarray, sequences: Mapping[str, np.ndarray]) -> np.ndarray:
+    def model_scores(
+        self, sparse: np.ndarray, dense: np.ndarray, sequences: Mapping[str, np.ndarray], alone: bool = False
+    ) -> np.ndarray:
         """``[B, T]`` float32: the model's scores (before any calibrator in the graph) of one batch."""
-        out = self.run(self.feed(sparse, dense, sequences), self.model_score_outputs)
+        out = self.run(self.feed(sparse, dense, sequences), self.model_score_outputs, alone)
         return np.stack(list(out.values()), axis=1).astype(np.float32, copy=False)
 
     def outputs(self, table: TensorTable, names: Sequence[str], batch_size: int = 16384) -> dict[str, np.ndarray]:

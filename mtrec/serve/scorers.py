@@ -15,6 +15,7 @@ import torch
 
 from mtrec.data.tables import TensorTable
 from mtrec.models.base import MultiTaskModel
+from mtrec.serve import SpinMode
 from mtrec.serve.encoding import EncodedRequest
 
 if TYPE_CHECKING:
@@ -28,8 +29,9 @@ class Scorer(Protocol):
 
     backend: str
 
-    def score(self, batch: EncodedRequest) -> np.ndarray:
-        """Raw ``[B, T]`` scores (float32) of the request's candidates."""
+    def score(self, batch: EncodedRequest, alone: bool = False) -> np.ndarray:
+        """Raw ``[B, T]`` scores (float32) of the request's candidates; ``alone``: no other request waits
+        (a backend may then free its threads once done)."""
         ...
 
 
@@ -44,7 +46,8 @@ class TorchScorer:
         self.num_tasks = model.num_tasks
 
     @torch.inference_mode()
-    def score(self, batch: EncodedRequest) -> np.ndarray:
+    def score(self, batch: EncodedRequest, alone: bool = False) -> np.ndarray:
+        # alone: nothing to do, torch's OpenMP threads already sleep ~10 us after a region (mtrec.threads)
         n = batch.size
         table = TensorTable(
             sparse=torch.from_numpy(batch.sparse),
@@ -62,11 +65,15 @@ class OnnxRuntimeScorer:
     one row, broadcast inside the graph; otherwise ``model.onnx`` (exported with its parity check on
     first use), fed full batches (a context sequence broadcast here). Either way the model's own
     scores come back (``raw.<task>`` of a graph that includes a calibrator): the service calibrates
-    and fuses them, the same way for every backend."""
+    and fuses them, the same way for every backend.
+
+    ``spin`` (:data:`mtrec.serve.SPIN_MODES`): how ONNX Runtime's threads wait. ``auto`` spins while
+    requests queue and lets the threads sleep after a request that was alone; ``on`` always spins (ONNX
+    Runtime's default), ``off`` never does."""
 
     backend = "onnx"
 
-    def __init__(self, run: Path, threads: int | None = None, spin: bool = True) -> None:
+    def __init__(self, run: Path, threads: int | None = None, spin: SpinMode = "auto") -> None:
         from mtrec.serve.export import OnnxScorer, run_context_onnx, run_onnx
 
         self.batch_graph = OnnxScorer(run_onnx(run), threads=threads, spin=spin)
@@ -80,12 +87,12 @@ class OnnxRuntimeScorer:
             return graph
         return self.batch_graph
 
-    def score(self, batch: EncodedRequest) -> np.ndarray:
-        return self.graph_for(batch).model_scores(batch.sparse, batch.dense, batch.sequences)
+    def score(self, batch: EncodedRequest, alone: bool = False) -> np.ndarray:
+        return self.graph_for(batch).model_scores(batch.sparse, batch.dense, batch.sequences, alone)
 
 
 def build_scorer(
-    backend: str, run: Path, model: MultiTaskModel, threads: int | None = None, ort_spin: bool = True
+    backend: str, run: Path, model: MultiTaskModel, threads: int | None = None, ort_spin: SpinMode = "auto"
 ) -> Scorer:
     """The scorer of ``backend`` (``torch`` or ``onnx``) for a loaded run (``ort_spin``: see
     :func:`mtrec.serve.export.ort_session`)."""
