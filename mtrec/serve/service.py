@@ -40,7 +40,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -285,7 +285,8 @@ class ServiceState:
         apply_thread_policy(settings.threads)  # mtrec/threads.py; the OpenMP setting came with the environment
         self.ranker = ranker if ranker is not None else self._initial()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrec-rank")
-        self.pending = 0  # /rank requests read and not yet answered (changed on the event loop only)
+        self.pending = 0  # /rank requests handed to the model thread and not yet ranked (under _pending_lock)
+        self._pending_lock = threading.Lock()
         self.reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._seen_state = self._state_mtime()
@@ -372,8 +373,24 @@ class ServiceState:
                 except Exception as err:  # keep serving the current run
                     log.error("reload of %s published by another worker failed: %s", state.get("run"), err)
 
+    def count_pending(self, change: int) -> None:
+        with self._pending_lock:
+            self.pending += change
+
+    def submit(self, ranker: Ranker, body: bytes) -> Future:
+        """Rank ``body`` on the model thread; until it is ranked it counts as pending (:meth:`alone`)."""
+
+        def job() -> tuple[bytes, dict[str, float], int]:
+            try:
+                return ranker.rank(body, self.alone)
+            finally:  # counted off here, not when the event loop gets the answer: the next job may start first
+                self.count_pending(-1)
+
+        self.count_pending(1)
+        return self.executor.submit(job)
+
     def alone(self) -> bool:
-        """Whether the request about to be scored is the only one read and not yet answered."""
+        """Whether the request about to be scored is the only one handed to the model thread and not ranked."""
         return self.pending <= 1
 
     def start(self) -> None:
@@ -436,19 +453,16 @@ def create_app(settings: ServeSettings, ranker: Ranker | None = None) -> FastAPI
         """Rank the candidates of one request (see the module docstring for the body)."""
         try:
             body = await _read_body(request, settings.max_body_bytes)
-            ranker = state.ranker
-            state.pending += 1
+            future = state.submit(state.ranker, body)
             try:
-                future = state.executor.submit(ranker.rank, body, state.alone)
                 payload, timing, size = await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)
             except asyncio.TimeoutError:
-                future.cancel()
+                if future.cancel():  # it never started: it no longer waits
+                    state.count_pending(-1)
                 return JSONResponse(
                     {"detail": f"request: timed out after {settings.timeout_s * 1000:g} ms", "field": None},
                     status_code=503,
                 )
-            finally:
-                state.pending -= 1
         except RequestError as err:
             return _error(err)
         except ClientDisconnect:  # the client went away mid-body: nobody to answer, not a server fault
