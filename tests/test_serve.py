@@ -746,6 +746,15 @@ def test_onnx_backend_ranks_as_torch(runs: dict, one_thread) -> None:
     assert queued == answers["onnx"]
     assert _onnx_runs(ranker.scorer) == {"alone": before["alone"], "queued": before["queued"] + 1}
 
+    # both sessions read one copy of the weights: changed in place, both score with the change, the same way
+    for g in (ranker.scorer.batch_graph, ranker.scorer.context_graph):
+        if g is not None:
+            assert g.shared_weights
+            for array in g.shared_weights.values():
+                array *= 0.5
+    changed = {alone: json.loads(ranker.rank(body, alone=lambda a=alone: a)[0])["ranking"] for alone in (True, False)}
+    assert changed[True] == changed[False] != answers["onnx"]
+
 
 def _onnx_runs(scorer) -> dict[str, int]:
     """Runs of an ONNX scorer's graphs on the session for a request alone / with others queued."""

@@ -68,7 +68,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -621,14 +621,20 @@ def _description(model: MultiTaskModel, wrapper: EncodedInputModel, extra: dict 
 
 
 def ort_session(
-    model_bytes_or_path: bytes | str | Path, threads: int | None = None, spin: bool = True, stop_after_run: bool = False
+    model_bytes_or_path: bytes | str | Path,
+    threads: int | None = None,
+    spin: bool = True,
+    stop_after_run: bool = False,
+    initializers: Mapping[str, Any] | None = None,
 ):
     """An ONNX Runtime CPU session (``threads``: intra-op threads, default torch's setting). ``spin``: its
     threads spin between operators (ONNX Runtime's default: lowest latency on quiet cores); off, they sleep
     at once, which keeps latency steady beside other busy processes (BENCHMARKS.md: p50 1.95x slower beside
     a busy loop with spinning, 1.01x without, but 16% slower on quiet cores). ``stop_after_run``: spinning
     threads sleep as soon as a ``run`` returns (``session.force_spinning_stop``) instead of spinning on for
-    the next one (ONNX Runtime spins up to milliseconds), leaving the cores to other work between runs."""
+    the next one (ONNX Runtime spins up to milliseconds), leaving the cores to other work between runs.
+    ``initializers``: ``{name: OrtValue}`` the session reads in place of the graph's own weights (see
+    :func:`shared_initializers`); the caller keeps them alive as long as the session."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -639,8 +645,23 @@ def ort_session(
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     elif stop_after_run:
         options.add_session_config_entry("session.force_spinning_stop", "1")
+    for name, value in (initializers or {}).items():
+        options.add_initializer(name, value)
     source = str(model_bytes_or_path) if isinstance(model_bytes_or_path, Path) else model_bytes_or_path
     return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def shared_initializers(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The graph's weights as numpy arrays and as ONNX Runtime values over the same memory: sessions given
+    the values (:func:`ort_session`) read those arrays instead of each keeping its own copy, so a second
+    session of a graph costs its prepacked matrices and buffers, not a second set of embedding tables."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    arrays = {t.name: numpy_helper.to_array(t).copy() for t in graph.initializer}  # owned, writable, aligned
+    return arrays, {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
 
 
 # ---- ONNX forms of the operators the TorchScript-based exporter lacks ----------------------------------
@@ -915,11 +936,19 @@ class OnnxScorer:
         if spin not in SPIN_MODES:
             raise ValueError(f"spin: '{spin}' is not one of {', '.join(SPIN_MODES)}")
         self.path = Path(path)
-        self.session = ort_session(self.path, threads, spin != "off")
         # spin="auto": a second session of the same graph whose threads sleep once a run returns, for a run
         # with no other request waiting (run(..., alone=True)); with requests queued, the first one's
-        # threads keep spinning from one run to the next (see the service's module docstring)
-        self.alone_session = ort_session(self.path, threads, True, stop_after_run=True) if spin == "auto" else None
+        # threads keep spinning from one run to the next (see the service's module docstring). The two
+        # read one copy of the weights (``shared_weights``: name -> the array both sessions read).
+        self.shared_weights: dict[str, np.ndarray] = {}
+        values: dict[str, Any] = {}
+        if spin == "auto":
+            self.shared_weights, values = shared_initializers(self.path)
+        self._values = values  # alive as long as the sessions reading them
+        self.session = ort_session(self.path, threads, spin != "off", initializers=values)
+        self.alone_session = (
+            ort_session(self.path, threads, True, stop_after_run=True, initializers=values) if spin == "auto" else None
+        )
         self.runs = {"alone": 0, "queued": 0}  # runs per session of spin="auto" (tests, diagnosis)
         meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if meta is None:
