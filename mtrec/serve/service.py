@@ -23,11 +23,11 @@ policy (:func:`mtrec.threads.apply_thread_policy`), so requests queue instead of
 
 With the ONNX backend, ONNX Runtime's threads spin while requests queue (``ort_spin="auto"``): from one
 run to the next they stay awake, which is fastest when the next request is already waiting (at 8 clients,
-letting them sleep cost 12% of the throughput). A request that no other request waits behind runs on a
-second session of the same graph (reading the first one's weights, not a copy) whose threads sleep as soon
-as the run returns, so that between
-requests the cores go to the HTTP server, the next request's decoding and anything else on the machine
-(one client, 500 Census candidates: p99 8.3 against 10.1-10.4 ms; BENCHMARKS.md).
+letting them sleep after every run cost 1-17% of the throughput). A request that no other request waits
+behind runs on a second session of the same graph (reading the first one's weights, not a copy) whose
+threads sleep as soon as the run returns, so that between requests the cores go to the HTTP server, the
+next request's decoding and anything else on the machine (one client, 500 Census candidates: p99 9.24
+against 9.54 ms over 5 rounds, 8.31 against 8.99 over 3; BENCHMARKS.md).
 """
 
 from __future__ import annotations
